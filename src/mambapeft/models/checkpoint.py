@@ -1,0 +1,105 @@
+"""Mamba-1 LM checkpoints: Hugging Face format (safetensors, sharded or not, or pytorch_model.bin)
+and the original state-spaces/mamba format. We write the Hugging Face format."""
+import re
+from pathlib import Path
+
+import torch
+
+from ..io import CheckpointError, read_json, read_weights, write_json, write_safetensors
+from .config import MambaConfig
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def resolve_dir(name_or_path, patterns=("*.json", "*.safetensors", "*.bin", "*.model", "*.txt")):
+    """A local directory as is; anything else is a hub id fetched with huggingface_hub."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path}: expected a directory holding config.json and weights, got a file")
+    if str(name_or_path).startswith((".", "/")) or str(name_or_path).count("/") > 1:
+        raise CheckpointError(f"{name_or_path}: no such directory")
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(str(name_or_path), allow_patterns=list(patterns)))
+    except Exception as e:
+        raise CheckpointError(f"{name_or_path}: not a local directory, and the hub download failed "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def read_state_dict(directory):
+    directory = Path(directory)
+    for name in WEIGHT_FILES:
+        path = directory / name
+        if not path.exists():
+            continue
+        if name.endswith(".index.json"):
+            index = read_json(path)
+            if not isinstance(index.get("weight_map"), dict):
+                raise CheckpointError(f"{path}: expected a 'weight_map' object mapping names to shard files")
+            state = {}
+            for shard in sorted(set(index["weight_map"].values())):
+                state.update(read_weights(directory / shard))
+            return state
+        return read_weights(path)
+    raise CheckpointError(f"{directory}: no weights found (expected one of {', '.join(WEIGHT_FILES)})")
+
+
+def to_hf_names(state):
+    """Original state-spaces/mamba names -> Hugging Face names (only the embedding differs)."""
+    return {re.sub(r"^backbone\.embedding\.", "backbone.embeddings.", k): v for k, v in state.items()}
+
+
+def load_into(model, state, source):
+    """Copy `state` into `model`, or explain exactly which names and shapes do not match."""
+    own = model.state_dict()
+    tied = model.config.tie_word_embeddings
+    expected = {k for k in own if ".peft." not in k and not (tied and k == "lm_head.weight")}
+    given = set(state) - ({"lm_head.weight"} if tied else set())
+    missing, unexpected = sorted(expected - given), sorted(given - expected)
+    bad_shapes = [f"{k}: checkpoint {tuple(state[k].shape)}, config expects {tuple(own[k].shape)}"
+                  for k in sorted(expected & given) if state[k].shape != own[k].shape]
+    if missing or unexpected or bad_shapes:
+        lines = [f"{source}: weights do not match the config"]
+        if missing:
+            lines.append(f"  missing ({len(missing)}): {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
+        if unexpected:
+            lines.append(f"  unexpected ({len(unexpected)}): {', '.join(unexpected[:20])}"
+                         f"{' ...' if len(unexpected) > 20 else ''}")
+        lines += [f"  shape {s}" for s in bad_shapes[:20]]
+        raise CheckpointError("\n".join(lines))
+    with torch.no_grad():
+        for k in expected:
+            own[k].copy_(state[k])
+
+
+def load_pretrained(cls, name_or_path, dtype=None):
+    directory = resolve_dir(name_or_path)
+    config_path = directory / "config.json"
+    config = MambaConfig.from_dict(read_json(config_path), source=str(config_path))
+    model = cls(config, init=False)
+    load_into(model, to_hf_names(read_state_dict(directory)), str(directory))
+    return model.to(dtype) if dtype is not None else model
+
+
+def save_pretrained(model, directory):
+    """config.json + model.safetensors, readable by transformers.MambaForCausalLM.from_pretrained."""
+    directory = Path(directory)
+    state = {k: v for k, v in model.state_dict().items() if ".peft." not in k}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # safetensors refuses shared tensors; transformers re-ties
+    write_safetensors(directory / "model.safetensors", state, metadata={"format": "pt"})
+    write_json(directory / "config.json", model.config.to_hf_dict())
+
+
+def load_tokenizer(name_or_path):
+    """The tokenizer saved beside a model, through transformers.AutoTokenizer."""
+    from transformers import AutoTokenizer
+    directory = resolve_dir(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(str(directory))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{directory}: no usable tokenizer files ({str(e).splitlines()[0]}); the "
+                              "original state-spaces/mamba models use EleutherAI/gpt-neox-20b's tokenizer") from None

@@ -1,0 +1,125 @@
+"""Model configurations. MambaConfig reads the fields of Hugging Face's MambaConfig."""
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+
+@dataclass
+class MambaConfig:
+    vocab_size: int = 50280
+    hidden_size: int = 768
+    state_size: int = 16
+    num_hidden_layers: int = 24
+    expand: int = 2
+    conv_kernel: int = 4
+    time_step_rank: int | str = "auto"
+    use_bias: bool = False
+    use_conv_bias: bool = True
+    layer_norm_epsilon: float = 1e-5
+    residual_in_fp32: bool = True
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = 0
+    eos_token_id: int | None = 0
+    tie_word_embeddings: bool = True
+    initializer_range: float = 0.1
+    time_step_min: float = 0.001
+    time_step_max: float = 0.1
+    time_step_floor: float = 1e-4
+    time_step_scale: float = 1.0
+
+    def __post_init__(self):
+        if self.time_step_rank == "auto":
+            self.time_step_rank = math.ceil(self.hidden_size / 16)
+        for name in ("vocab_size", "hidden_size", "state_size", "num_hidden_layers", "expand",
+                     "conv_kernel", "time_step_rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"MambaConfig.{name} must be a positive integer, got {value!r}")
+
+    @property
+    def intermediate_size(self):
+        return self.expand * self.hidden_size
+
+    @classmethod
+    def from_dict(cls, d, source="config"):
+        """Read a Hugging Face MambaConfig dict or an original state-spaces/mamba config dict."""
+        d = dict(d)
+        if "d_model" in d:  # original state-spaces/mamba format
+            missing = [k for k in ("d_model", "n_layer", "vocab_size") if k not in d]
+            if missing:
+                raise ValueError(f"{source}: original-format config lacks {', '.join(missing)}")
+            ssm = d.get("ssm_cfg") or {}
+            if ssm.get("layer", "Mamba1") not in ("Mamba1", "Mamba"):
+                raise ValueError(f"{source}: ssm_cfg.layer={ssm['layer']!r}; only Mamba-1 is supported")
+            vocab, mult = d["vocab_size"], d.get("pad_vocab_size_multiple", 1)
+            if vocab % mult:
+                vocab += mult - vocab % mult
+            d = dict(vocab_size=vocab, hidden_size=d["d_model"], num_hidden_layers=d["n_layer"],
+                     state_size=ssm.get("d_state", 16), conv_kernel=ssm.get("d_conv", 4),
+                     expand=ssm.get("expand", 2), time_step_rank=ssm.get("dt_rank", "auto"),
+                     use_bias=ssm.get("bias", False), use_conv_bias=ssm.get("conv_bias", True),
+                     layer_norm_epsilon=d.get("norm_epsilon", 1e-5),
+                     residual_in_fp32=d.get("residual_in_fp32", True),
+                     tie_word_embeddings=d.get("tie_embeddings", True))
+        elif "hidden_size" not in d:
+            raise ValueError(f"{source}: not a Mamba config (expected 'hidden_size' as in Hugging Face "
+                             "MambaConfig or 'd_model' as in state-spaces/mamba)")
+        if d.get("model_type", "mamba") != "mamba":
+            raise ValueError(f"{source}: model_type={d['model_type']!r}; expected 'mamba' (Mamba-1)")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def to_hf_dict(self):
+        d = asdict(self)
+        d.update(model_type="mamba", architectures=["MambaForCausalLM"],
+                 intermediate_size=self.intermediate_size, hidden_act="silu", use_cache=True,
+                 time_step_init_scheme="random", rescale_prenorm_residual=False)
+        return d
+
+
+@dataclass
+class VimConfig:
+    """Vision Mamba (Vim) with a middle CLS token, as in hustvl/Vim-*-midclstok."""
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    hidden_size: int = 384
+    num_hidden_layers: int = 24
+    state_size: int = 16
+    expand: int = 2
+    conv_kernel: int = 4
+    time_step_rank: int | str = "auto"
+    num_classes: int = 1000
+    drop_path_rate: float = 0.1
+    layer_norm_epsilon: float = 1e-5
+    residual_in_fp32: bool = True
+    use_bias: bool = False
+    use_conv_bias: bool = True
+    if_divide_out: bool = True  # output (g_f + flip(g_b)) / 2, as bimamba v2 with if_devide_out=True
+    initializer_range: float = 0.02
+    time_step_min: float = 0.001
+    time_step_max: float = 0.1
+    time_step_floor: float = 1e-4
+    time_step_scale: float = 1.0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.time_step_rank == "auto":
+            self.time_step_rank = math.ceil(self.hidden_size / 16)
+        if self.img_size % self.patch_size:
+            raise ValueError(f"VimConfig.img_size={self.img_size} is not a multiple of patch_size={self.patch_size}")
+
+    @property
+    def intermediate_size(self):
+        return self.expand * self.hidden_size
+
+    @property
+    def num_patches(self):
+        return (self.img_size // self.patch_size) ** 2
+
+    @classmethod
+    def preset(cls, name, **overrides):
+        presets = {"vim-tiny": dict(hidden_size=192), "vim-small": dict(hidden_size=384),
+                   "vim-base": dict(hidden_size=768)}
+        if name not in presets:
+            raise ValueError(f"unknown Vim preset {name!r}; expected one of {', '.join(presets)}")
+        return cls(**{**presets[name], **overrides})

@@ -1,0 +1,145 @@
+"""Mamba-1 causal language model with Hugging Face module and parameter names."""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .block import MambaBlock, prompt_tokens
+from .cache import MambaCache
+from .config import MambaConfig
+from .norm import RMSNorm
+from .tokens import insert_tokens, remove_tokens
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    cache: MambaCache | None = None
+
+
+class MambaModel(nn.Module):
+    def __init__(self, config: MambaConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            MambaBlock(config.hidden_size, eps=config.layer_norm_epsilon, residual_in_fp32=config.residual_in_fp32,
+                       d_state=config.state_size, expand=config.expand, d_conv=config.conv_kernel,
+                       dt_rank=config.time_step_rank, bias=config.use_bias, conv_bias=config.use_conv_bias)
+            for _ in range(config.num_hidden_layers))
+        self.norm_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+        self.peft = nn.ModuleDict()
+
+    def forward(self, input_ids, attention_mask=None, cache=None):
+        h = self.embeddings(input_ids)
+        for a in self.peft.values():
+            h = a.adapt_embed(input_ids, h)
+        mask = attention_mask
+        prompt = prompt_tokens(self.peft.values()) if cache is None or cache.is_fresh else None
+        if prompt is not None:
+            h, mask = insert_tokens(h, prompt, attention_mask, dim=1)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, mask, cache.layers[i] if cache is not None else None)
+        h = self.norm_f(h)
+        if prompt is not None:
+            h = remove_tokens(h, prompt.shape[0], attention_mask, dim=1)
+        if cache is not None:
+            cache.seqlen_offset += h.shape[1] + (prompt.shape[0] if prompt is not None else 0)
+        return h
+
+
+class MambaForCausalLM(nn.Module):
+    def __init__(self, config: MambaConfig, init=True):
+        super().__init__()
+        self.config = config
+        self.backbone = MambaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.backbone.embeddings.weight
+        if init:
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """Random weights with the scales of a trained Mamba (for tests and benchmarks)."""
+        c = self.config
+        nn.init.normal_(self.backbone.embeddings.weight, std=0.02)
+        for layer in self.backbone.layers:
+            m = layer.mixer
+            m.reset_parameters(c.time_step_min, c.time_step_max, c.time_step_floor, c.time_step_scale)
+            for lin in (m.in_proj, m.x_proj, m.out_proj):
+                nn.init.kaiming_uniform_(lin.weight, a=5 ** 0.5)
+            m.out_proj.weight.div_(c.num_hidden_layers ** 0.5)
+        if not c.tie_word_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=0.02)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, dtype=None):
+        """Load a local directory or hub id in the Hugging Face or original state-spaces format."""
+        from .checkpoint import load_pretrained
+        return load_pretrained(cls, name_or_path, dtype)
+
+    def save_pretrained(self, directory):
+        from .checkpoint import save_pretrained
+        save_pretrained(self, directory)
+
+    @property
+    def device(self):
+        return self.lm_head.weight.device
+
+    def forward(self, input_ids, attention_mask=None, labels=None, cache=None):
+        h = self.backbone(input_ids, attention_mask, cache)
+        logits = self.lm_head(h.to(self.lm_head.weight.dtype)).float()
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                   ignore_index=-100)
+        return CausalLMOutput(logits=logits, loss=loss, cache=cache)
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, *, max_new_tokens=20, do_sample=False, temperature=1.0,
+                 top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=None, generator=None):
+        """Recurrent decoding. Pad batches on the left. Returns prompt and new tokens, (b, T + new)."""
+        if max_new_tokens < 1:
+            return input_ids
+        if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
+            raise ValueError("generate() needs left padding: attention_mask has a 0 in its last column")
+        eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
+        pad = self.config.pad_token_id if pad_token_id is None else pad_token_id
+        cache = MambaCache(len(self.backbone.layers))
+        logits = self(input_ids, attention_mask, cache=cache).logits[:, -1]
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        out = [input_ids]
+        for step in range(max_new_tokens):
+            token = sample(logits, do_sample, temperature, top_k, top_p, generator)
+            if pad is not None:
+                token = torch.where(done, torch.full_like(token, pad), token)
+            out.append(token[:, None])
+            if eos is not None:
+                done |= token == eos
+                if bool(done.all()):
+                    break
+            if step + 1 < max_new_tokens:
+                logits = self(token[:, None], cache=cache).logits[:, -1]
+        return torch.cat(out, 1)
+
+
+def sample(logits, do_sample=False, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """Greedy, or sampling with temperature, top-k and nucleus (top-p) filtering."""
+    if not do_sample:
+        return logits.argmax(-1)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p   # keep the smallest prefix whose mass reaches top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]

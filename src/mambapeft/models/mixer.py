@@ -1,0 +1,187 @@
+"""The Mamba-1 mixer, one- or two-directional, built around one `compose()`.
+
+`compose()` returns every tensor the scan consumes, with each attached PEFT method folded in.
+All scan backends read only what it returns, so no backend can silently skip an adapter.
+"""
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..ops.scan import selective_scan
+from .tokens import insert_tokens, remove_tokens
+
+
+@dataclass
+class ScanTensors:
+    """What one scan direction consumes. x_proj rows are [delta (R) | B (N') | C (N')]."""
+    conv_w: torch.Tensor            # (E, k)
+    conv_b: torch.Tensor | None     # (E,)
+    x_proj: torch.Tensor            # (R + 2N', E)
+    dt_w: torch.Tensor              # (E, R)
+    dt_b: torch.Tensor              # (E,)
+    A_log: torch.Tensor             # (E, N'); the scan reads A = -exp(A_log)
+    D: torch.Tensor                 # (E,)
+    affix: torch.Tensor | None = None    # (E, n): x-half tokens prefixed to this direction's conv input
+    affix_z: torch.Tensor | None = None  # (E, n): their z half, which only gates discarded outputs
+
+    @property
+    def A(self):
+        return -torch.exp(self.A_log.float())
+
+    @property
+    def state_size(self):
+        return self.A_log.shape[1]
+
+
+@dataclass
+class Composed:
+    in_proj: torch.Tensor           # (2E, D)
+    in_bias: torch.Tensor | None
+    out_proj: torch.Tensor          # (D, E)
+    out_bias: torch.Tensor | None
+    dirs: list = field(default_factory=list)  # ScanTensors, forward first
+    affix_h: torch.Tensor | None = None       # (n, D) "outer" affix tokens, before in_proj
+
+
+class MixerAdapter(nn.Module):
+    """Base of per-layer PEFT methods. Override any hook; `order` sorts weight edits."""
+    order = 0
+
+    mergeable = True
+
+    def compose(self, c: Composed, mixer, merge=False) -> None:
+        """Edit c in place. With merge=True, activation-form methods fold their weight delta in too."""
+
+    def adapt_xz(self, h, xz):                           # activation form on in_proj's output
+        return xz
+
+    def adapt_out(self, g, out):                         # activation form on out_proj's output
+        return out
+
+
+class MambaMixer(nn.Module):
+    DIRECTION_SUFFIX = ("", "_b")
+
+    def __init__(self, d_model, d_state=16, expand=2, d_conv=4, dt_rank=None, bias=False,
+                 conv_bias=True, bidirectional=False, divide_out=True):
+        super().__init__()
+        E, R = expand * d_model, dt_rank or math.ceil(d_model / 16)
+        self.d_model, self.d_inner, self.d_state, self.d_conv, self.dt_rank = d_model, E, d_state, d_conv, R
+        self.bidirectional, self.divide_out = bidirectional, divide_out
+        self.in_proj = nn.Linear(d_model, 2 * E, bias=bias)
+        self.out_proj = nn.Linear(E, d_model, bias=bias)
+        for s in self.directions:
+            setattr(self, "conv1d" + s, nn.Conv1d(E, E, d_conv, groups=E, padding=d_conv - 1, bias=conv_bias))
+            setattr(self, "x_proj" + s, nn.Linear(E, R + 2 * d_state, bias=False))
+            setattr(self, "dt_proj" + s, nn.Linear(R, E, bias=True))
+            setattr(self, self.a_name(s), nn.Parameter(torch.empty(E, d_state)))
+            setattr(self, "D" + s, nn.Parameter(torch.empty(E)))
+        self.peft = nn.ModuleDict()
+
+    @property
+    def directions(self):
+        return self.DIRECTION_SUFFIX[: 2 if self.bidirectional else 1]
+
+    @staticmethod
+    def a_name(suffix):
+        return "A_log" if not suffix else "A" + suffix + "_log"
+
+    @torch.no_grad()
+    def reset_parameters(self, dt_min=0.001, dt_max=0.1, dt_floor=1e-4, dt_scale=1.0):
+        """The Mamba initialisation (S4D-real A, dt bias = softplus^-1 of a log-uniform step)."""
+        for s in self.directions:
+            A = torch.arange(1, self.d_state + 1, dtype=torch.float32).expand(self.d_inner, -1)
+            getattr(self, self.a_name(s)).copy_(torch.log(A))
+            getattr(self, "D" + s).fill_(1.0)
+            dt_proj = getattr(self, "dt_proj" + s)
+            std = self.dt_rank ** -0.5 * dt_scale
+            nn.init.uniform_(dt_proj.weight, -std, std)
+            dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+            dt = dt.clamp(min=dt_floor)
+            dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+    def adapters(self):
+        return sorted(self.peft.values(), key=lambda a: a.order)
+
+    def compose(self, merge=False, adapters=None) -> Composed:
+        c = Composed(self.in_proj.weight, self.in_proj.bias, self.out_proj.weight, self.out_proj.bias)
+        for s in self.directions:
+            conv, dt = getattr(self, "conv1d" + s), getattr(self, "dt_proj" + s)
+            c.dirs.append(ScanTensors(
+                conv_w=conv.weight[:, 0], conv_b=conv.bias, x_proj=getattr(self, "x_proj" + s).weight,
+                dt_w=dt.weight, dt_b=dt.bias, A_log=getattr(self, self.a_name(s)),
+                D=getattr(self, "D" + s)))
+        for a in self.adapters() if adapters is None else adapters:
+            a.compose(c, self, merge)
+        return c
+
+    def project_in(self, h, c):
+        xz = F.linear(h, c.in_proj, c.in_bias)
+        for a in self.adapters():
+            xz = a.adapt_xz(h, xz)
+        return xz
+
+    def forward(self, h, mask=None, state=None):
+        """h (b, T, D); mask (b, T) with 1 for real tokens; state: a LayerState to read and update."""
+        c = self.compose()
+        if mask is not None:
+            h = h * mask[..., None].to(h.dtype)
+        xz = self.project_in(h, c).transpose(1, 2)      # (b, 2E, T)
+        x, z = xz.chunk(2, dim=1)
+        affix = self._affix(c)
+        if not self.bidirectional:
+            g = self.scan_direction(x, z, c.dirs[0], affix[0], mask, state, 0)
+        else:
+            if mask is not None or state is not None:
+                raise ValueError("the bidirectional mixer takes neither padding masks nor decoding state")
+            g_f = self.scan_direction(x, z, c.dirs[0], affix[0], None, None, 0)
+            g_b = self.scan_direction(x.flip(-1), z.flip(-1), c.dirs[1], affix[1], None, None, 1).flip(-1)
+            g = (g_f + g_b) / 2 if self.divide_out else g_f + g_b
+        g = g.transpose(1, 2)                             # (b, T, E)
+        out = F.linear(g, c.out_proj, c.out_bias)
+        for a in self.adapters():
+            out = a.adapt_out(g, out)
+        return out
+
+    def _affix(self, c):
+        tokens = [s.affix for s in c.dirs]
+        if c.affix_h is not None:  # outer affix: width-D tokens go through in_proj like real ones
+            x_half = self.project_in(c.affix_h, c)[:, : self.d_inner].t()
+            tokens = [x_half if t is None else torch.cat([x_half, t], 1) for t in tokens]
+        return tokens
+
+    def scan_direction(self, x, z, s: ScanTensors, affix, mask, state, d):
+        """x, z (b, E, T) -> gated scan output (b, E, T) for one direction."""
+        T, k = x.shape[-1], self.d_conv
+        fresh = state is None or state.ssm[d] is None
+        n = affix.shape[1] if affix is not None and fresh else 0
+        in_mask = mask
+        if n:
+            x, mask = insert_tokens(x, affix, mask, dim=2)
+            z_tokens = s.affix_z if s.affix_z is not None and affix is s.affix else torch.zeros_like(affix)
+            z, _ = insert_tokens(z, z_tokens, in_mask, dim=2)
+        if mask is not None:
+            x = x * mask[:, None].to(x.dtype)
+        if fresh:
+            x_full = F.pad(x, (k - 1, 0))
+        else:
+            x_full = torch.cat([state.conv[d].to(x.dtype), x], dim=-1)
+        u = F.silu(F.conv1d(x_full, s.conv_w[:, None], s.conv_b, groups=x.shape[1]))
+        if mask is not None:
+            u = u * mask[:, None].to(u.dtype)
+        x_dbl = F.linear(u.transpose(1, 2), s.x_proj)   # (b, L, R + 2N')
+        R, N = s.dt_w.shape[1], s.state_size
+        dt, B, C = x_dbl.split([R, N, N], dim=-1)
+        delta = F.linear(dt, s.dt_w).transpose(1, 2)    # (b, E, L)
+        out = selective_scan(u, delta, s.A, B.transpose(1, 2), C.transpose(1, 2), s.D.float(), z,
+                             delta_bias=s.dt_b.float(), delta_softplus=True,
+                             initial_state=None if fresh else state.ssm[d],
+                             return_last_state=state is not None)
+        y = out[0] if state is not None else out
+        if state is not None:
+            state.conv[d] = x_full[..., x_full.shape[-1] - (k - 1):].detach()
+            state.ssm[d] = out[1].detach()
+        return remove_tokens(y, n, in_mask, dim=2) if n else y

@@ -1,0 +1,66 @@
+"""One entry point for the selective scan; the backend is chosen per call.
+
+Every backend takes the same tensors (see scan_ref.py for the shapes), so a PEFT method that
+changes what the mixer composes works the same on all of them.
+"""
+import os
+from contextlib import contextmanager
+
+from .scan_ref import selective_scan_ref
+
+BACKENDS = ("auto", "reference", "cpu", "cuda", "chunked")
+_forced = [os.environ.get("MAMBAPEFT_SCAN_BACKEND", "auto")]
+
+
+def set_scan_backend(name):
+    """Force one backend for every scan in this process ("auto" restores the automatic choice)."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown scan backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    _forced[0] = name
+
+
+@contextmanager
+def scan_backend(name):
+    old = _forced[0]
+    set_scan_backend(name)
+    try:
+        yield
+    finally:
+        _forced[0] = old
+
+
+def _cuda_available():
+    try:
+        from . import scan_cuda  # noqa: F401
+    except ImportError:
+        return False
+    return scan_cuda.available()
+
+
+def resolve_backend(u, backend=None, initial_state=None):
+    name = backend or _forced[0]
+    if name == "auto":
+        if u.is_cuda:
+            name = "cuda" if initial_state is None and _cuda_available() else "chunked"
+        else:
+            name = "cpu"
+    return name
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   initial_state=None, return_last_state=False, backend=None):
+    """y = scan(u; delta, A, B, C) + D*u, gated by silu(z); optionally also the last state."""
+    name = resolve_backend(u, backend, initial_state)
+    if name == "reference":
+        fn = selective_scan_ref
+    elif name == "cpu":
+        from .scan_cpu import selective_scan_cpu as fn
+    elif name == "chunked":
+        from .scan_chunked import selective_scan_chunked as fn
+    elif name == "cuda":
+        if initial_state is not None:
+            raise ValueError("the cuda scan backend cannot start from an initial state; use 'chunked'")
+        from .scan_cuda import selective_scan_cuda as fn
+    else:
+        raise ValueError(f"unknown scan backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_last_state)

@@ -1,0 +1,39 @@
+"""Additional-scan: n' learnable state dimensions added to every SSM.
+
+A_new = -exp(A_log_addi) (E x n'), and 2n' extra x_proj rows give the new B and C entries. The
+original states evolve exactly as before; y gains sum_j C_t[j] s_t[j] over the new states."""
+import torch
+import torch.nn as nn
+
+from ..models.mixer import MixerAdapter
+
+
+class AdditionalScan(MixerAdapter):
+    order = 20
+    mergeable = False
+
+    def __init__(self, mixer, states, init="copy_first", position="prefix", direction=0):
+        super().__init__()
+        s = mixer.compose(adapters=[]).dirs[direction]
+        E = s.A_log.shape[0]
+        self.direction, self.states, self.prefix = direction, states, position == "prefix"
+        if init == "copy_first":
+            a = s.A_log.detach().float()[:, :1].expand(E, states).clone()
+        else:  # "s4d": continue the S4D-real ladder 1..N with N+1..N+n'
+            N = s.A_log.shape[1]
+            a = torch.log(torch.arange(N + 1, N + states + 1, dtype=torch.float32)).expand(E, states).clone()
+        self.A_log = nn.Parameter(a)
+        self.x_proj = nn.Linear(E, 2 * states, bias=False)  # rows: X_B then X_C
+
+    def compose(self, c, mixer, merge=False):
+        s = c.dirs[self.direction]
+        R, N = s.dt_w.shape[1], s.state_size
+        dt, B, C = s.x_proj.split([R, N, N], 0)
+        new_B, new_C = self.x_proj.weight.to(s.x_proj.dtype).split(self.states, 0)
+        A_new = self.A_log.to(s.A_log.dtype)
+        if self.prefix:
+            s.x_proj = torch.cat([dt, new_B, B, new_C, C], 0)
+            s.A_log = torch.cat([A_new, s.A_log], 1)
+        else:
+            s.x_proj = torch.cat([dt, B, new_B, C, new_C], 0)
+            s.A_log = torch.cat([s.A_log, A_new], 1)

@@ -1,0 +1,120 @@
+"""LoRA, partial LoRA (LoRA_p) and DoRA on the mixer's projections, and LoRA on the embedding.
+
+Activation form s*U(Dropout(V h)) is used on in_proj (whole, X or Z rows) and out_proj; merged
+form W + s*U V on x_proj (whole, d, B or C rows) and dt_proj, which sit inside the scan. DoRA
+always uses the merged form, with the norm taken per output row (as Hugging Face peft does) over
+the rows the adapter touches: W_new = m * W'' / ||W''||, the norm detached, m = ||W|| at start.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..models.adapter import ModelAdapter
+from ..models.mixer import MixerAdapter
+
+
+class LowRank(nn.Module):
+    """Lambda_r(in -> out): down V (default Linear init), up U (zeros)."""
+
+    def __init__(self, d_in, d_out, r, scale, dropout=0.0):
+        super().__init__()
+        self.down = nn.Linear(d_in, r, bias=False)
+        self.up = nn.Linear(r, d_out, bias=False)
+        nn.init.zeros_(self.up.weight)
+        self.scale = scale
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.up(self.dropout(self.down(x))) * self.scale
+
+    def delta_weight(self):
+        return (self.up.weight @ self.down.weight) * self.scale
+
+
+def get_weight(c, target, d):
+    return c.in_proj if target == "in_proj" else c.out_proj if target == "out_proj" else \
+        c.dirs[d].x_proj if target == "x_proj" else c.dirs[d].dt_w
+
+
+def set_weight(c, target, d, w):
+    if target == "in_proj":
+        c.in_proj = w
+    elif target == "out_proj":
+        c.out_proj = w
+    elif target == "x_proj":
+        c.dirs[d].x_proj = w
+    else:
+        c.dirs[d].dt_w = w
+
+
+def replace_rows(w, start, stop, rows):
+    return torch.cat([w[:start], rows, w[stop:]], 0) if (start, stop) != (0, w.shape[0]) else rows
+
+
+class MixerLoRA(MixerAdapter):
+    order = 10
+
+    def __init__(self, mixer, target, rows, r, scale, dropout, dora, direction=0, activation_form=False):
+        super().__init__()
+        w = get_weight(mixer.compose(adapters=[]), target, direction)
+        self.target, self.direction = target, direction
+        self.start, self.stop = rows if rows is not None else (0, w.shape[0])
+        self.activation_form = activation_form and not dora
+        self.lora = LowRank(w.shape[1], self.stop - self.start, r, scale, dropout if self.activation_form else 0.0)
+        self.magnitude = nn.Parameter(w[self.start:self.stop].detach().float().norm(dim=1)) if dora else None
+
+    def compose(self, c, mixer, merge=False):
+        if self.activation_form and not merge:
+            return
+        w = get_weight(c, self.target, self.direction)
+        rows = w[self.start:self.stop] + self.lora.delta_weight().to(w.dtype)
+        if self.magnitude is not None:
+            rows = rows * (self.magnitude / rows.float().norm(dim=1).detach()).to(rows.dtype)[:, None]
+        set_weight(c, self.target, self.direction, replace_rows(w, self.start, self.stop, rows))
+
+    def _add(self, inp, out):
+        delta = self.lora(inp).to(out.dtype)
+        if (self.start, self.stop) == (0, out.shape[-1]):
+            return out + delta
+        return out + F.pad(delta, (self.start, out.shape[-1] - self.stop))
+
+    def adapt_xz(self, h, xz):
+        return self._add(h, xz) if self.activation_form and self.target == "in_proj" else xz
+
+    def adapt_out(self, g, out):
+        return self._add(g, out) if self.activation_form and self.target == "out_proj" else out
+
+
+class TokenEmbeddingLoRA(ModelAdapter):
+    """Language model: emb += s * A[ids] B, A ~ N(0, 1) (V x r), B = 0 (r x D)."""
+    mergeable = True
+
+    def __init__(self, embedding, r, scale):
+        super().__init__()
+        self.A = nn.Parameter(torch.randn(embedding.num_embeddings, r))
+        self.B = nn.Parameter(torch.zeros(r, embedding.embedding_dim))
+        self.scale = scale
+
+    def adapt_embed(self, ids, emb):
+        return emb + (F.embedding(ids, self.A) @ self.B).to(emb.dtype) * self.scale
+
+    def delta_weight(self):
+        return (self.A @ self.B) * self.scale
+
+
+class PatchEmbeddingLoRA(ModelAdapter):
+    """Vim: a LoRA of the patch-embedding convolution (k x k stride k down, 1 x 1 up)."""
+    mergeable = True
+
+    def __init__(self, proj: nn.Conv2d, r, scale):
+        super().__init__()
+        self.down = nn.Conv2d(proj.in_channels, r, proj.kernel_size, proj.stride, bias=False)
+        self.up = nn.Conv2d(r, proj.out_channels, 1, bias=False)
+        nn.init.zeros_(self.up.weight)
+        self.scale = scale
+
+    def adapt_embed(self, images, emb):
+        return emb + (self.up(self.down(images)).flatten(2).transpose(1, 2) * self.scale).to(emb.dtype)
+
+    def delta_weight(self):
+        return torch.einsum("or,rikl->oikl", self.up.weight[:, :, 0, 0], self.down.weight) * self.scale

@@ -1,0 +1,29 @@
+"""Small models and utilities shared by the tests."""
+import torch
+
+from mambapeft.models import MambaConfig, MambaForCausalLM
+
+
+def tiny_lm_config(**kw):
+    return MambaConfig(**{"vocab_size": 97, "hidden_size": 32, "num_hidden_layers": 2, "state_size": 16,
+                          "time_step_rank": 4, **kw})
+
+
+def tiny_lm(**kw):
+    return MambaForCausalLM(tiny_lm_config(**kw)).eval()
+
+
+def hf_tiny(**kw):
+    import transformers
+    cfg = transformers.MambaConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, state_size=16,
+                                   time_step_rank=4, **kw)
+    return transformers.MambaForCausalLM(cfg).eval()
+
+
+def decode_stepwise(model, ids, prefill, cache_cls=None):
+    """Logits of a prefill of `prefill` tokens followed by one-token steps, concatenated."""
+    from mambapeft.models import MambaCache
+    cache = MambaCache(len(model.backbone.layers)) if cache_cls is None else cache_cls()
+    out = [model(ids[:, :prefill], cache=cache).logits]
+    out += [model(ids[:, t:t + 1], cache=cache).logits for t in range(prefill, ids.shape[1])]
+    return torch.cat(out, 1)
