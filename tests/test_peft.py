@@ -276,3 +276,23 @@ VIM_COUNTS = {
 def test_counts_vim_small(method):
     peft = get_peft_model(vim_s(), PeftConfig({method: {}}))
     assert peft.trainable_parameters_by_method() == {method: VIM_COUNTS[method]}
+
+
+@pytest.mark.parametrize("kind", ["lm", "vim"])
+def test_all_methods_same_on_every_cpu_backend(kind):
+    """The composed tensors are what every backend reads: outputs and gradients agree."""
+    from mambapeft.ops.scan import scan_backend
+    peft = get_peft_model(make(kind), PeftConfig(ALL_LM if kind == "lm" else ALL_VIM))
+    perturb(peft)
+    x = inputs(kind)
+    results = []
+    for backend in ("reference", "cpu"):
+        peft.zero_grad()
+        with scan_backend(backend):
+            out = run(peft, x)
+        out.pow(2).mean().backward()
+        results.append((out.detach(), {n: p.grad.clone() for n, p in peft.base_model.named_parameters()
+                                        if p.requires_grad}))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    for n, g in results[0][1].items():
+        torch.testing.assert_close(results[1][1][n], g, rtol=1e-4, atol=1e-6, msg=n)

@@ -21,6 +21,9 @@ def atomic_path(path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes owner-only files; keep the usual permissions
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -49,8 +52,30 @@ def write_safetensors(path, tensors, metadata=None):
         save_file(tensors, str(tmp), metadata=metadata)
 
 
-def read_weights(path):
-    """Tensors from a .safetensors file, or from a .bin/.pth/.pt read with weights_only=True."""
+def resolve_dir(name_or_path, patterns=("*.json", "*.safetensors", "*.bin", "*.model", "*.txt")):
+    """A local directory as is; anything shaped like "owner/name" is a hub id fetched with huggingface_hub
+    (its local cache is used offline)."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path}: expected a directory, got a file")
+    name = str(name_or_path)
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise CheckpointError(f"{name}: no such directory")
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(name, allow_patterns=list(patterns)))
+    except Exception as e:
+        hint = (" HF_HUB_OFFLINE is set and the files are not in the local hub cache: pass a local directory."
+                if os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE") else "")
+        raise CheckpointError(f"{name}: not a local directory, and the hub download failed "
+                              f"({type(e).__name__}).{hint}") from None
+
+
+def read_weights(path, allowed_globals=()):
+    """Tensors from a .safetensors file, or from a .bin/.pth/.pt read with weights_only=True
+    (`allowed_globals`: extra plain classes that file format is known to hold)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
@@ -61,7 +86,8 @@ def read_weights(path):
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     if path.suffix in (".bin", ".pth", ".pt"):
         try:
-            return torch.load(str(path), map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals(list(allowed_globals)):
+                return torch.load(str(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise CheckpointError(

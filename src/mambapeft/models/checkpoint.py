@@ -5,28 +5,11 @@ from pathlib import Path
 
 import torch
 
-from ..io import CheckpointError, read_json, read_weights, write_json, write_safetensors
+from ..io import CheckpointError, read_json, read_weights, resolve_dir, write_json, write_safetensors
 from .config import MambaConfig
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
-
-
-def resolve_dir(name_or_path, patterns=("*.json", "*.safetensors", "*.bin", "*.model", "*.txt")):
-    """A local directory as is; anything else is a hub id fetched with huggingface_hub."""
-    path = Path(name_or_path)
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise CheckpointError(f"{path}: expected a directory holding config.json and weights, got a file")
-    if str(name_or_path).startswith((".", "/")) or str(name_or_path).count("/") > 1:
-        raise CheckpointError(f"{name_or_path}: no such directory")
-    from huggingface_hub import snapshot_download
-    try:
-        return Path(snapshot_download(str(name_or_path), allow_patterns=list(patterns)))
-    except Exception as e:
-        raise CheckpointError(f"{name_or_path}: not a local directory, and the hub download failed "
-                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
 def read_state_dict(directory):

@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.cross_entropy import linear_cross_entropy
 from .block import MambaBlock, prompt_tokens
 from .cache import MambaCache
 from .config import MambaConfig
@@ -14,7 +15,7 @@ from .tokens import insert_tokens, remove_tokens
 
 @dataclass
 class CausalLMOutput:
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     loss: torch.Tensor | None = None
     cache: MambaCache | None = None
 
@@ -89,8 +90,15 @@ class MambaForCausalLM(nn.Module):
     def device(self):
         return self.lm_head.weight.device
 
-    def forward(self, input_ids, attention_mask=None, labels=None, cache=None):
+    def forward(self, input_ids, attention_mask=None, labels=None, cache=None, return_logits=None):
+        """With labels, the loss comes from a chunked head + cross-entropy that never holds the whole
+        (b, T, vocab) logits, and `logits` is None unless return_logits=True."""
         h = self.backbone(input_ids, attention_mask, cache)
+        if labels is not None and not return_logits:
+            shifted = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)  # token t predicts labels[t + 1]
+            h = h.to(self.lm_head.weight.dtype)
+            loss = linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.lm_head.weight, shifted)
+            return CausalLMOutput(logits=None, loss=loss, cache=cache)
         logits = self.lm_head(h.to(self.lm_head.weight.dtype)).float()
         loss = None
         if labels is not None:

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops.scan import selective_scan
+from ..ops.scan import resolve_backend, selective_scan
 from .tokens import insert_tokens, remove_tokens
 
 
@@ -127,6 +127,9 @@ class MambaMixer(nn.Module):
     def forward(self, h, mask=None, state=None):
         """h (b, T, D); mask (b, T) with 1 for real tokens; state: a LayerState to read and update."""
         c = self.compose()
+        if h.is_cuda and resolve_backend(h) == "cuda":  # the mamba_ssm kernels: models/mixer_cuda.py
+            from . import mixer_cuda
+            return mixer_cuda.forward(self, c, h, mask, state)
         if mask is not None:
             h = h * mask[..., None].to(h.dtype)
         xz = self.project_in(h, c).transpose(1, 2)      # (b, 2E, T)

@@ -13,10 +13,8 @@ Checkpoints: `VisionMamba.from_pretrained` reads the `.pth` files of hustvl/Vim-
 `save_pretrained` (`config.json` + `model.safetensors`).
 """
 import argparse
-import json
 import math
 import os
-import pickle
 import warnings
 from dataclasses import asdict, fields, replace
 
@@ -24,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..io import CheckpointError, read_json, read_weights, resolve_dir, write_json, write_safetensors
 from .block import MambaBlock, prompt_tokens
 from .config import VimConfig
 from .norm import RMSNorm
@@ -152,17 +151,12 @@ class VisionMamba(nn.Module):
     def save_pretrained(self, save_directory):
         """Write `config.json` and `model.safetensors` (base weights only: adapters are saved by the
         PEFT wrapper; merge them first to keep them in the base weights)."""
-        from safetensors.torch import save_file
-        if any(len(m.peft) for m in self.modules() if hasattr(m, "peft") and isinstance(m.peft, nn.ModuleDict)):
+        if any(len(m.peft) for m in self.modules() if isinstance(getattr(m, "peft", None), nn.ModuleDict)):
             warnings.warn("save_pretrained writes the base weights only; the attached PEFT modules are not "
                           "saved (save them with the PEFT wrapper, or merge them first)")
-        os.makedirs(save_directory, exist_ok=True)
-        d = asdict(self.config)
-        d["model_type"] = "vim"
-        with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
-            json.dump(d, f, indent=2, sort_keys=True)
-        sd = {k: v.detach().contiguous() for k, v in self.base_state_dict().items()}
-        save_file(sd, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
+        write_json(os.path.join(save_directory, CONFIG_NAME), {**asdict(self.config), "model_type": "vim"})
+        write_safetensors(os.path.join(save_directory, WEIGHTS_NAME), self.base_state_dict(),
+                          metadata={"format": "pt"})
 
     @classmethod
     def from_pretrained(cls, path_or_file, config=None, num_classes=None, img_size=None):
@@ -291,13 +285,11 @@ def _short(c):
 def _read_checkpoint(path):
     """-> (state dict, VimConfig or None, a name for messages)."""
     path = os.fspath(path)
-    if os.path.isdir(path):
-        return _read_directory(path)
     if os.path.isfile(path):
         return _read_file(path), None, path
-    if _looks_like_hub_id(path):
-        return _read_directory(_download(path), label=path)
-    raise FileNotFoundError(f"no such checkpoint file or directory: {path!r}")
+    if path.endswith((".pth", ".pt", ".bin", ".safetensors")):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    return _read_directory(str(resolve_dir(path, patterns=("*.pth", CONFIG_NAME, WEIGHTS_NAME))), label=path)
 
 
 def _read_directory(directory, label=None):
@@ -306,39 +298,24 @@ def _read_directory(directory, label=None):
     if os.path.isfile(weights):
         config = None
         if os.path.isfile(cfg_file):
-            with open(cfg_file) as f:
-                d = json.load(f)
+            d = read_json(cfg_file)
             if d.get("model_type", "vim") != "vim":
-                raise ValueError(f"{cfg_file}: model_type={d['model_type']!r}, expected 'vim'")
+                raise CheckpointError(f"{cfg_file}: model_type={d['model_type']!r}, expected 'vim'")
             known = {f.name for f in fields(VimConfig)}
             config = VimConfig(**{k: v for k, v in d.items() if k in known})
         return _read_file(weights), config, weights
     pths = sorted(f for f in os.listdir(directory) if f.endswith((".pth", ".pt")))
     if len(pths) != 1:
         found = ", ".join(pths) if pths else "none"
-        raise FileNotFoundError(f"{label}: expected {WEIGHTS_NAME} or exactly one .pth checkpoint in "
-                                f"{directory}, found {found}; pass the file's path instead")
+        raise CheckpointError(f"{label}: expected {WEIGHTS_NAME} or exactly one .pth checkpoint in "
+                              f"{directory}, found {found}; pass the file's path instead")
     f = os.path.join(directory, pths[0])
     return _read_file(f), None, f
 
 
 def _read_file(path):
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(path, device="cpu")
-    try:
-        # argparse.Namespace is allowed because hustvl/Vim training checkpoints store the run's
-        # arguments under "args"; it holds plain values and we do not read it.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{path}: refusing to load: the file needs full unpickling (it stores Python objects "
-                         f"other than tensors and plain containers), which can run arbitrary code. Re-save "
-                         f"its state dict, e.g. torch.save({{'model': model.state_dict()}}, path), from a "
-                         f"trusted environment. ({str(e).splitlines()[0]})") from e
-    except RuntimeError as e:
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0]})") from e
-    return _state_dict_of(obj, path)
+    # hustvl/Vim training checkpoints store the run's arguments as an argparse.Namespace under "args"
+    return _state_dict_of(read_weights(path, allowed_globals=[argparse.Namespace]), path)
 
 
 def _state_dict_of(obj, path):
@@ -358,28 +335,3 @@ def _state_dict_of(obj, path):
     if sd and all(k.startswith("module.") for k in sd):  # saved from a DistributedDataParallel wrapper
         sd = {k[len("module."):]: v for k, v in sd.items()}
     return sd
-
-
-def _looks_like_hub_id(path):
-    parts = path.split("/")
-    return (len(parts) == 2 and all(parts) and not path.startswith((".", "~"))
-            and not path.endswith((".pth", ".pt", ".bin", ".safetensors")))
-
-
-def _download(repo_id):
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError as e:
-        raise OSError(f"{repo_id!r} is not a local path, and huggingface_hub is not installed to fetch it "
-                      "from the hub") from e
-    try:
-        # the .pth file names differ between the hustvl repos (e.g. vim_s_midclstok_80p5acc.pth), so
-        # fetch by pattern rather than by one fixed name with hf_hub_download
-        return snapshot_download(repo_id, allow_patterns=["*.pth", CONFIG_NAME, WEIGHTS_NAME])
-    except Exception as e:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
-        hint = (" HF_HUB_OFFLINE is set and the files are not in the local hub cache; download them once "
-                "with network access, or pass a local path." if offline else
-                " Check the repository id and your network access, or pass a local path.")
-        raise OSError(f"{repo_id!r} is not a local file or directory and could not be fetched from the "
-                      f"Hugging Face hub ({type(e).__name__}).{hint}") from e

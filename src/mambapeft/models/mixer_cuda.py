@@ -1,0 +1,210 @@
+"""The mixer on mamba_ssm's and causal_conv1d's CUDA kernels, for every PEFT method.
+
+It reads the same `Composed` tensors as the readable path in mixer.py (`MambaMixer.compose()`), so
+no method is skipped. Three routes:
+
+- training / plain forward (no padding mask, no decoding state): `mamba_inner_fn`, the fused
+  conv -> x_proj -> dt_proj -> scan -> gate -> out_proj kernel with its memory-saving backward.
+  * activation-form in_proj / X / Z LoRA act on xz before it (`project_in`), so they stay in
+    activation form (and keep their dropout);
+  * affix tokens become extra xz columns in front (x half = token, z half = its stored z half or 0);
+    their output rows are dropped;
+  * Additional-scan rows and the new A columns are already part of the composed x_proj and A_log;
+  * adapters that read the gated output g (activation-form out_proj LoRA, the parallel adapter)
+    only need V g for their down projection V. Since out_proj is linear, their V's rows are
+    appended to the out_proj weight handed to the kernel: it returns [W_out g | V g], exactly, with
+    gradients for V through the kernel's out_proj weight gradient. Dropout and ReLU then act
+    on V g outside the kernel, as in the readable path;
+  * Vim: out_proj is linear, so each direction calls the kernel with W_out/2 (divide_out) and the
+    outputs add (the backward one flipped back in time).
+- padding masks, Vim with unknown output adapters, and prefill of a decoding state:
+  `causal_conv1d_fn` + `selective_scan_fn` return g, then out_proj and the output adapters.
+  Masks act as in `MambaMixer.scan_direction`: x zeroed before the conv and u after it at pads,
+  affix tokens inserted after the left pads.
+- decoding (state already filled): `causal_conv1d_update` + `selective_state_update`, one token at a
+  time, in place on the cache's tensors (conv (b, E, k-1) in the input dtype, ssm (b, E, N') fp32);
+  they hold exactly what `scan_direction` would store, so CPU and CUDA steps can alternate.
+"""
+import torch
+import torch.nn.functional as F
+
+from .mixer import MixerAdapter
+from .tokens import insert_tokens, remove_tokens
+
+try:
+    from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
+    from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn, selective_scan_fn
+    from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+except Exception:  # noqa: BLE001
+    mamba_inner_fn = None
+
+
+def available():
+    return mamba_inner_fn is not None and torch.cuda.is_available()
+
+
+def forward(m, c, h, mask=None, state=None):
+    """MambaMixer.forward on the kernels; `c` is m.compose()."""
+    if m.bidirectional and (mask is not None or state is not None):
+        raise ValueError("the bidirectional mixer takes neither padding masks nor decoding state")
+    if mask is not None:
+        h = h * mask[..., None].to(h.dtype)
+    xz = m.project_in(h, c).transpose(1, 2)              # (b, 2E, T)
+    affix = m._affix(c)
+    if mask is None and state is None:
+        out = _fused(m, c, xz, affix)
+        if out is not None:
+            return out
+    x, z = xz.chunk(2, dim=1)
+    if not m.bidirectional:
+        s = c.dirs[0]
+        if state is not None and state.ssm[0] is not None:
+            g = torch.cat([_decode_step(m, x[..., t:t + 1], z[..., t:t + 1], s,
+                                        None if mask is None else mask[:, t:t + 1], state, 0)
+                           for t in range(x.shape[-1])], -1)
+        else:
+            g = _scan(m, x, z, s, affix[0], mask, state, 0)
+    else:
+        g_f = _scan(m, x, z, c.dirs[0], affix[0], None, None, 0)
+        g_b = _scan(m, x.flip(-1), z.flip(-1), c.dirs[1], affix[1], None, None, 1).flip(-1)
+        g = (g_f + g_b) / 2 if m.divide_out else g_f + g_b
+    g = g.transpose(1, 2)                                 # (b, T, E)
+    out = F.linear(g, c.out_proj, c.out_bias)
+    for a in m.adapters():
+        out = a.adapt_out(g, out)
+    return out
+
+
+# ---- output adapters as extra out_proj rows ---------------------------------------------------
+def _output_taps(m):
+    """[(down weight (r, E), finish(p, out) -> out)] for every adapter that reads g, or None when
+    one of them is of a kind this module does not know (then the unfused route runs)."""
+    from ..peft.lora import MixerLoRA
+    from ..peft.parallel_adapter import ParallelAdapter
+    taps = []
+    for a in m.adapters():
+        if type(a).adapt_out is MixerAdapter.adapt_out:
+            continue
+        if isinstance(a, MixerLoRA):
+            if a.activation_form and a.target == "out_proj":
+                taps.append((a.lora.down.weight, _lora_finish(a)))
+        elif isinstance(a, ParallelAdapter):
+            taps.append((a.down.weight, _adapter_finish(a)))
+        else:
+            return None
+    return taps
+
+
+def _lora_finish(a):
+    def finish(p, out):
+        delta = (a.lora.up(a.lora.dropout(p)) * a.lora.scale).to(out.dtype)
+        if (a.start, a.stop) != (0, out.shape[-1]):
+            delta = F.pad(delta, (a.start, out.shape[-1] - a.stop))
+        return out + delta
+    return finish
+
+
+def _adapter_finish(a):
+    def finish(p, out):
+        return out + (a.up(a.dropout(p.relu())) * a.scale).to(out.dtype)
+    return finish
+
+
+def _affix_columns(s, tokens, xz):
+    """(b, 2E, n) xz columns of affix tokens: x half = tokens, z half = stored z half or zeros."""
+    z = s.affix_z if s.affix_z is not None and tokens is s.affix else torch.zeros_like(tokens)
+    return torch.cat([tokens, z.to(tokens.dtype)], 0).to(xz.dtype).unsqueeze(0).expand(xz.shape[0], -1, -1)
+
+
+def _fused(m, c, xz, affix):
+    taps = _output_taps(m)
+    if taps is None:
+        return None
+    D = c.out_proj.shape[0]
+    W, bias = c.out_proj, c.out_bias
+    if taps:
+        W = torch.cat([W] + [w.to(W.dtype) for w, _ in taps], 0)
+        if bias is not None:
+            bias = F.pad(bias, (0, W.shape[0] - D))
+    if m.bidirectional and m.divide_out:
+        W = W / 2
+    if bias is not None and torch.is_autocast_enabled("cuda"):
+        bias = bias.float()
+    out = None
+    for d, s in enumerate(c.dirs):
+        xz_d = xz if d == 0 else xz.flip(-1)
+        n = 0
+        if affix[d] is not None:
+            n = affix[d].shape[1]
+            xz_d = torch.cat([_affix_columns(s, affix[d], xz_d), xz_d], 2)
+        o = mamba_inner_fn(xz_d.contiguous(), s.conv_w[:, None], s.conv_b, s.x_proj, s.dt_w, W,
+                           bias if d == 0 else None, s.A, None, None, s.D.float(),
+                           delta_bias=s.dt_b.float(), delta_softplus=True)
+        if n:
+            o = o[:, n:]
+        if d == 1:
+            o = o.flip(1)
+        out = o if out is None else out + o
+    if not taps:
+        return out
+    res, off = out[..., :D], D
+    for w, finish in taps:
+        res = finish(out[..., off:off + w.shape[0]], res)
+        off += w.shape[0]
+    return res
+
+
+# ---- unfused: conv kernel + scan kernel, returning g -----------------------------------------
+def _scan(m, x, z, s, affix, mask, state, d):
+    """x, z (b, E, T) -> g (b, E, T); fills `state` (a fresh LayerState direction) when given."""
+    k = m.d_conv
+    n = affix.shape[1] if affix is not None else 0
+    in_mask = mask
+    if n:
+        x, mask = insert_tokens(x, affix, mask, dim=2)
+        z_tokens = s.affix_z if s.affix_z is not None and affix is s.affix else torch.zeros_like(affix)
+        z, _ = insert_tokens(z, z_tokens, in_mask, dim=2)
+    if mask is not None:
+        x = x * mask[:, None].to(x.dtype)
+    x = x.contiguous()
+    u = causal_conv1d_fn(x, s.conv_w, s.conv_b, activation="silu")
+    if mask is not None:
+        u = u * mask[:, None].to(u.dtype)
+    b, L = u.shape[0], u.shape[-1]
+    x_dbl = F.linear(u.transpose(1, 2).reshape(b * L, -1), s.x_proj)    # (bL, R + 2N')
+    R, N = s.dt_w.shape[1], s.state_size
+    dt, B, C = x_dbl.split([R, N, N], dim=-1)
+    delta = (s.dt_w @ dt.t()).view(-1, b, L).transpose(0, 1)             # (b, E, L), L contiguous
+    B = B.view(b, L, N).transpose(1, 2).contiguous()
+    C = C.view(b, L, N).transpose(1, 2).contiguous()
+    dtype = u.dtype
+    out = selective_scan_fn(u, delta.to(dtype).contiguous(), s.A, B.to(dtype), C.to(dtype), s.D.float(),
+                            z.to(dtype).contiguous(), s.dt_b.float(), True, state is not None)
+    y = out[0] if state is not None else out
+    if state is not None:
+        state.conv[d] = F.pad(x, (k - 1, 0))[..., -(k - 1):].detach().contiguous()
+        state.ssm[d] = out[1].detach().contiguous()
+    return remove_tokens(y, n, in_mask, dim=2) if n else y
+
+
+def _decode_step(m, x, z, s, mask, state, d):
+    """One token (x, z (b, E, 1)) from a filled state; updates state.conv[d] and state.ssm[d] in place."""
+    conv, ssm = state.conv[d], state.ssm[d]
+    if conv.dtype != x.dtype or not conv.is_contiguous():
+        conv = conv.to(x.dtype).contiguous()
+    if ssm.dtype != torch.float32 or not ssm.is_contiguous():
+        ssm = ssm.float().contiguous()
+    xt = x[..., 0]
+    if mask is not None:
+        xt = xt * mask.to(xt.dtype)
+    u = causal_conv1d_update(xt.contiguous(), conv, s.conv_w, s.conv_b, activation="silu")
+    if mask is not None:
+        u = u * mask.to(u.dtype)
+    x_dbl = F.linear(u, s.x_proj)
+    R, N = s.dt_w.shape[1], s.state_size
+    dt, B, C = x_dbl.split([R, N, N], dim=-1)
+    dt = F.linear(dt, s.dt_w)
+    y = selective_state_update(ssm, u, dt, s.A, B, C, s.D.float(), z=z[..., 0], dt_bias=s.dt_b.float(),
+                               dt_softplus=True)
+    state.conv[d], state.ssm[d] = conv, ssm
+    return y[..., None].to(x.dtype)

@@ -1,0 +1,26 @@
+import subprocess
+import sys
+
+from mambapeft.cli import main
+from mambapeft.peft import METHODS
+
+
+def test_methods_lists_every_method_with_defaults(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in METHODS:
+        assert f"\n{name} " in "\n" + out
+    assert "r=8, scale=0.1, dropout=0.1, dora=False" in out and "states=6" in out and "wd_mult=100.0" in out
+
+
+def test_generate_runs_the_shipped_model(capsys):
+    assert main(["generate", "12+7=", "40+2=", "--max-new-tokens", "4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("=")[0] for line in lines] == ["12+7", "40+2"]
+
+
+def test_bad_model_path_is_a_clear_error_without_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "mambapeft.cli", "generate", "--model", str(tmp_path / "nope")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "no such directory" in r.stderr and "Traceback" not in r.stderr
