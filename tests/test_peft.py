@@ -20,7 +20,8 @@ CASES = [("lm", {n: {}}) for n in LM_METHODS] + [("vim", {n: {}}) for n in VIM_M
     ("vim", {"lora_dt": {"dora": True}, "lora_in_proj": {"dora": True}}),
     ("lm", {"affix": {"projection": True, "hidden": 16}, "prompt": {"projection": True, "tokens": 2}}),
     ("lm", {"affix": {"position": "outer", "tokens": 2}, "additional_scan": {"position": "suffix", "init": "s4d"}}),
-    ("vim", {"affix": {"dual": False, "store_z": True}, "prompt": {"tokens": 3}})]
+    ("vim", {"affix": {"dual": False, "store_z": True}, "prompt": {"tokens": 3}}),
+    ("lm", {"affix": {"position": "infix", "tokens": 2}}), ("vim", {"affix": {"position": "infix"}})]
 IDS = [f"{k}-{'all' if len(m) > 6 else '+'.join(m)}" for k, m in CASES]
 
 
@@ -101,13 +102,14 @@ def test_method_life_cycle(kind, methods, tmp_path):
     with torch.no_grad():  # equal weights; BLAS may still round differently at another address
         torch.testing.assert_close(run(loaded, x), tuned, rtol=1e-6, atol=1e-6)
 
-    # decoding and padding with the method (language model)
+    # decoding and padding with the method (language model); infix tokens spread over the prefill
     if kind == "lm":
+        prefill = x.shape[1] if methods.get("affix", {}).get("position") == "infix" else 3
         with torch.no_grad():
-            torch.testing.assert_close(decode_stepwise(peft, x, 3), tuned, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(decode_stepwise(peft, x, prefill), tuned, rtol=1e-4, atol=1e-4)
             mask = torch.ones_like(x)
             mask[1, :4] = 0
-            padded = run(peft.base_model, x) if False else peft(x, mask).logits
+            padded = peft(x, mask).logits
             alone = peft(x[1:, 4:]).logits
             torch.testing.assert_close(padded[1, 4:], alone[0], rtol=1e-4, atol=1e-4)
 
@@ -199,7 +201,7 @@ def test_adapter_files_hold_only_trained_tensors(tmp_path):
     ({"lora_X": {"rank": 4}}, "unknown setting.*rank.*expected some of.*r"),
     ({"lora_X": {"r": 0}}, r"lora_X.r must be an integer >= 1"),
     ({"affix": {"tokens": 0}}, r"affix.tokens must be an integer >= 1"),
-    ({"affix": {"position": "infix"}}, "position='infix' does not exist; expected one of prefix, outer"),
+    ({"affix": {"position": "suffix"}}, "position='suffix' does not exist; expected one of prefix, infix, outer"),
     ({"additional_scan": {"states": -1}}, "states must be an integer >= 1"),
     ({"lora_X": {"dropout": 1.5}}, r"dropout must be in \[0, 1\)"),
 ])
@@ -296,3 +298,14 @@ def test_all_methods_same_on_every_cpu_backend(kind):
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
     for n, g in results[0][1].items():
         torch.testing.assert_close(results[1][1][n], g, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_infix_tokens_sit_between_equal_chunks():
+    from mambapeft.models.tokens import infix_offsets, insert_tokens_at, take_positions
+    seq = torch.arange(1.0, 8.0).repeat(2, 1)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, :3] = 0
+    out, out_mask, keep = insert_tokens_at(seq, torch.tensor([-1.0, -2.0]), mask, 1, infix_offsets(2, 7, mask))
+    assert out.tolist() == [[1, 2, -1, 3, 4, -2, 5, 6, 7], [1, 2, 3, 4, -1, 5, -2, 6, 7]]
+    assert out_mask[1].tolist() == [0, 0, 0, 1, 1, 1, 1, 1, 1]
+    torch.testing.assert_close(take_positions(out, 2, keep), seq)

@@ -108,8 +108,10 @@ class MambaForCausalLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, *, max_new_tokens=20, do_sample=False, temperature=1.0,
-                 top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=None, generator=None):
-        """Recurrent decoding. Pad batches on the left. Returns prompt and new tokens, (b, T + new)."""
+                 top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=None, generator=None, use_cuda_graph=True):
+        """Recurrent decoding. Pad batches on the left. Returns prompt and new tokens, (b, T + new).
+        On CUDA with the kernels, the steps after the first replay one captured CUDA graph."""
+        from . import cuda_graph
         if max_new_tokens < 1:
             return input_ids
         if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
@@ -119,7 +121,7 @@ class MambaForCausalLM(nn.Module):
         cache = MambaCache(len(self.backbone.layers))
         logits = self(input_ids, attention_mask, cache=cache).logits[:, -1]
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        out = [input_ids]
+        out, graph = [input_ids], None
         for step in range(max_new_tokens):
             token = sample(logits, do_sample, temperature, top_k, top_p, generator)
             if pad is not None:
@@ -130,7 +132,10 @@ class MambaForCausalLM(nn.Module):
                 if bool(done.all()):
                     break
             if step + 1 < max_new_tokens:
-                logits = self(token[:, None], cache=cache).logits[:, -1]
+                if graph is None and step > 0 and use_cuda_graph and cuda_graph.usable(self, cache):
+                    graph = cuda_graph.GraphStep(self, cache, token[:, None])
+                logits = (graph(token[:, None]) if graph is not None else
+                          self(token[:, None], cache=cache).logits)[:, -1]
         return torch.cat(out, 1)
 
 

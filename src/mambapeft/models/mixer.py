@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.scan import resolve_backend, selective_scan
-from .tokens import insert_tokens, remove_tokens
+from .tokens import infix_offsets, insert_tokens_at, take_positions
 
 
 @dataclass
@@ -26,6 +26,7 @@ class ScanTensors:
     D: torch.Tensor                 # (E,)
     affix: torch.Tensor | None = None    # (E, n): x-half tokens prefixed to this direction's conv input
     affix_z: torch.Tensor | None = None  # (E, n): their z half, which only gates discarded outputs
+    affix_infix: bool = False            # spread the tokens between n+1 equal chunks instead of a prefix
 
     @property
     def A(self):
@@ -150,22 +151,34 @@ class MambaMixer(nn.Module):
         return out
 
     def _affix(self, c):
-        tokens = [s.affix for s in c.dirs]
+        """Per direction, None or the (x half, z half) of its affix tokens, each (E, n)."""
+        pairs = [None if s.affix is None else
+                 (s.affix, s.affix_z if s.affix_z is not None else torch.zeros_like(s.affix)) for s in c.dirs]
         if c.affix_h is not None:  # outer affix: width-D tokens go through in_proj like real ones
             x_half = self.project_in(c.affix_h, c)[:, : self.d_inner].t()
-            tokens = [x_half if t is None else torch.cat([x_half, t], 1) for t in tokens]
-        return tokens
+            outer = (x_half, torch.zeros_like(x_half))
+            pairs = [outer if p is None else tuple(torch.cat([o, t], 1) for o, t in zip(outer, p)) for p in pairs]
+        return pairs
+
+    @staticmethod
+    def insert_affix(x, z, s: ScanTensors, affix, mask):
+        """Put one direction's affix tokens (a pair from `_affix`) into x and z (b, E, T).
+
+        Returns x, z, their mask and `drop(y)`, which takes the tokens' positions out of an output
+        with time on its last dimension."""
+        n = affix[0].shape[1]
+        offsets = infix_offsets(n, x.shape[-1], mask) if s.affix_infix else None
+        x, new_mask, keep = insert_tokens_at(x, affix[0], mask, 2, offsets)
+        z, _, _ = insert_tokens_at(z, affix[1], mask, 2, offsets)
+        return x, z, new_mask, lambda y: take_positions(y, n, keep, y.dim() - 1)
 
     def scan_direction(self, x, z, s: ScanTensors, affix, mask, state, d):
         """x, z (b, E, T) -> gated scan output (b, E, T) for one direction."""
-        T, k = x.shape[-1], self.d_conv
+        k = self.d_conv
         fresh = state is None or state.ssm[d] is None
-        n = affix.shape[1] if affix is not None and fresh else 0
-        in_mask = mask
-        if n:
-            x, mask = insert_tokens(x, affix, mask, dim=2)
-            z_tokens = s.affix_z if s.affix_z is not None and affix is s.affix else torch.zeros_like(affix)
-            z, _ = insert_tokens(z, z_tokens, in_mask, dim=2)
+        drop = None
+        if affix is not None and fresh:
+            x, z, mask, drop = self.insert_affix(x, z, s, affix, mask)
         if mask is not None:
             x = x * mask[:, None].to(x.dtype)
         if fresh:
@@ -187,4 +200,4 @@ class MambaMixer(nn.Module):
         if state is not None:
             state.conv[d] = x_full[..., x_full.shape[-1] - (k - 1):].detach()
             state.ssm[d] = out[1].detach()
-        return remove_tokens(y, n, in_mask, dim=2) if n else y
+        return drop(y) if drop else y

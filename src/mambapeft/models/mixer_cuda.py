@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 
 from .mixer import MixerAdapter
-from .tokens import insert_tokens, remove_tokens
 
 try:
     from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
@@ -110,12 +109,6 @@ def _adapter_finish(a):
     return finish
 
 
-def _affix_columns(s, tokens, xz):
-    """(b, 2E, n) xz columns of affix tokens: x half = tokens, z half = stored z half or zeros."""
-    z = s.affix_z if s.affix_z is not None and tokens is s.affix else torch.zeros_like(tokens)
-    return torch.cat([tokens, z.to(tokens.dtype)], 0).to(xz.dtype).unsqueeze(0).expand(xz.shape[0], -1, -1)
-
-
 def _fused(m, c, xz, affix):
     taps = _output_taps(m)
     if taps is None:
@@ -133,15 +126,16 @@ def _fused(m, c, xz, affix):
     out = None
     for d, s in enumerate(c.dirs):
         xz_d = xz if d == 0 else xz.flip(-1)
-        n = 0
-        if affix[d] is not None:
-            n = affix[d].shape[1]
-            xz_d = torch.cat([_affix_columns(s, affix[d], xz_d), xz_d], 2)
+        drop = None
+        if affix[d] is not None:  # x and z halves of the tokens become extra xz columns
+            x, z = xz_d.chunk(2, dim=1)
+            x, z, _, drop = m.insert_affix(x, z, s, affix[d], None)
+            xz_d = torch.cat([x, z], 1)
         o = mamba_inner_fn(xz_d.contiguous(), s.conv_w[:, None], s.conv_b, s.x_proj, s.dt_w, W,
                            bias if d == 0 else None, s.A, None, None, s.D.float(),
                            delta_bias=s.dt_b.float(), delta_softplus=True)
-        if n:
-            o = o[:, n:]
+        if drop:
+            o = drop(o.transpose(1, 2)).transpose(1, 2)
         if d == 1:
             o = o.flip(1)
         out = o if out is None else out + o
@@ -158,12 +152,9 @@ def _fused(m, c, xz, affix):
 def _scan(m, x, z, s, affix, mask, state, d):
     """x, z (b, E, T) -> g (b, E, T); fills `state` (a fresh LayerState direction) when given."""
     k = m.d_conv
-    n = affix.shape[1] if affix is not None else 0
-    in_mask = mask
-    if n:
-        x, mask = insert_tokens(x, affix, mask, dim=2)
-        z_tokens = s.affix_z if s.affix_z is not None and affix is s.affix else torch.zeros_like(affix)
-        z, _ = insert_tokens(z, z_tokens, in_mask, dim=2)
+    drop = None
+    if affix is not None:
+        x, z, mask, drop = m.insert_affix(x, z, s, affix, mask)
     if mask is not None:
         x = x * mask[:, None].to(x.dtype)
     x = x.contiguous()
@@ -184,7 +175,7 @@ def _scan(m, x, z, s, affix, mask, state, d):
     if state is not None:
         state.conv[d] = F.pad(x, (k - 1, 0))[..., -(k - 1):].detach().contiguous()
         state.ssm[d] = out[1].detach().contiguous()
-    return remove_tokens(y, n, in_mask, dim=2) if n else y
+    return drop(y) if drop else y
 
 
 def _decode_step(m, x, z, s, mask, state, d):

@@ -3,7 +3,8 @@
 They pass through conv1d, write into the SSM state and their outputs are dropped, so the real
 sequence starts from a learned state. The z half of a token only gates its own dropped output
 (zero gradient), so by default only the x half (width E) is stored; `store_z` keeps the paper's
-2E layout. Position "outer" puts width-D tokens before in_proj instead. One shared `AffixTokens`
+2E layout. Position "infix" spreads the tokens between n+1 equal chunks of the sequence (of the
+prefill, when decoding); "outer" puts width-D prefix tokens before in_proj instead. One shared `AffixTokens`
 module holds every layer's tokens (the projection spans all layers); each mixer gets a small
 `AffixLayer` view that reads its slice.
 """
@@ -64,3 +65,4 @@ class AffixLayer(MixerAdapter):
             c.dirs[d].affix = t[:, :E].t()
             if self.store_z:
                 c.dirs[d].affix_z = t[:, E:].t()
+            c.dirs[d].affix_infix = self.position == "infix"

@@ -47,7 +47,7 @@ class Affix(Common):
     tokens: int = 3
     projection: bool = False
     hidden: int | None = None       # projection width (default: the token width, as the reference)
-    position: str = "prefix"        # prefix (before conv1d) or outer (width-D tokens before in_proj)
+    position: str = "prefix"        # prefix or infix (before conv1d), outer (width-D tokens before in_proj)
     dual: bool = True               # Vim: each scan direction gets its own prefix
     store_z: bool = False           # keep the paper's 2E layout (the z half never gets gradient)
 
@@ -99,7 +99,7 @@ METHODS = {
     "full": Spec(Plain, "Baseline", "full fine-tuning: every base weight trains"),
     "head": Spec(Plain, "Baseline", "the classification head trains (alone: linear probing)", ("vim",)),
 }
-CHOICES = {("affix", "position"): ("prefix", "outer"), ("additional_scan", "position"): ("prefix", "suffix"),
+CHOICES = {("affix", "position"): ("prefix", "infix", "outer"), ("additional_scan", "position"): ("prefix", "suffix"),
            ("additional_scan", "init"): ("copy_first", "s4d")}
 
 

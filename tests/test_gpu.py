@@ -1,0 +1,248 @@
+"""The CUDA fast path (models/mixer_cuda.py on the mamba_ssm kernels) against the reference path.
+
+For every method in METHODS (and all of them together, and DoRA), on the language model and on
+Vim: outputs and the gradient of every trainable tensor on the kernels equal the readable
+reference scan (`scan_backend("reference")`, same CUDA tensors), in fp32 (max error <= 1e-4 of the
+tensor's largest value); under bf16 autocast, where both paths round matmul inputs and outputs to
+bf16 in different places, the kernel path's error against the fp32 reference (in norm) is at most
+twice the bf16 reference path's error plus 5e-2 of the tensor's norm. Decoding on CUDA equals the full forward, its
+states equal the reference's and CPU-path and CUDA steps can alternate; padded batches equal
+unpadded ones. Skipped without CUDA or the kernels (CI); run by hand on a GPU machine.
+"""
+import pytest
+import torch
+from helpers import decode_stepwise
+from test_peft import CASES, IDS, perturb
+
+from mambapeft.models import MambaCache, MambaConfig, MambaForCausalLM, VimConfig, VisionMamba
+from mambapeft.ops.cross_entropy import linear_cross_entropy
+from mambapeft.ops.scan import scan_backend
+from mambapeft.peft import PeftConfig, get_peft_model
+
+
+def _kernels():
+    if not torch.cuda.is_available():
+        return False
+    from mambapeft.models import mixer_cuda
+    from mambapeft.ops import scan_cuda
+    return scan_cuda.available() and mixer_cuda.available()
+
+
+gpu = pytest.mark.skipif(not _kernels(), reason="needs CUDA and the mamba_ssm / causal_conv1d kernels")
+FP32_TOL, BF16_TOL = 1e-4, 5e-2
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32():
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def make(kind):
+    if kind == "lm":
+        return MambaForCausalLM(MambaConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2, state_size=16,
+                                            time_step_rank=4))
+    return VisionMamba(VimConfig(img_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_classes=5,
+                                 drop_path_rate=0.0))
+
+
+def inputs(kind):
+    return torch.randint(0, 97, (2, 11)) if kind == "lm" else torch.randn(2, 3, 32, 32)
+
+
+def no_dropout(model):
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+
+
+def build(kind, methods):
+    torch.manual_seed(0)
+    peft = get_peft_model(make(kind), PeftConfig(methods))
+    perturb(peft)                      # zero-initialised methods must change something
+    no_dropout(peft)
+    return peft.cuda().train(), inputs(kind).cuda()
+
+
+def out_of(model, x, **kw):
+    out = model(x, **kw)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def forward_backward(peft, x, backend, autocast=False):
+    peft.zero_grad(set_to_none=True)
+    with scan_backend(backend), torch.autocast("cuda", torch.bfloat16, enabled=autocast):
+        out = out_of(peft, x).float()
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).cuda()
+    (out * weights).sum().backward()
+    grads = {n: p.grad.clone() if p.grad is not None else None
+             for n, p in peft.base_model.named_parameters() if p.requires_grad}
+    return out.detach(), grads
+
+
+def assert_close(a, b, tol, what):
+    if a is None or b is None:
+        assert (a is None or not a.any()) and (b is None or not b.any()), f"{what}: gradient on one path only"
+        return
+    a, b = a.float(), b.float()
+    if tol >= BF16_TOL:   # bf16: relative error in the Frobenius norm (single entries round differently)
+        err, scale = (a - b).norm().item(), b.norm().item()
+    else:                 # fp32: the largest error against the largest value
+        err, scale = (a - b).abs().max().item(), b.abs().max().item()
+    assert err <= tol * scale + 1e-7, f"{what}: error {err:.3g} vs scale {scale:.3g} (tol {tol})"
+
+
+def count_fused(monkeypatch):
+    from mambapeft.models import mixer_cuda
+    calls = [0]
+    inner = mixer_cuda.mamba_inner_fn
+
+    def counting(*a, **k):
+        calls[0] += 1
+        return inner(*a, **k)
+    monkeypatch.setattr(mixer_cuda, "mamba_inner_fn", counting)
+    return calls
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind,methods", CASES, ids=IDS)
+def test_kernels_match_reference(kind, methods, autocast, monkeypatch):
+    peft, x = build(kind, methods)
+    ref_out, ref_grads = forward_backward(peft, x, "reference", autocast)
+    calls = count_fused(monkeypatch)
+    out, grads = forward_backward(peft, x, "auto", autocast)
+    assert calls[0] > 0, "the fused mamba_inner_fn route was not taken"
+    assert grads.keys() == ref_grads.keys()
+    if not autocast:
+        assert_close(out, ref_out, FP32_TOL, "output")
+        for n in grads:
+            assert_close(grads[n], ref_grads[n], FP32_TOL, f"grad of {n}")
+    else:  # as close to the fp32 truth as the reference path under bf16 is (or within BF16_TOL of it)
+        monkeypatch.undo()
+        true_out, true_grads = forward_backward(peft, x, "reference", False)
+        for what, a, r, t in [("output", out, ref_out, true_out)] + [
+                (f"grad of {n}", grads[n], ref_grads[n], true_grads[n]) for n in grads]:
+            if t is None or not t.any():
+                assert_close(a, r, BF16_TOL, what)
+                continue
+            err_k, err_r = (a.float() - t).norm().item(), (r.float() - t).norm().item()
+            assert err_k <= 2 * err_r + BF16_TOL * t.norm().item(), \
+                f"{what}: bf16 error {err_k:.3g} on the kernels vs {err_r:.3g} on the reference path"
+    live = [n for n, g in grads.items() if g is not None and g.any()]
+    assert live, "no trainable tensor got a gradient"
+
+
+LM_CASES = [(k, m) for k, m in CASES if k == "lm"]
+LM_IDS = [i for i, (k, _) in zip(IDS, CASES) if k == "lm"]
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind,methods", LM_CASES, ids=LM_IDS)
+def test_decoding_and_padding_on_kernels(kind, methods):
+    peft, x = build(kind, methods)
+    peft.eval()
+    with torch.no_grad():
+        full = out_of(peft, x)
+        with scan_backend("reference"):
+            ref = out_of(peft, x)
+        assert_close(full, ref, FP32_TOL, "output")
+        assert_close(decode_stepwise(peft, x, 3), full, FP32_TOL, "decoding on CUDA")
+        mask = torch.ones_like(x)
+        mask[1, :4] = 0
+        padded = out_of(peft, x, attention_mask=mask)
+        alone = out_of(peft, x[1:, 4:])
+        assert_close(padded[1, 4:], alone[0], FP32_TOL, "padded row")
+        assert_close(padded[0], full[0], FP32_TOL, "unpadded row of a padded batch")
+        with scan_backend("reference"):
+            ref_padded = out_of(peft, x, attention_mask=mask)
+        assert_close(padded[1, 4:], ref_padded[1, 4:], FP32_TOL, "padded, against the reference")
+
+
+@gpu
+@pytest.mark.gpu
+def test_cuda_and_reference_decoding_steps_interoperate():
+    peft, x = build("lm", {"affix": {}, "additional_scan": {}, "lora_X": {}, "conv1d": {}})
+    peft.eval()
+    n_layers = len(peft.base_model.backbone.layers)
+    with torch.no_grad():
+        full = out_of(peft, x)
+        caches = {"auto": MambaCache(n_layers), "reference": MambaCache(n_layers)}
+        for backend, cache in caches.items():
+            with scan_backend(backend):
+                out_of(peft, x[:, :3], cache=cache)
+        mixed, steps = MambaCache(n_layers), []
+        with scan_backend("auto"):
+            steps.append(out_of(peft, x[:, :3], cache=mixed))
+        for t in range(3, x.shape[1]):
+            for backend, cache in caches.items():
+                with scan_backend(backend):
+                    out_of(peft, x[:, t:t + 1], cache=cache)
+            for a, b in zip(caches["auto"].layers, caches["reference"].layers):
+                assert_close(a.conv[0], b.conv[0], FP32_TOL, f"conv state after step {t}")
+                assert_close(a.ssm[0], b.ssm[0], FP32_TOL, f"ssm state after step {t}")
+            with scan_backend("auto" if t % 2 else "reference"):
+                steps.append(out_of(peft, x[:, t:t + 1], cache=mixed))
+        assert_close(torch.cat(steps, 1), full, FP32_TOL, "alternating CUDA / reference steps")
+
+
+@gpu
+@pytest.mark.gpu
+def test_merged_model_generates_on_kernels_like_reference():
+    peft, x = build("lm", {"lora_in_proj": {}, "lora_x_proj": {}, "D": {}})
+    merged = peft.merge_and_unload().eval()
+    with torch.no_grad():
+        fast = merged.generate(x[:, :4], max_new_tokens=12)            # CUDA-graph steps
+        eager = merged.generate(x[:, :4], max_new_tokens=12, use_cuda_graph=False)
+        assert torch.equal(fast, eager)
+        with scan_backend("reference"):
+            slow = merged.generate(x[:, :4], max_new_tokens=12)
+    assert torch.equal(fast, slow)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+def test_loss_with_labels_on_kernels(autocast):
+    peft, x = build("lm", {"lora_X": {}, "lora_out_proj": {}})
+    labels = x.clone()
+    labels[0, :3] = -100
+    results = []
+    for backend, return_logits in (("reference", True), ("auto", False)):
+        peft.zero_grad(set_to_none=True)
+        with scan_backend(backend), torch.autocast("cuda", torch.bfloat16, enabled=autocast):
+            loss = peft(x, labels=labels, return_logits=return_logits).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in peft.named_parameters() if p.requires_grad}))
+    tol = BF16_TOL if autocast else FP32_TOL
+    assert_close(results[1][0], results[0][0], tol, "loss")
+    for n in results[0][1]:
+        assert_close(results[1][1][n], results[0][1][n], tol, f"grad of {n}")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=gpu)])
+@pytest.mark.parametrize("tie", [True, False])
+def test_chunked_cross_entropy_equals_full_logits(device, tie, monkeypatch):
+    from mambapeft.ops import cross_entropy
+    monkeypatch.setattr(cross_entropy, "CHUNK_ELEMENTS", 97 * 5)   # several chunks
+    torch.manual_seed(0)
+    h = torch.randn(23, 16, device=device, requires_grad=True)
+    w = torch.randn(97, 16, device=device, requires_grad=tie)
+    labels = torch.randint(0, 97, (23,), device=device)
+    labels[[3, 7]] = -100
+    loss = linear_cross_entropy(h, w, labels)
+    (3 * loss).backward()
+    got = loss.detach(), h.grad.clone(), w.grad.clone() if tie else None
+    h.grad = w.grad = None
+    ref = torch.nn.functional.cross_entropy(h @ w.t(), labels, ignore_index=-100)
+    (3 * ref).backward()
+    torch.testing.assert_close(got[0], ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], h.grad, rtol=1e-5, atol=1e-6)
+    if tie:
+        torch.testing.assert_close(got[2], w.grad, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(h, w, labels), ref.detach(), rtol=1e-5, atol=1e-6)
