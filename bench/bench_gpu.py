@@ -119,9 +119,40 @@ def train(name, build, batch, seqlen, steps, warmup, hf=False, backend=None):
                batch=batch, seqlen=seqlen, steps=steps, median_step_s=med, tokens_per_s=batch * seqlen / med,
                peak_mem_gib=torch.cuda.max_memory_allocated() / 2 ** 30,
                trainable=sum(p.numel() for p in params), scan_kernel_calls_per_forward=counter.calls,
-               first_loss=losses[0], last_loss=losses[-1])
+               first_loss=losses[0], last_loss=losses[-1], step_times=times)
     del model, opt, params
     return row
+
+
+def train_interleaved(runs, batch, seqlen, steps, warmup):
+    """All models at once, one step of each in turn: the machine's drifts (other tenants, clocks)
+    then hit every run alike, which separate runs minutes apart do not. Returns tokens/s per run."""
+    from mambapeft.ops.scan import scan_backend
+    torch.manual_seed(0)
+    ids = torch.randint(0, V, (batch, seqlen), device="cuda")
+    live = []
+    for name, build, _ in runs:
+        model = build().train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        live.append((name, model, opt, []))
+    with scan_backend("auto"):
+        for i in range(warmup + steps):
+            for name, model, opt, times in live:
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                with torch.autocast("cuda", torch.bfloat16):
+                    loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                torch.cuda.synchronize()
+                if i >= warmup:
+                    times.append(time.perf_counter() - t0)
+    out = {name: batch * seqlen / sorted(times)[len(times) // 2] for name, _, _, times in live}
+    del live
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
 
 
 class _null:
@@ -214,6 +245,11 @@ def main():
     ap.add_argument("--seqlen", type=int, default=1024)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--only", default="train,hf,generate,torch")
+    ap.add_argument("--interleave", default="",
+                    help="comma list of training runs to also time step by step in turn (e.g. "
+                         "hf_lora_in_proj_r8,lora_X_r64,affix_3,additional_scan_6)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat the 8x1024 training runs this many times, interleaved, and pool their steps")
     ap.add_argument("--profile", default="", help="comma list of runs to profile (e.g. lora_X_r64,hf_lora)")
     ap.add_argument("--no-kernels", action="store_true", help="(internal) transformers without the kernels")
     args = ap.parse_args()
@@ -230,13 +266,31 @@ def main():
         rows.append(row)
         print(json.dumps(row), flush=True)
 
+    runs = []
     if "hf" in only:
-        emit(train("hf_lora_in_proj_r8", hf_model, args.batch, args.seqlen, args.steps, args.warmup, hf=True))
-        emit(train("hf_full", lambda: hf_model(lora=False), args.batch, args.seqlen, args.steps, args.warmup,
-                   hf=True))
+        runs += [("hf_lora_in_proj_r8", hf_model, True), ("hf_full", lambda: hf_model(lora=False), True)]
     if "train" in only:
-        for name, methods in OURS.items():
-            emit(train(name, lambda m=methods: ours_model(m), args.batch, args.seqlen, args.steps, args.warmup))
+        runs += [(name, lambda m=methods: ours_model(m), False) for name, methods in OURS.items()]
+    pooled = {}
+    for _ in range(args.rounds):  # interleaved rounds: drifts of the machine hit every run alike
+        for name, build, hf in runs:
+            row = train(name, build, args.batch, args.seqlen, args.steps, args.warmup, hf=hf)
+            print(json.dumps(row), flush=True)
+            pooled.setdefault(name, []).append(row)
+    for name, parts in pooled.items():
+        times = sorted(t for r in parts for t in r["step_times"])
+        med = times[len(times) // 2]
+        rows.append({**parts[0], "rounds": len(parts), "steps": len(times), "median_step_s": med,
+                     "tokens_per_s": args.batch * args.seqlen / med,
+                     "round_tokens_per_s": [round(r["tokens_per_s"]) for r in parts],
+                     "peak_mem_gib": max(r["peak_mem_gib"] for r in parts)})
+    chosen = [r for r in runs if r[0] in args.interleave.split(",")]
+    if chosen:
+        tps = train_interleaved(chosen, args.batch, args.seqlen, 3 * args.steps, args.warmup)
+        for row in rows:
+            if row["run"] in tps:
+                row["interleaved_tokens_per_s"] = tps[row["run"]]
+        print(json.dumps({"interleaved_tokens_per_s": tps}), flush=True)
     if "generate" in only:
         for b in (1, 32):
             emit(generate(f"gen_hf_b{b}", b, args.new_tokens, hf=True))
@@ -284,6 +338,14 @@ def report(rows):
         for n in ("affix_3", "additional_scan_6"):
             if n in by:
                 lines.append(f"{n} tokens/s vs lora_X_r64: {by[n]['tokens_per_s'] / lx['tokens_per_s']:.2f}")
+    inter = {r["run"]: r["interleaved_tokens_per_s"] for r in rows if "interleaved_tokens_per_s" in r}
+    if inter:
+        lines.append("step by step in turn (all models on the GPU at once; median step):")
+        ref = inter.get("hf_lora_in_proj_r8")
+        for n, tps in inter.items():
+            ratio = f"  x hf+peft {tps / ref:.2f}" if ref else ""
+            vs_x = f"  x lora_X_r64 {tps / inter['lora_X_r64']:.2f}" if "lora_X_r64" in inter else ""
+            lines.append(f"  {n:32s} {tps:10.0f} tok/s{ratio}{vs_x}")
     for b in (1, 32):
         h, o = by.get(f"gen_hf_b{b}"), by.get(f"gen_ours_b{b}")
         if h and o:

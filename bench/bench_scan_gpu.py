@@ -26,10 +26,10 @@ NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 def make_inputs(b, E, N, L, device):
     g = torch.Generator().manual_seed(0)
     xz = torch.randn(b, L, 3 * E, generator=g)
-    x = dict(u=xz[..., :E].transpose(1, 2), delta=(xz[..., E:2 * E] * 0.5 - 1.0).transpose(1, 2),
-             A=-torch.exp(torch.rand(E, N, generator=g) * 3), B=torch.randn(b, N, L, generator=g),
-             C=torch.randn(b, N, L, generator=g), D=torch.randn(E, generator=g),
-             z=xz[..., 2 * E:].transpose(1, 2), delta_bias=torch.randn(E, generator=g) * 0.3)
+    x = {"u": xz[..., :E].transpose(1, 2), "delta": (xz[..., E:2 * E] * 0.5 - 1.0).transpose(1, 2),
+         "A": -torch.exp(torch.rand(E, N, generator=g) * 3), "B": torch.randn(b, N, L, generator=g),
+         "C": torch.randn(b, N, L, generator=g), "D": torch.randn(E, generator=g),
+         "z": xz[..., 2 * E:].transpose(1, 2), "delta_bias": torch.randn(E, generator=g) * 0.3}
     x = {k: v.to(device).requires_grad_() for k, v in x.items()}
     dy = torch.randn(b, E, L, generator=g).to(device)
     return x, dy
@@ -121,10 +121,11 @@ def main():
                 diff = max(((o - r).abs().max() / r.abs().max().clamp_min(1.0)).item() for o, r in zip(outs, ref))
             print(f"{label:28s}{times['fwd']:10.2f}{times['fwd_bwd']:12.2f}"
                   f"{'-' if peak is None else f'{peak:.0f}':>10s}{'-' if diff is None else f'{diff:.1e}':>14s}")
-            f.write(json.dumps(dict(backend=bk, label=label, seg_bytes=seg if bk == "chunked" else None,
-                                    b=a.b, E=a.E, N=a.N, L=a.L, device=dev_name, torch=torch.__version__,
-                                    fwd_ms=times["fwd"], fwd_bwd_ms=times["fwd_bwd"], peak_mb=peak,
-                                    max_rel_diff=diff, time=time.strftime("%Y-%m-%dT%H:%M:%S"))) + "\n")
+            row = {"backend": bk, "label": label, "seg_bytes": seg if bk == "chunked" else None,
+                   "b": a.b, "E": a.E, "N": a.N, "L": a.L, "device": dev_name, "torch": torch.__version__,
+                   "fwd_ms": times["fwd"], "fwd_bwd_ms": times["fwd_bwd"], "peak_mb": peak,
+                   "max_rel_diff": diff, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            f.write(json.dumps(row) + "\n")
     for label, (times, _, _) in results.items():
         if label.startswith("chunked") and "cpu" in results:
             print(f"{label}: {results['cpu'][0]['fwd_bwd'] / times['fwd_bwd']:.1f}x faster than the cpu backend "

@@ -48,7 +48,7 @@ def forward(m, c, h, mask=None, state=None):
         raise ValueError("the bidirectional mixer takes neither padding masks nor decoding state")
     if mask is not None:
         h = h * mask[..., None].to(h.dtype)
-    xz = m.project_in(h, c).transpose(1, 2)              # (b, 2E, T)
+    xz = _project_in_channels_first(m, c, h)             # (b, 2E, T), time contiguous
     affix = m._affix(c)
     if mask is None and state is None:
         out = _fused(m, c, xz, affix)
@@ -72,6 +72,28 @@ def forward(m, c, h, mask=None, state=None):
     for a in m.adapters():
         out = a.adapt_out(g, out)
     return out
+
+
+def _project_in_channels_first(m, c, h):
+    """xz as W_in @ h^T, like mamba_ssm's own Mamba: (2E, bT) memory viewed as (b, 2E, T), so neither
+    xz nor its gradient is transposed and copied around the fused kernel. Activation-form in_proj
+    LoRA adds its rows in the same layout."""
+    from ..peft.lora import MixerLoRA
+    b, T, _ = h.shape
+    h2 = h.reshape(b * T, -1)
+    xz = c.in_proj @ h2.t()
+    if c.in_bias is not None:
+        xz = xz + c.in_bias[:, None].to(xz.dtype)
+    for a in m.adapters():
+        if type(a).adapt_xz is MixerAdapter.adapt_xz or (isinstance(a, MixerLoRA) and not a.activation_form):
+            continue
+        if not (isinstance(a, MixerLoRA) and a.target == "in_proj"):  # an adapter we cannot lay out here
+            return m.project_in(h, c).transpose(1, 2)
+        lora = a.lora
+        p = lora.dropout(lora.down(h2)).t().to(xz.dtype)                             # (r, bT)
+        # accumulate into the adapter's rows in place: no full-size delta, pad or add
+        xz[a.start:a.stop].addmm_(lora.up.weight.to(xz.dtype), p, alpha=lora.scale)
+    return xz.view(-1, b, T).transpose(0, 1)
 
 
 # ---- output adapters as extra out_proj rows ---------------------------------------------------

@@ -95,7 +95,7 @@ class SelectiveScanChunked(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # dout / dlast are None when unused: skip them
         b, E, L = u.shape
         N = A.shape[1]
-        f32 = dict(dtype=torch.float32, device=u.device)
+        f32 = {"dtype": torch.float32, "device": u.device}
         dt_raw = _time_major(delta)
         if delta_bias is not None:
             dt_raw = dt_raw + delta_bias.float()  # not in place: _time_major may return delta itself
@@ -136,7 +136,7 @@ class SelectiveScanChunked(torch.autograd.Function):
         A, D, z, dt_raw, ut, Bt, Ct, bounds, out_pre = ctx.saved_tensors
         L, b, E = ut.shape
         N, T = A.shape[1], ctx.T
-        f32 = dict(dtype=torch.float32, device=ut.device)
+        f32 = {"dtype": torch.float32, "device": ut.device}
         dout = dout.float() if dout is not None else torch.zeros(b, E, L, **f32)
         dz = dD = None
         if z is not None:

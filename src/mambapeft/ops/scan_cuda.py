@@ -2,7 +2,9 @@
 
 Same call as every backend (see scan_ref.py). The kernel wants u, delta, B, C and z in one dtype
 (u's), A, D and the delta bias in fp32, and keeps its state in fp32. It cannot start from an
-initial state: decoding uses `selective_state_update` instead (models/mixer_cuda.py).
+initial state: decoding uses `selective_state_update` instead (models/mixer_cuda.py). Its last
+state is an output without gradient (the kernel has no backward for it); the mixer only reads it
+to fill a decoding cache, which is detached anyway.
 """
 import torch
 
@@ -32,5 +34,5 @@ def selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None, delt
     out = selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if return_last_state:
         y, last = out
-        return y, last.contiguous()   # the kernel's last state is a strided view of its scratch
+        return y, last.detach().contiguous()   # a strided view of the kernel's scratch, no gradient
     return out
