@@ -10,7 +10,7 @@ from .block import MambaBlock, prompt_tokens
 from .cache import MambaCache
 from .config import MambaConfig
 from .norm import RMSNorm
-from .tokens import insert_tokens, remove_tokens
+from .tokens import insert_tokens_at, take_positions
 
 
 @dataclass
@@ -40,12 +40,12 @@ class MambaModel(nn.Module):
         mask = attention_mask
         prompt = prompt_tokens(self.peft.values()) if cache is None or cache.is_fresh else None
         if prompt is not None:
-            h, mask = insert_tokens(h, prompt, attention_mask, dim=1)
+            h, mask, keep = insert_tokens_at(h, prompt, attention_mask, 1)
         for i, layer in enumerate(self.layers):
             h = layer(h, mask, cache.layers[i] if cache is not None else None)
         h = self.norm_f(h)
         if prompt is not None:
-            h = remove_tokens(h, prompt.shape[0], attention_mask, dim=1)
+            h = take_positions(h, prompt.shape[0], keep, 1)
         if cache is not None:
             cache.seqlen_offset += h.shape[1] + (prompt.shape[0] if prompt is not None else 0)
         return h

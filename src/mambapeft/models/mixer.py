@@ -127,6 +127,8 @@ class MambaMixer(nn.Module):
 
     def forward(self, h, mask=None, state=None):
         """h (b, T, D); mask (b, T) with 1 for real tokens; state: a LayerState to read and update."""
+        if self.bidirectional and (mask is not None or state is not None):
+            raise ValueError("the bidirectional mixer takes neither padding masks nor decoding state")
         c = self.compose()
         if h.is_cuda and resolve_backend(h) == "cuda":  # the mamba_ssm kernels: models/mixer_cuda.py
             from . import mixer_cuda
@@ -139,12 +141,18 @@ class MambaMixer(nn.Module):
         if not self.bidirectional:
             g = self.scan_direction(x, z, c.dirs[0], affix[0], mask, state, 0)
         else:
-            if mask is not None or state is not None:
-                raise ValueError("the bidirectional mixer takes neither padding masks nor decoding state")
-            g_f = self.scan_direction(x, z, c.dirs[0], affix[0], None, None, 0)
-            g_b = self.scan_direction(x.flip(-1), z.flip(-1), c.dirs[1], affix[1], None, None, 1).flip(-1)
-            g = (g_f + g_b) / 2 if self.divide_out else g_f + g_b
-        g = g.transpose(1, 2)                             # (b, T, E)
+            g = self.both_directions(x, z, c, affix, lambda *a: self.scan_direction(*a[:4], None, None, a[4]))
+        return self.project_out(g, c)
+
+    def both_directions(self, x, z, c, affix, scan):
+        """Vim: scan(x, z, tensors, affix, d) on the sequence and on its time reversal, combined."""
+        g_f = scan(x, z, c.dirs[0], affix[0], 0)
+        g_b = scan(x.flip(-1), z.flip(-1), c.dirs[1], affix[1], 1).flip(-1)
+        return (g_f + g_b) / 2 if self.divide_out else g_f + g_b
+
+    def project_out(self, g, c):
+        """Gated scan output g (b, E, T) -> out_proj plus the adapters that read g, (b, T, D)."""
+        g = g.transpose(1, 2)
         out = F.linear(g, c.out_proj, c.out_bias)
         for a in self.adapters():
             out = a.adapt_out(g, out)

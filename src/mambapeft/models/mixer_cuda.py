@@ -44,8 +44,6 @@ def available():
 
 def forward(m, c, h, mask=None, state=None):
     """MambaMixer.forward on the kernels; `c` is m.compose()."""
-    if m.bidirectional and (mask is not None or state is not None):
-        raise ValueError("the bidirectional mixer takes neither padding masks nor decoding state")
     if mask is not None:
         h = h * mask[..., None].to(h.dtype)
     xz = _project_in_channels_first(m, c, h)             # (b, 2E, T), time contiguous
@@ -64,14 +62,8 @@ def forward(m, c, h, mask=None, state=None):
         else:
             g = _scan(m, x, z, s, affix[0], mask, state, 0)
     else:
-        g_f = _scan(m, x, z, c.dirs[0], affix[0], None, None, 0)
-        g_b = _scan(m, x.flip(-1), z.flip(-1), c.dirs[1], affix[1], None, None, 1).flip(-1)
-        g = (g_f + g_b) / 2 if m.divide_out else g_f + g_b
-    g = g.transpose(1, 2)                                 # (b, T, E)
-    out = F.linear(g, c.out_proj, c.out_bias)
-    for a in m.adapters():
-        out = a.adapt_out(g, out)
-    return out
+        g = m.both_directions(x, z, c, affix, lambda *a: _scan(m, *a[:4], None, None, a[4]))
+    return m.project_out(g, c)
 
 
 def _project_in_channels_first(m, c, h):

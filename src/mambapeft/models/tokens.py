@@ -52,21 +52,6 @@ def take_positions(seq, n, keep, dim=1):
     return seq.narrow(dim, n, seq.shape[dim] - n) if keep is None else _gather_time(seq, keep, dim)
 
 
-def insert_tokens(seq, tokens, mask=None, dim=1):
-    """Prefix `tokens` to each sequence's real tokens; returns the sequence and its mask."""
-    out, out_mask, _ = insert_tokens_at(seq, tokens, mask, dim)
-    return out, out_mask
-
-
-def remove_tokens(seq, n, mask=None, dim=1):
-    """Inverse of insert_tokens for outputs: `mask` is the mask given to insert_tokens."""
-    pads = _leading_pads(mask)
-    if pads is None or not bool(pads.any()):
-        return seq.narrow(dim, n, seq.shape[dim] - n)
-    t = torch.arange(seq.shape[dim] - n, device=seq.device)[None, :]
-    return _gather_time(seq, torch.where(t < pads[:, None], t, t + n), dim)
-
-
 def _gather_time(x, idx, dim):
     shape = [1] * x.dim()
     shape[0], shape[dim] = idx.shape

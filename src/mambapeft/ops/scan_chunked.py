@@ -24,14 +24,10 @@ buffers (4 in backward) are bounded by SEG_BYTES each, whatever L is.
 import math
 
 import torch
-import torch.nn.functional as F
+
+from .scan_common import finish_backward, finish_forward, first_bounds, prepare, start_backward
 
 SEG_BYTES = 256 << 20  # one (n, b, N, E) fp32 working buffer: n = 341 steps at b=8, N=16, E=1536
-
-
-def _time_major(x):
-    """(b, C, L) -> contiguous fp32 (L, b, C)."""
-    return x.float().permute(2, 0, 1).contiguous()
 
 
 def _chunk_len(n):
@@ -96,20 +92,11 @@ class SelectiveScanChunked(torch.autograd.Function):
         b, E, L = u.shape
         N = A.shape[1]
         f32 = {"dtype": torch.float32, "device": u.device}
-        dt_raw = _time_major(delta)
-        if delta_bias is not None:
-            dt_raw = dt_raw + delta_bias.float()  # not in place: _time_major may return delta itself
-        dt = F.softplus(dt_raw) if delta_softplus else dt_raw
-        ut, Bt, Ct, At = _time_major(u), _time_major(B), _time_major(C), A.float().t().contiguous()
-        dtu = dt * ut
+        dt_raw, dt, ut, Bt, Ct, At, dtu = prepare(u, delta, A, B, C, delta_bias, delta_softplus)
         T = max(1, min(L, SEG_BYTES // (4 * b * N * E)))
         starts = range(0, L, T)
         m = max(_padded(min(T, L - s)) for s in starts) if L else 0
-        bounds = torch.empty(len(starts) + 1, b, N, E, **f32)  # state before each segment, and the last
-        if initial_state is None:
-            bounds[0].zero_()
-        else:
-            bounds[0].copy_(initial_state.transpose(1, 2))
+        bounds = first_bounds(len(starts) + 1, b, N, E, initial_state, u.device)  # before each segment, and last
         dA, h = torch.empty(2, m + 1, b, N, E, **f32)
         P = torch.empty(m, b, N, E, **f32)
         y = torch.empty(L, b, E, **f32)
@@ -120,35 +107,15 @@ class SelectiveScanChunked(torch.autograd.Function):
             torch.bmm(Ct[s:e].view(-1, 1, N), h[1:n + 1].view(-1, N, E), out=y[s:e].view(-1, 1, E))
             bounds[i + 1].copy_(h[n])
         del dA, h, P
-        if D is not None:
-            y.addcmul_(ut, D.float())
-        y = y.permute(1, 2, 0).contiguous()
-        out_pre = y  # needed for the gradient of z
-        if z is not None:
-            y = y * F.silu(z.float())
-        ctx.save_for_backward(A, D, z, dt_raw, ut, Bt, Ct, bounds, out_pre if z is not None else None)
-        ctx.delta_softplus, ctx.T = delta_softplus, T
-        ctx.dtypes = [None if x is None else x.dtype for x in (u, delta, A, B, C, D, z, delta_bias, initial_state)]
-        return y.to(u.dtype), bounds[-1].transpose(1, 2).contiguous()
+        inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+        return finish_forward(ctx, y, inputs, D, z, dt_raw, ut, Bt, Ct, bounds, delta_softplus, T)
 
     @staticmethod
     def backward(ctx, dout, dlast):
-        A, D, z, dt_raw, ut, Bt, Ct, bounds, out_pre = ctx.saved_tensors
+        (A, D, dt_raw, ut, Bt, Ct, bounds), dyt, dz, dt, At, dtu, carry = start_backward(ctx, dout, dlast)
         L, b, E = ut.shape
         N, T = A.shape[1], ctx.T
         f32 = {"dtype": torch.float32, "device": ut.device}
-        dout = dout.float() if dout is not None else torch.zeros(b, E, L, **f32)
-        dz = dD = None
-        if z is not None:
-            zf = z.float()
-            sz = torch.sigmoid(zf)
-            dz = (1 - sz).mul_(zf).add_(1).mul_(sz).mul_(out_pre).mul_(dout)  # silu'(z) * out_pre * dout
-            dout = sz.mul_(zf).mul_(dout)  # silu(z) * dout
-        dyt = _time_major(dout)
-        dt = F.softplus(dt_raw) if ctx.delta_softplus else dt_raw
-        At = A.float().t().contiguous()
-        dtu = dt * ut
-
         du, ddt = torch.empty(2, L, b, E, **f32)
         dB, dC = torch.empty(2, L, b, N, **f32)
         dAt = torch.zeros(N, E, **f32)
@@ -157,7 +124,6 @@ class SelectiveScanChunked(torch.autograd.Function):
         dA, h = torch.empty(2, m + 1, b, N, E, **f32)
         g, P = torch.empty(2, m, b, N, E, **f32)
         # carry = dh_{s-1} from the segment after this one (s its first step); dlast past the end
-        carry = torch.zeros(b, N, E, **f32) if dlast is None else dlast.float().transpose(1, 2).contiguous()
         for i in reversed(range(len(starts))):
             s = starts[i]
             e = min(L, s + T)
@@ -183,19 +149,7 @@ class SelectiveScanChunked(torch.autograd.Function):
             if ctx.needs_input_grad[2]:
                 dAt += q.mul_(dt[s:e, :, None]).sum((0, 1))
         del dA, h, g, P
-
-        if D is not None:
-            dD = (dyt * ut).sum((0, 1))
-            du.addcmul_(dyt, D.float())
-        if ctx.delta_softplus:
-            ddt.mul_(torch.sigmoid(dt_raw))
-        ddelta_bias = ddt.sum((0, 1))
-        dinit = carry.transpose(1, 2)
-        grads = (du.permute(1, 2, 0), ddt.permute(1, 2, 0), dAt.t(), dB.permute(1, 2, 0), dC.permute(1, 2, 0),
-                 dD, dz, ddelta_bias, None, dinit)
-        return tuple(None if dtype is None or grad is None or not need else grad.to(dtype).contiguous()
-                     for grad, dtype, need in zip(grads, ctx.dtypes[:8] + [None] + ctx.dtypes[8:],
-                                                  ctx.needs_input_grad))
+        return finish_backward(ctx, A, D, dt_raw, ut, dyt, du, ddt, dAt, dB, dC, dz, carry)
 
 
 def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,

@@ -16,12 +16,9 @@ E=1536, N=16, L=512, forward+backward; bench/bench_scan.py):
 """
 import torch
 
+from .scan_common import finish_backward, finish_forward, first_bounds, prepare, start_backward
+
 CHUNK_BYTES = 3 << 20  # one (T, b, N, E) fp32 chunk: T=32 at b=1, N=16, E=1536; 0.75-6 MB are within ~15%
-
-
-def _time_major(x):
-    """(b, C, L) -> contiguous fp32 (L, b, C)."""
-    return x.float().permute(2, 0, 1).contiguous()
 
 
 def _chunk_states(dt, dtu, Bt, At, h0, dA, h):
@@ -43,64 +40,33 @@ class SelectiveScanCPU(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # dout / dlast are None when unused: skip them
         b, E, L = u.shape
         N = A.shape[1]
-        f32 = dict(dtype=torch.float32, device=u.device)
         # time-major copies are saved for backward: transposes cost more than the memory they take
-        dt_raw = _time_major(delta)
-        if delta_bias is not None:
-            dt_raw = dt_raw + delta_bias.float()  # not in place: _time_major may return delta itself
-        dt = torch.nn.functional.softplus(dt_raw) if delta_softplus else dt_raw
-        ut, Bt, Ct, At = _time_major(u), _time_major(B), _time_major(C), A.float().t().contiguous()
-        dtu = dt * ut
+        dt_raw, dt, ut, Bt, Ct, At, dtu = prepare(u, delta, A, B, C, delta_bias, delta_softplus)
         T = max(1, min(L, CHUNK_BYTES // (4 * b * N * E)))
         starts = range(0, L, T)
-        bounds = torch.empty(len(starts) + 1, b, N, E, **f32)  # state before each chunk, and the last
-        if initial_state is None:
-            bounds[0].zero_()
-        else:
-            bounds[0].copy_(initial_state.transpose(1, 2))
-        dA, h = torch.empty(2, T, b, N, E, **f32)
-        y = torch.empty(L, b, E, **f32)
+        bounds = first_bounds(len(starts) + 1, b, N, E, initial_state, u.device)  # before each chunk, and last
+        dA, h = torch.empty(2, T, b, N, E, dtype=torch.float32, device=u.device)
+        y = torch.empty(L, b, E, dtype=torch.float32, device=u.device)
         for c, s in enumerate(starts):
             e = min(L, s + T)
             n = e - s
             _chunk_states(dt[s:e], dtu[s:e], Bt[s:e], At, bounds[c], dA[:n], h[:n])
             torch.bmm(Ct[s:e].view(-1, 1, N), h[:n].view(-1, N, E), out=y[s:e].view(-1, 1, E))
             bounds[c + 1].copy_(h[n - 1])
-        if D is not None:
-            y.addcmul_(ut, D.float())
-        y = y.permute(1, 2, 0).contiguous()
-        out_pre = y  # needed for the gradient of z
-        if z is not None:
-            y = y * torch.nn.functional.silu(z.float())
-        ctx.save_for_backward(A, D, z, dt_raw, ut, Bt, Ct, bounds, out_pre if z is not None else None)
-        ctx.delta_softplus, ctx.T = delta_softplus, T
-        ctx.dtypes = [None if x is None else x.dtype for x in (u, delta, A, B, C, D, z, delta_bias, initial_state)]
-        return y.to(u.dtype), bounds[-1].transpose(1, 2).contiguous()
+        inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+        return finish_forward(ctx, y, inputs, D, z, dt_raw, ut, Bt, Ct, bounds, delta_softplus, T)
 
     @staticmethod
     def backward(ctx, dout, dlast):
-        A, D, z, dt_raw, ut, Bt, Ct, bounds, out_pre = ctx.saved_tensors
+        (A, D, dt_raw, ut, Bt, Ct, bounds), dyt, dz, dt, At, dtu, carry = start_backward(ctx, dout, dlast)
         L, b, E = ut.shape
         N, T = A.shape[1], ctx.T
         f32 = dict(dtype=torch.float32, device=ut.device)
-        dout = dout.float() if dout is not None else torch.zeros(b, E, L, **f32)
-        dz = dD = None
-        if z is not None:
-            zf = z.float()
-            sz = torch.sigmoid(zf)
-            dz = (1 - sz).mul_(zf).add_(1).mul_(sz).mul_(out_pre).mul_(dout)  # silu'(z) * out_pre * dout
-            dout = sz.mul_(zf).mul_(dout)  # silu(z) * dout
-        dyt = _time_major(dout)
-        dt = torch.nn.functional.softplus(dt_raw) if ctx.delta_softplus else dt_raw
-        At = A.float().t().contiguous()
-        dtu = dt * ut
-
         du, ddt = torch.empty(2, L, b, E, **f32)
         dB, dC = torch.empty(2, L, b, N, **f32)
         dAt = torch.zeros(N, E, **f32)
         dA, h, g, q = torch.empty(4, T, b, N, E, **f32)
         # carry = dA_s * dh_s for the first step s of the chunk after this one: its share of dh_{s-1}
-        carry = torch.zeros(b, N, E, **f32) if dlast is None else dlast.float().transpose(1, 2).contiguous()
         for c in reversed(range(len(bounds) - 1)):
             s = c * T
             e = min(L, s + T)
@@ -127,18 +93,7 @@ class SelectiveScanCPU(torch.autograd.Function):
             if ctx.needs_input_grad[2]:
                 dAt += qc.mul_(dt[s:e, :, None]).sum((0, 1))
 
-        if D is not None:
-            dD = (dyt * ut).sum((0, 1))
-            du.addcmul_(dyt, D.float())
-        if ctx.delta_softplus:
-            ddt.mul_(torch.sigmoid(dt_raw))
-        ddelta_bias = ddt.sum((0, 1))
-        dinit = carry.transpose(1, 2)
-        grads = (du.permute(1, 2, 0), ddt.permute(1, 2, 0), dAt.t(), dB.permute(1, 2, 0), dC.permute(1, 2, 0),
-                 dD, dz, ddelta_bias, None, dinit)
-        return tuple(None if dtype is None or grad is None or not need else grad.to(dtype).contiguous()
-                     for grad, dtype, need in zip(grads, ctx.dtypes[:8] + [None] + ctx.dtypes[8:],
-                                                  ctx.needs_input_grad))
+        return finish_backward(ctx, A, D, dt_raw, ut, dyt, du, ddt, dAt, dB, dC, dz, carry)
 
 
 def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
