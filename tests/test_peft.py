@@ -17,7 +17,8 @@ ALL_VIM = {n: {} for n in VIM_METHODS if n != "full"}
 CASES = [("lm", {n: {}}) for n in LM_METHODS] + [("vim", {n: {}}) for n in VIM_METHODS] + [
     ("lm", ALL_LM), ("vim", ALL_VIM), ("lm", {"lora_X": {"dora": True}, "lora_x_proj": {"dora": True},
                                               "lora_out_proj": {"dora": True}}),
-    ("vim", {"lora_dt": {"dora": True}, "lora_in_proj": {"dora": True}}),
+    ("vim", {"lora_dt": {"dora": True}, "lora_in_proj": {"dora": True}, "lora_embed": {"dora": True}}),
+    ("lm", {"lora_embed": {"dora": True}, "lora_C": {"dora": True}}),
     ("lm", {"affix": {"projection": True, "hidden": 16}, "prompt": {"projection": True, "tokens": 2}}),
     ("lm", {"affix": {"position": "outer", "tokens": 2}, "additional_scan": {"position": "suffix", "init": "s4d"}}),
     ("vim", {"affix": {"dual": False, "store_z": True}, "prompt": {"tokens": 3}}),
@@ -263,6 +264,7 @@ def test_counts_mamba_130m_variants():
     T = 2 * E                                                                       # reference: hidden = width
     assert count({"affix": {"store_z": True, "projection": True}}) == 3 * T + T * T + T + T * L * T + L * T
     assert count({"lora_X": {"dora": True, "r": 64}}) == L * 64 * (D + E) + L * E   # + magnitudes
+    assert count({"lora_embed": {"dora": True}}) == r * (V + D) + V
     assert count({"full": {}}) == 129_135_360                                       # mamba-130m
 
 

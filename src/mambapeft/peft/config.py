@@ -23,6 +23,7 @@ class LoRA(Common):
 class EmbedLoRA(Common):
     r: int = 8
     scale: float = 0.1
+    dora: bool = False     # DoRA per token row (LM) or per output channel of the patch kernel (Vim)
 
 
 @dataclass

@@ -48,8 +48,8 @@ def inject(model, config: PeftConfig):
         if name in ("full", "head"):
             continue
         if name == "lora_embed":
-            emb = TokenEmbeddingLoRA(bb.embeddings, s.r, s.scale) if kind == "lm" else \
-                PatchEmbeddingLoRA(model.patch_embed.proj, s.r, s.scale)
+            emb = TokenEmbeddingLoRA(bb.embeddings, s.r, s.scale, s.dora) if kind == "lm" else \
+                PatchEmbeddingLoRA(model.patch_embed.proj, s.r, s.scale, s.dora)
             put(bb.peft, name, emb, name)
         elif name in ("cls", "pos"):
             pname = {"cls": "cls_token", "pos": "pos_embed"}[name]

@@ -69,7 +69,7 @@ class MixerLoRA(MixerAdapter):
         w = get_weight(c, self.target, self.direction)
         rows = w[self.start:self.stop] + self.lora.delta_weight().to(w.dtype)
         if self.magnitude is not None:
-            rows = rows * (self.magnitude / rows.float().norm(dim=1).detach()).to(rows.dtype)[:, None]
+            rows = dora_rows(rows, self.magnitude)
         set_weight(c, self.target, self.direction, replace_rows(w, self.start, self.stop, rows))
 
     def _add(self, inp, out):
@@ -85,36 +85,58 @@ class MixerLoRA(MixerAdapter):
         return self._add(g, out) if self.activation_form and self.target == "out_proj" else out
 
 
+def dora_rows(w, magnitude):
+    """DoRA on a weight whose rows (dim 0) are the normalised units: m * w / ||w||, norm detached."""
+    norm = w.float().flatten(1).norm(dim=1).detach()
+    return w * (magnitude / norm).to(w.dtype).view(-1, *([1] * (w.dim() - 1)))
+
+
 class TokenEmbeddingLoRA(ModelAdapter):
-    """Language model: emb += s * A[ids] B, A ~ N(0, 1) (V x r), B = 0 (r x D)."""
+    """Language model: emb += s * A[ids] B, A ~ N(0, 1) (V x r), B = 0 (r x D). With DoRA each token's
+    row is renormalised to a learned magnitude (only the looked-up rows are computed)."""
     mergeable = True
 
-    def __init__(self, embedding, r, scale):
+    def __init__(self, embedding, r, scale, dora=False):
         super().__init__()
         self.A = nn.Parameter(torch.randn(embedding.num_embeddings, r))
         self.B = nn.Parameter(torch.zeros(r, embedding.embedding_dim))
         self.scale = scale
+        self.magnitude = nn.Parameter(embedding.weight.detach().float().norm(dim=1)) if dora else None
 
     def adapt_embed(self, ids, emb):
-        return emb + (F.embedding(ids, self.A) @ self.B).to(emb.dtype) * self.scale
+        rows = emb + (F.embedding(ids, self.A) @ self.B).to(emb.dtype) * self.scale
+        if self.magnitude is None:
+            return rows
+        flat = rows.reshape(-1, rows.shape[-1])
+        return dora_rows(flat, F.embedding(ids.reshape(-1), self.magnitude[:, None])[:, 0]).view_as(rows)
 
-    def delta_weight(self):
-        return (self.A @ self.B) * self.scale
+    def merged_weight(self, w):
+        w2 = w + ((self.A @ self.B) * self.scale).to(w.dtype)
+        return w2 if self.magnitude is None else dora_rows(w2, self.magnitude)
 
 
 class PatchEmbeddingLoRA(ModelAdapter):
-    """Vim: a LoRA of the patch-embedding convolution (k x k stride k down, 1 x 1 up)."""
+    """Vim: a LoRA of the patch-embedding convolution (k x k stride k down, 1 x 1 up). With DoRA the
+    merged kernel is renormalised per output channel, and the patch embedding recomputed with it."""
     mergeable = True
 
-    def __init__(self, proj: nn.Conv2d, r, scale):
+    def __init__(self, proj: nn.Conv2d, r, scale, dora=False):
         super().__init__()
         self.down = nn.Conv2d(proj.in_channels, r, proj.kernel_size, proj.stride, bias=False)
         self.up = nn.Conv2d(r, proj.out_channels, 1, bias=False)
         nn.init.zeros_(self.up.weight)
         self.scale = scale
+        self._proj = [proj]  # a plain list: the base weights belong to the model
+        self.magnitude = nn.Parameter(proj.weight.detach().float().flatten(1).norm(dim=1)) if dora else None
 
     def adapt_embed(self, images, emb):
-        return emb + (self.up(self.down(images)).flatten(2).transpose(1, 2) * self.scale).to(emb.dtype)
+        if self.magnitude is None:
+            return emb + (self.up(self.down(images)).flatten(2).transpose(1, 2) * self.scale).to(emb.dtype)
+        proj = self._proj[0]
+        w = self.merged_weight(proj.weight)
+        return F.conv2d(images.to(w.dtype), w, proj.bias, proj.stride).flatten(2).transpose(1, 2).to(emb.dtype)
 
-    def delta_weight(self):
-        return torch.einsum("or,rikl->oikl", self.up.weight[:, :, 0, 0], self.down.weight) * self.scale
+    def merged_weight(self, w):
+        delta = torch.einsum("or,rikl->oikl", self.up.weight[:, :, 0, 0], self.down.weight) * self.scale
+        w2 = w + delta.to(w.dtype)
+        return w2 if self.magnitude is None else dora_rows(w2, self.magnitude)

@@ -206,9 +206,11 @@ def _merge_model_adapter(model, a):
             model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone(),
                                                 requires_grad=model.lm_head.weight.requires_grad)
             model.config.tie_word_embeddings = False
-        model.backbone.embeddings.weight.add_(a.delta_weight().to(model.backbone.embeddings.weight.dtype))
+        w = model.backbone.embeddings.weight
+        w.copy_(a.merged_weight(w))
     elif isinstance(a, PatchEmbeddingLoRA):
-        model.patch_embed.proj.weight.add_(a.delta_weight().to(model.patch_embed.proj.weight.dtype))
+        w = model.patch_embed.proj.weight
+        w.copy_(a.merged_weight(w))
     elif isinstance(a, ParamDelta):
         getattr(model, a.name).add_(a.delta.to(getattr(model, a.name).dtype))
     else:
