@@ -198,7 +198,6 @@ def generate(name, batch, new_tokens, hf=False):
     row = dict(run=name, kind="generate", impl="transformers" if hf else "mambapeft", batch=batch,
                new_tokens=new_tokens, seconds=dt, tokens_per_s=batch * new_tokens / dt,
                scan_kernel_calls_in_warmup=counter.calls)
-    del model
     return row
 
 
@@ -228,7 +227,6 @@ def profile(build, batch, seqlen, path, backend=None):
     with open(path, "a") as f:
         f.write(f"==== {path} batch {batch}x{seqlen}\n")
         f.write(p.key_averages().table(sort_by="cuda_time_total", row_limit=30))
-    del model, opt
 
 
 def torch_backend():

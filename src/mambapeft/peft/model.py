@@ -1,4 +1,5 @@
 """The peft-shaped wrapper: get_peft_model, trainable counts, adapter files, merge, param groups."""
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -14,7 +15,6 @@ NO_DECAY = ("A_log", "A_b_log", "cls_token", "pos_embed")  # besides every 1-D t
 
 
 def base_config_dict(model):
-    from dataclasses import asdict
     return {"kind": model_kind(model), **asdict(model.config)}
 
 
