@@ -24,3 +24,16 @@ def test_bad_model_path_is_a_clear_error_without_traceback(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert "no such directory" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_generate_with_a_saved_adapter(tmp_path, capsys):
+    from mambapeft.cli import DEFAULT_MODEL
+    from mambapeft.models import MambaForCausalLM
+    from mambapeft.peft import PeftConfig, get_peft_model
+    peft = get_peft_model(MambaForCausalLM.from_pretrained(DEFAULT_MODEL), PeftConfig({"lora_X": {"r": 4}}))
+    peft.save_pretrained(tmp_path)
+    assert main(["generate", "12+7=", "--adapter", str(tmp_path), "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.strip() == "12+7=19"   # a zero-initialised adapter changes nothing
+    (tmp_path / "adapter_config.json").write_text('{"methods": {"lora_q": {}}}')
+    assert main(["generate", "--adapter", str(tmp_path)]) == 2
+    assert "unknown method 'lora_q'" in capsys.readouterr().err

@@ -314,3 +314,15 @@ def test_infix_tokens_sit_between_equal_chunks():
     assert out.tolist() == [[1, 2, -1, 3, 4, -2, 5, 6, 7], [1, 2, 3, 4, -1, 5, -2, 6, 7]]
     assert out_mask[1].tolist() == [0, 0, 0, 1, 1, 1, 1, 1, 1]
     torch.testing.assert_close(take_positions(out, 2, keep), seq)
+
+
+def test_generate_with_all_methods_left_padded_equals_alone():
+    peft = get_peft_model(tiny_lm(), PeftConfig(ALL_LM))
+    perturb(peft)
+    long, short = torch.randint(1, 97, (1, 7)), torch.randint(1, 97, (1, 4))
+    batch = torch.cat([long, torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :3] = 0
+    out = peft.generate(batch, mask, max_new_tokens=5, eos_token_id=-1)
+    torch.testing.assert_close(out[0:1], peft.generate(long, max_new_tokens=5, eos_token_id=-1))
+    torch.testing.assert_close(out[1:, 3:], peft.generate(short, max_new_tokens=5, eos_token_id=-1))
