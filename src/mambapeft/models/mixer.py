@@ -50,8 +50,7 @@ class Composed:
 class MixerAdapter(nn.Module):
     """Base of per-layer PEFT methods. Override any hook; `order` sorts weight edits."""
     order = 0
-
-    mergeable = True
+    mergeable = True   # False when merge_and_unload cannot fold the method into the base weights
 
     def compose(self, c: Composed, mixer, merge=False) -> None:
         """Edit c in place. With merge=True, activation-form methods fold their weight delta in too."""
