@@ -27,3 +27,15 @@ def decode_stepwise(model, ids, prefill, cache_cls=None):
     out = [model(ids[:, :prefill], cache=cache).logits]
     out += [model(ids[:, t:t + 1], cache=cache).logits for t in range(prefill, ids.shape[1])]
     return torch.cat(out, 1)
+
+
+def check_left_padded_generation(model):
+    """generate() on a left-padded batch gives each row what it gets alone; returns (batch, mask)."""
+    long, short = torch.randint(1, 97, (1, 7)), torch.randint(1, 97, (1, 4))
+    batch = torch.cat([long, torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :3] = 0
+    out = model.generate(batch, mask, max_new_tokens=5, eos_token_id=-1)
+    torch.testing.assert_close(out[0:1], model.generate(long, max_new_tokens=5, eos_token_id=-1))
+    torch.testing.assert_close(out[1:, 3:], model.generate(short, max_new_tokens=5, eos_token_id=-1))
+    return batch, mask

@@ -1,7 +1,7 @@
 """The language model against transformers, checkpoint formats, decoding and padding."""
 import pytest
 import torch
-from helpers import decode_stepwise, hf_tiny, tiny_lm
+from helpers import check_left_padded_generation, decode_stepwise, hf_tiny, tiny_lm
 
 from mambapeft.io import CheckpointError
 from mambapeft.models import MambaForCausalLM
@@ -137,13 +137,7 @@ def test_generate_stops_at_eos_and_pads():
 
 def test_generate_left_padded_batch_equals_alone():
     model = tiny_lm()
-    long, short = torch.randint(1, 97, (1, 7)), torch.randint(1, 97, (1, 4))
-    batch = torch.cat([long, torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1)])
-    mask = torch.ones_like(batch)
-    mask[1, :3] = 0
-    out = model.generate(batch, mask, max_new_tokens=5, eos_token_id=-1)
-    torch.testing.assert_close(out[0:1], model.generate(long, max_new_tokens=5, eos_token_id=-1))
-    torch.testing.assert_close(out[1:, 3:], model.generate(short, max_new_tokens=5, eos_token_id=-1))
+    batch, mask = check_left_padded_generation(model)
     with pytest.raises(ValueError, match="left padding"):
         model.generate(batch, mask.flip(1), max_new_tokens=2)
 

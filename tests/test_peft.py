@@ -1,7 +1,7 @@
 """Every method, and all of them together, on the language model and on Vim."""
 import pytest
 import torch
-from helpers import decode_stepwise, tiny_lm
+from helpers import check_left_padded_generation, decode_stepwise, tiny_lm
 
 from mambapeft.io import CheckpointError
 from mambapeft.models import VimConfig, VisionMamba
@@ -319,10 +319,4 @@ def test_infix_tokens_sit_between_equal_chunks():
 def test_generate_with_all_methods_left_padded_equals_alone():
     peft = get_peft_model(tiny_lm(), PeftConfig(ALL_LM))
     perturb(peft)
-    long, short = torch.randint(1, 97, (1, 7)), torch.randint(1, 97, (1, 4))
-    batch = torch.cat([long, torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1)])
-    mask = torch.ones_like(batch)
-    mask[1, :3] = 0
-    out = peft.generate(batch, mask, max_new_tokens=5, eos_token_id=-1)
-    torch.testing.assert_close(out[0:1], peft.generate(long, max_new_tokens=5, eos_token_id=-1))
-    torch.testing.assert_close(out[1:, 3:], peft.generate(short, max_new_tokens=5, eos_token_id=-1))
+    check_left_padded_generation(peft)
