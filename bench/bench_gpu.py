@@ -249,14 +249,17 @@ def main():
     ap.add_argument("--rounds", type=int, default=1,
                     help="repeat the 8x1024 training runs this many times, interleaved, and pool their steps")
     ap.add_argument("--profile", default="", help="comma list of runs to profile (e.g. lora_X_r64,hf_lora)")
+    ap.add_argument("--torch-shape", default="1x256", help="batch x seqlen of the pure-torch runs (no kernels)")
+    ap.add_argument("--torch-steps", type=int, default=2, help="timed steps of the pure-torch runs (after 1 warm-up)")
     ap.add_argument("--no-kernels", action="store_true", help="(internal) transformers without the kernels")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     rows, only = [], set(args.only.split(","))
-    small = dict(batch=1, seqlen=256, steps=2, warmup=1)
+    tb, tl = map(int, args.torch_shape.split("x"))
+    small = dict(batch=tb, seqlen=tl, steps=args.torch_steps, warmup=1)
 
     if args.no_kernels:  # child process: transformers' pure-torch path
-        rows.append(train("hf_lora_in_proj_r8_torch", hf_model, hf=True, **small))
+        rows.append(train(f"hf_lora_in_proj_r8_torch_{args.torch_shape}", hf_model, hf=True, **small))
         print(json.dumps(rows[-1]))
         return
 
@@ -295,10 +298,13 @@ def main():
             emit(generate(f"gen_ours_b{b}", b, args.new_tokens))
     if "torch" in only:
         be = torch_backend()
-        emit(train(f"lora_X_r64_torch_{be}", lambda: ours_model(OURS["lora_X_r64"]), backend=be, **small))
-        emit(train(f"lora_in_proj_r8_torch_{be}", lambda: ours_model(OURS["lora_in_proj_r8"]), backend=be, **small))
-        child = subprocess.run([sys.executable, __file__, "--no-kernels", "--out", args.out],
-                               capture_output=True, text=True, timeout=400)
+        shape = args.torch_shape
+        emit(train(f"lora_X_r64_torch_{be}_{shape}", lambda: ours_model(OURS["lora_X_r64"]), backend=be, **small))
+        emit(train(f"lora_in_proj_r8_torch_{be}_{shape}", lambda: ours_model(OURS["lora_in_proj_r8"]), backend=be,
+                   **small))
+        child = subprocess.run([sys.executable, __file__, "--no-kernels", "--out", args.out, "--torch-shape",
+                                args.torch_shape, "--torch-steps", str(args.torch_steps)],
+                               capture_output=True, text=True, timeout=540)
         line = [x for x in child.stdout.splitlines() if x.startswith("{")]
         if line:
             emit(json.loads(line[-1]))
@@ -325,7 +331,8 @@ def report(rows):
         if r["kind"] != "train":
             continue
         rt = rm = ""
-        if base and r["batch"] == base["batch"] and r["seqlen"] == base["seqlen"]:
+        same_path = ("_torch" in r["run"]) == ("_torch" in base["run"]) if base else False
+        if base and same_path and r["batch"] == base["batch"] and r["seqlen"] == base["seqlen"]:
             rt = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}"
             rm = f"{r['peak_mem_gib'] / base['peak_mem_gib']:.2f}"
         lines.append(f"{r['run']:34s} {r['impl']:18s} {str(r['batch']) + 'x' + str(r['seqlen']):>9s} "
@@ -349,12 +356,13 @@ def report(rows):
         if h and o:
             lines.append(f"generate batch {b:2d}: ours {o['tokens_per_s']:8.0f} tok/s, transformers "
                          f"{h['tokens_per_s']:8.0f} tok/s, ratio {o['tokens_per_s'] / h['tokens_per_s']:.2f}")
-    t_ours = [r for r in rows if r["run"].startswith("lora_in_proj_r8_torch")]
-    t_hf = by.get("hf_lora_in_proj_r8_torch")
-    if t_ours and t_hf:
-        lines.append(f"pure torch, LoRA(in_proj) r8, 1x256: ours ({t_ours[0]['backend']}) "
-                     f"{t_ours[0]['tokens_per_s']:.0f} tok/s vs transformers {t_hf['tokens_per_s']:.0f} tok/s, "
-                     f"ratio {t_ours[0]['tokens_per_s'] / t_hf['tokens_per_s']:.2f}")
+    for r in (r for r in rows if r["kind"] == "train"):  # pure torch: ours against transformers, same shape
+        shape = f"{r['batch']}x{r['seqlen']}"
+        hf = by.get(f"hf_lora_in_proj_r8_torch_{shape}")
+        if r["run"].startswith("lora_in_proj_r8_torch") and hf:
+            lines.append(f"pure torch, LoRA(in_proj) r8, {shape}: ours ({r['backend']}) {r['tokens_per_s']:.0f} "
+                         f"tok/s vs transformers {hf['tokens_per_s']:.0f} tok/s, ratio "
+                         f"{r['tokens_per_s'] / hf['tokens_per_s']:.2f}")
     return "\n".join(lines)
 
 
