@@ -109,12 +109,7 @@ def _output_taps(m):
 
 
 def _lora_finish(a):
-    def finish(p, out):
-        delta = (a.lora.up(a.lora.dropout(p)) * a.lora.scale).to(out.dtype)
-        if (a.start, a.stop) != (0, out.shape[-1]):
-            delta = F.pad(delta, (a.start, out.shape[-1] - a.stop))
-        return out + delta
-    return finish
+    return lambda p, out: a.add_rows(a.lora.finish(p), out)
 
 
 def _adapter_finish(a):

@@ -25,7 +25,11 @@ class LowRank(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
-        return self.up(self.dropout(self.down(x))) * self.scale
+        return self.finish(self.down(x))
+
+    def finish(self, p):
+        """From the down projection p = V x on: s * U(Dropout(p))."""
+        return self.up(self.dropout(p)) * self.scale
 
     def delta_weight(self):
         return (self.up.weight @ self.down.weight) * self.scale
@@ -73,7 +77,11 @@ class MixerLoRA(MixerAdapter):
         set_weight(c, self.target, self.direction, replace_rows(w, self.start, self.stop, rows))
 
     def _add(self, inp, out):
-        delta = self.lora(inp).to(out.dtype)
+        return self.add_rows(self.lora(inp), out)
+
+    def add_rows(self, delta, out):
+        """out + delta placed on this adapter's rows of the output features."""
+        delta = delta.to(out.dtype)
         if (self.start, self.stop) == (0, out.shape[-1]):
             return out + delta
         return out + F.pad(delta, (self.start, out.shape[-1] - self.stop))
