@@ -1,0 +1,34 @@
+"""The `mambapeft` command: one module per subcommand, each with `add_parser(subparsers)` and
+`run(args)`. A user mistake ends as one line `mambapeft: error: ...` and exit status 2."""
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+DEFAULT_MODEL = str(Path(__file__).parent.parent / "assets" / "tiny-mamba")
+COMMANDS = ["methods", "generate"]   # modules of this package, in the order --help lists them
+
+
+class UsageError(ValueError):
+    """A mistake in what the user asked for; printed as one line, exit status 2."""
+
+
+def user_errors():
+    """The exception types that mean "the user's input is wrong", not "the program is wrong"."""
+    from ..io import CheckpointError
+    from ..peft.config import ConfigError
+    return (UsageError, CheckpointError, ConfigError, FileNotFoundError)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="mambapeft", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    modules = {name: importlib.import_module(f".{name}", __name__) for name in COMMANDS}
+    for module in modules.values():
+        module.add_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        return modules[args.command].run(args) or 0
+    except user_errors() as e:
+        print(f"mambapeft: error: {e}", file=sys.stderr)
+        return 2
