@@ -33,6 +33,8 @@ class Task(Protocol):
 
 
 TASKS: dict[str, Callable[[dict, str], Task]] = {}
+# Built-in task types and the module that registers each, imported only when a config names it.
+BUILTIN = {"language": "mambapeft.language.task", "vision": "mambapeft.vision.task", "toy": "mambapeft.training.toy"}
 
 
 def register_task(name: str):
@@ -45,10 +47,13 @@ def register_task(name: str):
 
 
 def build_task(section: Any, source: str = "task") -> Task:
+    import importlib
     from ..peft.config import ConfigError
+    if isinstance(section, dict) and section.get("type") in BUILTIN and section["type"] not in TASKS:
+        importlib.import_module(BUILTIN[section["type"]])
     if not isinstance(section, dict) or "type" not in section:
-        raise ConfigError(f"{source}: expected a mapping with a 'type' ({', '.join(sorted(TASKS)) or 'none registered'})")
+        raise ConfigError(f"{source}: expected a mapping with a 'type' ({', '.join(sorted(set(TASKS) | set(BUILTIN)))})")
     if section["type"] not in TASKS:
         raise ConfigError(f"{source}.type: unknown task type {section['type']!r}; expected one of "
-                          f"{', '.join(sorted(TASKS))}")
+                          f"{', '.join(sorted(set(TASKS) | set(BUILTIN)))}")
     return TASKS[section["type"]](section, source)
