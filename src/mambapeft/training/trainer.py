@@ -84,8 +84,10 @@ def train(config, task=None, model=None, callback=None, resume=False, overrides=
     log = logs.RunLog(run_dir, start, enabled=ctx.main)
     bar = logs.progress(total, start, ctx.main and t["progress"])
     autocast = _autocast(ctx.device, t["precision"])
+    # its own generator: creating the iterator would otherwise draw from the global RNG just restored
     loader = iter(torch.utils.data.DataLoader(task.train_set(), batch_sampler=order.micro_batches(start, total),
-                                              collate_fn=task.collate, num_workers=t["num_workers"]))
+                                              collate_fn=task.collate, num_workers=t["num_workers"],
+                                              generator=torch.Generator().manual_seed(t["seed"] + start)))
     has_validation = True
     try:
         step, t_prev = start, time.perf_counter()
