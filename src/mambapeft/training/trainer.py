@@ -118,12 +118,11 @@ def train(config, task=None, model=None, callback=None, resume=False, overrides=
             optimizer.zero_grad(set_to_none=True)
             step += 1
             now = time.perf_counter()
-            record = {"step": step, "epoch": step / order.steps_per_epoch, "loss": loss,
-                      "lr": t["lr"] * factor, "units": units, f"{task.unit}_per_s": units / (now - t_prev),
-                      "time": now}
+            record = {"step": step, "epoch": step / order.steps_per_epoch, "loss": loss, "lr": t["lr"] * factor,
+                      "units": units, f"{task.unit}_per_s": units / (now - t_prev), "step_s": now - t_prev,
+                      "time": time.time()}
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm)
-            t_prev = now
             log.write(record)
             bar.update(1)
             if step % t["log_every"] == 0 or step == total:
