@@ -238,3 +238,29 @@ def test_resume_refuses_a_changed_config(tmp_path, capsys):
     assert main(["train", str(cfg), "--resume", "training.lr=0.5"]) == 2
     assert "training.lr: differs from the run being resumed" in capsys.readouterr().err
     assert main(["train", str(cfg), "--resume", "training.progress=true"]) == 0   # a harmless change is fine
+
+
+def test_the_search_api_takes_a_loaded_model_and_a_callback_that_can_stop_the_run(tmp_path):
+    task = ToyTask(TOY["task"])
+    model = task.load_model({})
+    seen = []
+
+    def callback(step, metrics):
+        seen.append((step, metrics["loss"]))
+        return step == 8
+
+    cfg = {**TOY, "output_dir": str(tmp_path / "run")}
+    result = train(cfg, task=task, model=model, callback=callback, overrides=["training.max_steps=20"])
+    assert [s for s, _ in seen] == [4, 8] and result["steps"] == 8
+    assert result["best"] == min(loss for _, loss in seen) and result["test"]["loss"] > 0
+    assert model.backbone.layers[0].mixer.peft   # the given model is the one trained
+    assert (tmp_path / "run" / "checkpoints" / "step-00000008").is_dir()
+
+
+def test_merge_refuses_methods_that_cannot_be_folded(tmp_path, capsys):
+    cfg = write_config(tmp_path, methods={"additional_scan": {"states": 2}},
+                       training={**TOY["training"], "max_steps": 1, "eval_every": 0})
+    assert main(["train", str(cfg)]) == 0
+    capsys.readouterr()
+    assert main(["merge", str(tmp_path / "run"), str(tmp_path / "m")]) == 2
+    assert "cannot merge additional_scan" in capsys.readouterr().err
