@@ -34,6 +34,7 @@ class AdditionalScan(MixerAdapter):
         if self.prefix:
             s.x_proj = torch.cat([dt, new_B, B, new_C, C], 0)
             s.A_log = torch.cat([A_new, s.A_log], 1)
+            s.rms_cols = (s.rms_cols[0] + self.states, s.rms_cols[1] + self.states)  # FalconMamba's norm
         else:
             s.x_proj = torch.cat([dt, B, new_B, C, new_C], 0)
             s.A_log = torch.cat([s.A_log, A_new], 1)
