@@ -1,7 +1,7 @@
 """Every method, and all of them together, on the language model and on Vim."""
 import pytest
 import torch
-from helpers import check_left_padded_generation, decode_stepwise, tiny_lm
+from helpers import check_left_padded_generation, decode_stepwise, tiny_falcon, tiny_lm
 
 from mambapeft.io import CheckpointError
 from mambapeft.models import VimConfig, VisionMamba
@@ -22,7 +22,9 @@ CASES = [("lm", {n: {}}) for n in LM_METHODS] + [("vim", {n: {}}) for n in VIM_M
     ("lm", {"affix": {"projection": True, "hidden": 16}, "prompt": {"projection": True, "tokens": 2}}),
     ("lm", {"affix": {"position": "outer", "tokens": 2}, "additional_scan": {"position": "suffix", "init": "s4d"}}),
     ("vim", {"affix": {"dual": False, "store_z": True}, "prompt": {"tokens": 3}}),
-    ("lm", {"affix": {"position": "infix", "tokens": 2}}), ("vim", {"affix": {"position": "infix"}})]
+    ("lm", {"affix": {"position": "infix", "tokens": 2}}), ("vim", {"affix": {"position": "infix"}})] + [
+    ("falcon", {n: {}}) for n in LM_METHODS] + [  # FalconMamba: the norms on dt, B and C in every path
+    ("falcon", ALL_LM), ("falcon", {"lora_B": {"dora": True}, "lora_d": {}, "additional_scan": {"position": "suffix"}})]
 IDS = [f"{k}-{'all' if len(m) > 6 else '+'.join(m)}" for k, m in CASES]
 
 
@@ -32,11 +34,11 @@ def tiny_vim():
 
 
 def make(kind):
-    return tiny_lm() if kind == "lm" else tiny_vim()
+    return tiny_lm() if kind == "lm" else tiny_falcon() if kind == "falcon" else tiny_vim()
 
 
 def inputs(kind):
-    return torch.randint(0, 97, (2, 11)) if kind == "lm" else torch.randn(2, 3, 32, 32)
+    return torch.randn(2, 3, 32, 32) if kind == "vim" else torch.randint(0, 97, (2, 11))
 
 
 def run(model, x):
@@ -104,7 +106,7 @@ def test_method_life_cycle(kind, methods, tmp_path):
         torch.testing.assert_close(run(loaded, x), tuned, rtol=1e-6, atol=1e-6)
 
     # decoding and padding with the method (language model)
-    if kind == "lm":
+    if kind != "vim":
         with torch.no_grad():
             if methods.get("affix", {}).get("position") == "infix":  # tokens spread over the prefill only
                 torch.testing.assert_close(decode_stepwise(peft, x, 5)[:, :5], run(peft, x[:, :5]),
