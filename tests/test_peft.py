@@ -270,6 +270,40 @@ def test_counts_mamba_130m_variants():
     assert count({"full": {}}) == 129_135_360                                       # mamba-130m
 
 
+def falcon_7b():
+    from mambapeft.models import MambaConfig, MambaForCausalLM
+    with torch.device("meta"):
+        return MambaForCausalLM(MambaConfig.preset("falcon-mamba-7b"), init=False)
+
+
+Df, Ef, Rf, Lf, Vf = 4096, 8192, 256, 64, 65024
+FALCON_7B_COUNTS = {  # the same formulas at D=4096, 64 layers, vocab 65024, untied head
+    "lora_in_proj": Lf * r * (Df + 2 * Ef), "lora_out_proj": Lf * r * (Ef + Df),
+    "lora_x_proj": Lf * r * (Ef + Rf + 2 * N), "lora_dt": Lf * r * (Rf + Ef), "lora_embed": r * (Vf + Df),
+    "lora_X": Lf * r * (Df + Ef), "lora_Z": Lf * r * (Df + Ef), "lora_d": Lf * r * (Ef + Rf),
+    "lora_B": Lf * r * (Ef + N), "lora_C": Lf * r * (Ef + N), "A": Lf * Ef * N, "D": Lf * Ef, "conv1d": Lf * Ef * k,
+    "bias": Lf * Ef, "prompt": 8 * Df, "affix": 3 * Lf * Ef, "additional_scan": 3 * Lf * Ef * 6,
+    "parallel_adapter": Lf * 32 * (Ef + Df),
+    "full": 2 * Vf * Df + Df + Lf * (Df + 2 * Ef * Df + Ef * (k + 1) + Ef * (Rf + 2 * N) + Rf * Ef + Ef
+                                     + Ef * N + Ef + Ef * Df)}
+
+
+@pytest.mark.parametrize("method", list(FALCON_7B_COUNTS))
+def test_counts_falcon_mamba_7b(method):
+    peft = get_peft_model(falcon_7b(), PeftConfig({method: {}}))
+    assert peft.trainable_parameters_by_method() == {method: FALCON_7B_COUNTS[method]}
+
+
+def test_counts_falcon_mamba_7b_presets():
+    def count(name, **kw):
+        return get_peft_model(falcon_7b(), preset(name, **kw)).num_parameters()[0]
+    assert FALCON_7B_COUNTS["full"] == 7_272_665_088                              # tiiuae/falcon-mamba-7b
+    assert count("lora_X") == Lf * 64 * (Df + Ef)
+    assert count("additional_scan") == FALCON_7B_COUNTS["additional_scan"]
+    r7 = 256                                                                      # 8 x 32
+    assert count("sll_lora", size="7b") == Lf * r7 * ((Ef + Df) + (Df + 2 * Ef) + (Ef + Rf + 2 * N)) + r7 * (Vf + Df)
+
+
 Ds, Es, Rs, P = 384, 768, 24, 197
 VIM_COUNTS = {
     "lora_in_proj": L * r * (Ds + 2 * Es), "lora_out_proj": L * r * (Es + Ds),

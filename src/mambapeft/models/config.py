@@ -47,6 +47,13 @@ class MambaConfig:
         return "mamba" if self.mixer_rms_eps is None else "falcon_mamba"
 
     @classmethod
+    def preset(cls, name, **overrides):
+        """The shape of a released model (random weights; for counts, tests and benchmarks)."""
+        if name not in LM_SHAPES:
+            raise ValueError(f"unknown model shape {name!r}; expected one of {', '.join(LM_SHAPES)}")
+        return cls(**{**LM_SHAPES[name], **overrides})
+
+    @classmethod
     def from_dict(cls, d, source="config"):
         """Read a Hugging Face MambaConfig dict or an original state-spaces/mamba config dict."""
         d = dict(d)
@@ -91,6 +98,17 @@ class MambaConfig:
                  intermediate_size=self.intermediate_size, hidden_act="silu", use_cache=True,
                  time_step_init_scheme="random", rescale_prenorm_residual=False)
         return d
+
+
+LM_SHAPES = {   # state-spaces/mamba-*-hf and tiiuae/falcon-mamba-7b (N=16, expand 2, conv 4, R=ceil(D/16))
+    "mamba-130m": dict(hidden_size=768, num_hidden_layers=24),
+    "mamba-370m": dict(hidden_size=1024, num_hidden_layers=48),
+    "mamba-790m": dict(hidden_size=1536, num_hidden_layers=48),
+    "mamba-1.4b": dict(hidden_size=2048, num_hidden_layers=48),
+    "mamba-2.8b": dict(hidden_size=2560, num_hidden_layers=64),
+    "falcon-mamba-7b": dict(hidden_size=4096, num_hidden_layers=64, vocab_size=65024, tie_word_embeddings=False,
+                            mixer_rms_eps=1e-6),
+}
 
 
 @dataclass
