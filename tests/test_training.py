@@ -115,13 +115,18 @@ def test_resume_after_sigkill_gives_the_uninterrupted_loss_curve_bit_for_bit(tmp
     deadline = time.time() + 120
     while not list((tmp_path / "cut" / "checkpoints").glob("step-*")) and time.time() < deadline:
         time.sleep(0.01)
-    time.sleep(0.3)                    # somewhere after the first checkpoint, mid-step or mid-write
+    time.sleep(0.1)                    # somewhere after the first checkpoint, mid-step or mid-write
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     killed_at = len(losses(tmp_path / "cut"))
     assert killed_at < 20
+    # what a kill inside a write leaves: a half-written checkpoint directory, a cut log line
+    (tmp_path / "cut" / "checkpoints" / ".tmp-step-00000099").mkdir()
+    with open(tmp_path / "cut" / "log.jsonl", "a") as f:
+        f.write('{"step": 99, "lo')
     assert main(["train", str(cut), "--resume"]) == 0
+    assert not (tmp_path / "cut" / "checkpoints" / ".tmp-step-00000099").exists()
     assert main(["train", str(whole)]) == 0
     assert losses(tmp_path / "cut") == losses(tmp_path / "whole") and len(losses(tmp_path / "whole")) == 20
     from safetensors.torch import load_file
