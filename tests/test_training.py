@@ -103,6 +103,10 @@ def test_a_run_lowers_the_validation_loss_and_writes_adapters_that_load_and_merg
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, peft(ids).logits, rtol=1e-4, atol=1e-4)
     assert (tmp_path / "merged" / "tokenizer.json").is_file()
+    import transformers
+    hf = transformers.MambaForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, peft(ids).logits, rtol=1e-4, atol=1e-4)
 
 
 def test_resume_after_sigkill_gives_the_uninterrupted_loss_curve_bit_for_bit(tmp_path):
