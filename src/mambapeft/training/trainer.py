@@ -111,23 +111,22 @@ def train(config, task=None, model=None, callback=None, resume=False, overrides=
                 count += c
             total_loss, units = distributed.reduce_step(ctx, params, loss_sum, count)
             loss = total_loss / max(units, 1.0)
-            bad = _non_finite_groups(groups)
-            if not math.isfinite(loss) or bad:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])   # finite iff every gradient is
+            if not math.isfinite(loss) or not math.isfinite(grad_norm):
                 last = checkpoint.latest(run_dir)
                 raise TrainingError(
                     f"step {step + 1}: non-finite loss ({loss}); non-finite gradients in "
-                    f"{', '.join(bad) or 'no method group'}. Stopped; the last good checkpoint is "
-                    f"{last if last else 'none (no checkpoint was written yet)'}")
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, t["grad_clip"]) if t["grad_clip"] > 0 else None
+                    f"{', '.join(_non_finite_groups(groups)) or 'no method group'}. Stopped; the last good "
+                    f"checkpoint is {last if last else 'none (no checkpoint was written yet)'}")
+            if t["grad_clip"] > 0:
+                torch.nn.utils.clip_grads_with_norm_(params, t["grad_clip"], grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             now = time.perf_counter()
             record = {"step": step, "epoch": step / order.steps_per_epoch, "loss": loss, "lr": t["lr"] * factor,
                       "units": units, f"{task.unit}_per_s": units / (now - t_prev), "step_s": now - t_prev,
-                      "time": time.time()}
-            if grad_norm is not None:
-                record["grad_norm"] = float(grad_norm)
+                      "grad_norm": float(grad_norm), "time": time.time()}
             log.write(record)
             bar.update(1)
             if step % t["log_every"] == 0 or step == total:
