@@ -67,7 +67,8 @@ def train(config, task=None, model=None, callback=None, resume=False, overrides=
         g["base_lr"] = g["lr"]
     params = [p for g in groups for p in g["params"]]
     distributed.broadcast_params(ctx, params)
-    optimizer = torch.optim.AdamW(groups, lr=t["lr"], betas=tuple(t["betas"]), eps=t["eps"])
+    optimizer = torch.optim.AdamW(groups, lr=t["lr"], betas=tuple(t["betas"]), eps=t["eps"],
+                                  fused=ctx.device.type == "cuda")   # one kernel per group, not one per tensor
     if ctx.rank > 0:
         _seed_all(t["seed"] * 1000 + ctx.rank)   # dropout differs between processes
 
@@ -92,6 +93,7 @@ def train(config, task=None, model=None, callback=None, resume=False, overrides=
     # its own generator: creating the iterator would otherwise draw from the global RNG just restored
     loader = iter(torch.utils.data.DataLoader(task.train_set(), batch_sampler=order.micro_batches(start, total),
                                               collate_fn=task.collate, num_workers=t["num_workers"],
+                                              pin_memory=ctx.device.type == "cuda",   # a truly asynchronous copy
                                               generator=torch.Generator().manual_seed(t["seed"] + start)))
     has_validation = True
     try:
@@ -109,9 +111,11 @@ def train(config, task=None, model=None, callback=None, resume=False, overrides=
                 s.backward()   # the sum; divided by the global count once all are in
                 loss_sum += s.detach().float()
                 count += c
-            total_loss, units = distributed.reduce_step(ctx, params, loss_sum, count)
+            stats = distributed.reduce_step(ctx, params, loss_sum, count)
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])   # finite iff every gradient is
+            # the step's one host synchronisation: each more one leaves the GPU idle while Python catches up
+            total_loss, units, grad_norm = torch.cat([stats, norm.double().reshape(1)]).tolist()
             loss = total_loss / max(units, 1.0)
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])   # finite iff every gradient is
             if not math.isfinite(loss) or not math.isfinite(grad_norm):
                 last = checkpoint.latest(run_dir)
                 raise TrainingError(
@@ -119,7 +123,7 @@ def train(config, task=None, model=None, callback=None, resume=False, overrides=
                     f"{', '.join(_non_finite_groups(groups)) or 'no method group'}. Stopped; the last good "
                     f"checkpoint is {last if last else 'none (no checkpoint was written yet)'}")
             if t["grad_clip"] > 0:
-                torch.nn.utils.clip_grads_with_norm_(params, t["grad_clip"], grad_norm)
+                torch.nn.utils.clip_grads_with_norm_(params, t["grad_clip"], norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
