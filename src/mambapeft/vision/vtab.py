@@ -1,0 +1,318 @@
+"""The VTAB-1k run: one method configuration over any of the 19 tasks, a result JSON per task
+(a rerun skips the tasks that have one), one worker process per GPU taking tasks from a queue, and a
+summary with the three group means and the unweighted 19-task mean (the paper's headline number)."""
+import copy
+import json
+import os
+import queue
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import yaml
+
+from ..io import write_json
+from ..peft.config import ConfigError, PeftConfig
+from ..peft.presets import preset
+
+# name -> (group, classes), in the order of the VTAB paper's tables
+VTAB_TASKS = {
+    "cifar": ("Natural", 100), "caltech101": ("Natural", 102), "dtd": ("Natural", 47),
+    "oxford_flowers102": ("Natural", 102), "oxford_iiit_pet": ("Natural", 37), "svhn": ("Natural", 10),
+    "sun397": ("Natural", 397),
+    "patch_camelyon": ("Specialized", 2), "eurosat": ("Specialized", 10), "resisc45": ("Specialized", 45),
+    "diabetic_retinopathy": ("Specialized", 5),
+    "clevr_count": ("Structured", 8), "clevr_dist": ("Structured", 6), "dmlab": ("Structured", 6),
+    "kitti": ("Structured", 4), "dsprites_loc": ("Structured", 16), "dsprites_ori": ("Structured", 16),
+    "smallnorb_azi": ("Structured", 18), "smallnorb_ele": ("Structured", 9),
+}
+GROUPS = ("Natural", "Specialized", "Structured")
+PROTOCOL = Path(__file__).with_name("vtab.yaml")
+TOP_KEYS = ("model", "methods", "task", "training", "output_dir")
+RESULT = "result.json"
+WHOLE = ("model", "methods")   # a config's model / methods replace the defaults' rather than merge into them
+
+
+# ---- configuration --------------------------------------------------------------------------
+def _merge(base, over):
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(path):
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of {', '.join(TOP_KEYS)}")
+    return data
+
+
+def load_config(path, overrides=()):
+    """The protocol's defaults (vtab.yaml), the file at `path` over them, then `key.sub=value` overrides."""
+    user = read_yaml(path)
+    config = _merge(read_yaml(PROTOCOL), {k: v for k, v in user.items() if k not in WHOLE})
+    config.update({k: v for k, v in user.items() if k in WHOLE})
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. training.epochs=10")
+        *parents, last = key.split(".")
+        node = config
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p} is not a mapping")
+        node[last] = yaml.safe_load(value)
+    return check_config(config, str(path))
+
+
+def check_config(config, source):
+    from .train import TRAINING_KEYS
+    unknown = sorted(set(config) - set(TOP_KEYS))
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; expected {', '.join(TOP_KEYS)}")
+    task = config.get("task")
+    if not isinstance(task, dict) or task.get("type") != "vision":
+        raise ConfigError(f"{source}: task.type must be 'vision' for mambapeft vtab")
+    if "data" in task:
+        raise ConfigError(f"{source}: task.data names one task folder; mambapeft vtab takes task.root, the "
+                          "folder holding the task folders")
+    if not isinstance(task.get("root"), str):
+        raise ConfigError(f"{source}: task.root: expected the folder holding the VTAB-1k task folders")
+    t = config.get("training")
+    unknown = sorted(set(t) - set(TRAINING_KEYS))
+    if unknown:
+        raise ConfigError(f"{source}: training: unknown key(s) {', '.join(unknown)}; expected {', '.join(TRAINING_KEYS)}")
+    for k in TRAINING_KEYS:
+        v = t.get(k)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            raise ConfigError(f"{source}: training.{k}: expected a number >= 0, got {v!r}")
+    for k in ("epochs", "batch_size", "warmup_epochs", "seed"):
+        if not isinstance(t[k], int):
+            raise ConfigError(f"{source}: training.{k}: expected an integer, got {t[k]!r}")
+    if t["lr"] <= 0 or t["epochs"] < 1 or t["batch_size"] < 1:
+        raise ConfigError(f"{source}: training: lr, epochs and batch_size must be positive")
+    config["methods"] = peft_config(config.get("methods"), f"{source}: methods").to_dict()["methods"]
+    return config
+
+
+def peft_config(methods, source):
+    """A Vim preset name or a mapping of methods; the new head always trains."""
+    if isinstance(methods, str):
+        return preset(methods, "vim")
+    if not isinstance(methods, dict) or not methods:
+        raise ConfigError(f"{source}: expected a Vim preset name or a mapping of methods to settings")
+    try:
+        return PeftConfig({"head": {}, **methods}).validate_for("vim")
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def select_tasks(names):
+    names = list(names or VTAB_TASKS)
+    bad = [n for n in names if n not in VTAB_TASKS]
+    if bad:
+        raise ConfigError(f"unknown VTAB-1k task(s) {', '.join(bad)}; expected some of {', '.join(VTAB_TASKS)}")
+    return list(dict.fromkeys(names))
+
+
+# ---- one task ---------------------------------------------------------------------------------
+def build_task(config, name):
+    from .task import VisionTask
+    section = {k: v for k, v in config["task"].items() if k != "root"}
+    section["data"] = os.path.join(config["task"]["root"], name)
+    return VisionTask(section, f"task ({name})")
+
+
+def run_task(config, name, out_dir, log=print):
+    """Train and test one task; writes OUT/<name>/result.json (atomically) and returns the result."""
+    from .data import DataError, plain_message
+    try:
+        return _run_task(config, name, out_dir, log)
+    except DataError as e:  # an image that fails to decode in a DataLoader worker: its one line
+        raise DataError(plain_message(e)) from None
+
+
+def _run_task(config, name, out_dir, log):
+    from ..peft import get_peft_model
+    from .train import train
+    started = time.time()
+    t = config["training"]
+    task = build_task(config, name)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(t["seed"])
+    model = task.load_model(config["model"]).to(device)
+    peft = get_peft_model(model, {"methods": config["methods"]})
+    trainable, total = peft.num_parameters()
+    history = train(peft, task, t, device, log=lambda msg: log(f"[{name}] {msg}"))
+    test = task.evaluate(peft, "test")
+    result = {"task": name, "group": VTAB_TASKS[name][0], "top1": 100 * test["acc"], "test_loss": test["loss"],
+              "test_samples": test["samples"], "train_samples": len(task.train_set()),
+              "num_classes": task.num_classes, "trainable_params": trainable, "total_params": total,
+              "train_loss": history, "seconds": time.time() - started, "device": str(device),
+              "methods": config["methods"]}
+    if task.splits["validation"]:
+        result["validation"] = task.evaluate(peft, "validation")
+    write_json(Path(out_dir) / name / RESULT, result)
+    log(f"[{name}] top-1 {result['top1']:.2f} ({test['samples']} test images)")
+    return result
+
+
+# ---- the run --------------------------------------------------------------------------------
+def run_vtab(config, names, out_dir, workers=None, log=print):
+    """Every task of `names` without a result in `out_dir`; several at once on several GPUs.
+    Returns {task: error line} for the tasks that failed (the others still run)."""
+    out_dir = Path(out_dir)
+    names = select_tasks(names)
+    done = [n for n in names if (out_dir / n / RESULT).is_file()]
+    for n in done:
+        log(f"[{n}] done already ({out_dir / n / RESULT}); skipped")
+    todo = [n for n in names if n not in done]
+    for n in todo:  # bad data stops the run before any training, with its file and line
+        build_task(config, n)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "config.json", config)
+    gpus = torch.cuda.device_count()
+    workers = min(len(todo), workers or max(1, gpus))
+    if workers <= 1:
+        errors = {}
+        for n in todo:
+            run_task(config, n, out_dir, log)
+        return errors
+    return _run_parallel(config, todo, out_dir, workers, gpus, log)
+
+
+def _worker(rank, gpus, config, out_dir, tasks, results, threads):
+    # before any CUDA call: this process sees one GPU, as cuda:0
+    if gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(rank % gpus)
+    torch.set_num_threads(threads)
+    while True:
+        try:
+            name = tasks.get_nowait()
+        except queue.Empty:
+            return
+        try:
+            run_task(config, name, out_dir, log=lambda msg: print(msg, flush=True))
+            results.put((name, None))
+        except Exception as e:  # report and go on with the next task
+            line = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            results.put((name, f"{type(e).__name__}: {line}" if not isinstance(e, ValueError) else line))
+            traceback.print_exc()
+
+
+def _run_parallel(config, todo, out_dir, workers, gpus, log):
+    ctx = torch.multiprocessing.get_context("spawn")
+    tasks, results = ctx.Queue(), ctx.Queue()
+    for n in todo:
+        tasks.put(n)
+    threads = max(1, torch.get_num_threads() // workers)
+    procs = [ctx.Process(target=_worker, args=(r, gpus, config, str(out_dir), tasks, results, threads))
+             for r in range(workers)]
+    for p in procs:
+        p.start()
+    log(f"{len(todo)} task(s) on {workers} worker process(es)" + (f" over {gpus} GPU(s)" if gpus else ""))
+    errors, finished = {}, 0
+    while finished < len(todo):
+        try:
+            name, error = results.get(timeout=5)
+        except queue.Empty:
+            if not any(p.is_alive() for p in procs):
+                break
+            continue
+        finished += 1
+        if error:
+            errors[name] = error
+    for p in procs:
+        p.join()
+    for n in todo:
+        if n not in errors and not (Path(out_dir) / n / RESULT).is_file():
+            errors[n] = "the worker process ended without a result"
+    return errors
+
+
+# ---- the summary ----------------------------------------------------------------------------
+def read_results(out_dir):
+    results = {}
+    for name in VTAB_TASKS:
+        f = Path(out_dir) / name / RESULT
+        if f.is_file():
+            results[name] = json.loads(f.read_text())
+    return results
+
+
+def summarize(out_dir):
+    """summary.json, summary.md and summary.png in `out_dir` from every task result there."""
+    out_dir = Path(out_dir)
+    results = read_results(out_dir)
+    groups = {}
+    for g in GROUPS:
+        scores = [results[n]["top1"] for n in VTAB_TASKS if VTAB_TASKS[n][0] == g and n in results]
+        size = sum(1 for n in VTAB_TASKS if VTAB_TASKS[n][0] == g)
+        groups[g] = {"mean": sum(scores) / len(scores) if scores else None, "tasks": len(scores), "of": size}
+    scores = [r["top1"] for r in results.values()]
+    summary = {"tasks": {n: r["top1"] for n, r in results.items()}, "groups": groups,
+               "mean": sum(scores) / len(scores) if scores else None, "complete": len(results) == len(VTAB_TASKS),
+               "count": len(results)}
+    write_json(out_dir / "summary.json", summary)
+    from ..io import atomic_path
+    with atomic_path(out_dir / "summary.md") as tmp:
+        tmp.write_text(_markdown(results, summary))
+    if results:
+        _plot(results, summary, out_dir / "summary.png")
+    return summary
+
+
+def _fmt(x):
+    return "–" if x is None else f"{x:.1f}"
+
+
+def _markdown(results, s):
+    lines = ["# VTAB-1k top-1 (%)", ""]
+    if not s["complete"]:
+        lines += [f"{s['count']} of {len(VTAB_TASKS)} tasks so far: the means are over the tasks done.", ""]
+    head = [g for g in GROUPS]
+    lines += ["| " + " | ".join(head + ["Mean (19 tasks)"]) + " |", "|" + "---:|" * (len(head) + 1)]
+    cells = [f"{_fmt(s['groups'][g]['mean'])} ({s['groups'][g]['tasks']}/{s['groups'][g]['of']})" for g in GROUPS]
+    lines += ["| " + " | ".join(cells + [f"{_fmt(s['mean'])} ({s['count']}/{len(VTAB_TASKS)})"]) + " |", ""]
+    lines += ["| Task | Group | Classes | Top-1 | Trainable params |", "|---|---|---:|---:|---:|"]
+    for n, (g, _) in VTAB_TASKS.items():
+        r = results.get(n)
+        lines.append(f"| {n} | {g} | {r['num_classes'] if r else '–'} | {_fmt(r['top1']) if r else '–'} | "
+                     f"{format(r['trainable_params'], ',d') if r else '–'} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(results, s, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from ..io import atomic_path
+    colors = {"Natural": "tab:green", "Specialized": "tab:blue", "Structured": "tab:orange"}
+    names = [n for n in VTAB_TASKS if n in results]
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(names) + 3), 4.5))
+    ax.bar(range(len(names)), [results[n]["top1"] for n in names],
+           color=[colors[VTAB_TASKS[n][0]] for n in names])
+    for g in GROUPS:
+        idx = [i for i, n in enumerate(names) if VTAB_TASKS[n][0] == g]
+        if idx:
+            ax.hlines(s["groups"][g]["mean"], idx[0] - 0.4, idx[-1] + 0.4, colors="k", linestyles="--")
+            ax.bar(0, 0, color=colors[g], label=f"{g}: {s['groups'][g]['mean']:.1f}")
+    ax.axhline(s["mean"], color="gray", lw=0.8, label=f"mean of {s['count']}: {s['mean']:.1f}")
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("top-1 (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8, loc="lower left")
+    ax.set_title("VTAB-1k (dashed: group means)")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
