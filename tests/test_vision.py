@@ -55,7 +55,7 @@ def write_config(path, root, methods="lora_X", epochs=2, **training):
     config = {"model": dict(TINY_VIM), "methods": methods,
               "task": {"type": "vision", "root": str(root), "image_size": 32, "num_workers": 0,
                        "eval_batch_size": 8},
-              "training": {"epochs": epochs, "batch_size": 4, "warmup_epochs": 1, **training},
+              "training": {"epochs": epochs, "batch_size": 4, "warmup_ratio": 0.25, "num_workers": 0, **training},
               "output_dir": str(path.parent / "out")}
     path.write_text(yaml.safe_dump(config))
     return path
@@ -149,7 +149,7 @@ def test_task_model_loss_and_evaluation(tmp_path):
                       "task")
     assert (task.metric, task.greater_is_better, task.unit) == ("acc", True, "samples")
     assert task.train_split == "train800val200" and task.splits == {"validation": None, "test": "test"}
-    with pytest.raises(KeyError, match="no validation split"):
+    with pytest.raises(KeyError, match="validation"):
         task.evaluate(None, "validation")
     torch.manual_seed(0)
     model = task.load_model(TINY_VIM)
@@ -192,7 +192,7 @@ def test_task_loads_a_checkpoint_with_a_new_head(tmp_path):
 
 
 def test_lr_schedule_warmup_then_cosine_to_the_floor():
-    total, warmup, floor = 50, 10, 0.01
+    total, warmup, floor = 50, 10, 0.01   # the protocol's shape: 10% warmup, cosine to lr / 100
     f = [lr_factor(s, total, warmup, floor) for s in range(total)]
     assert f[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
     assert f[10] == pytest.approx(1.0) and f[-1] == pytest.approx(floor)
@@ -269,7 +269,7 @@ def test_vtab_user_errors_are_one_line(tmp_path, capsys):
     (root / "dtd" / "test.txt").write_text("\n".join(lines[:2] + lines[3:]) + "\n")
     first = (root / "dtd" / "train800val200.txt").read_text().split()[0]
     (root / "dtd" / first).write_bytes(_png_bytes()[:80])
-    assert main(["vtab", str(cfg), "--tasks", "dtd", "task.num_workers=1"]) == 2
+    assert main(["vtab", str(cfg), "--tasks", "dtd", "training.num_workers=1"]) == 2
     err = capsys.readouterr().err
     assert f"train800val200.txt:1: cannot decode image {root / 'dtd' / first}" in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err

@@ -6,7 +6,9 @@ import math
 
 import torch
 
-TRAINING_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "min_lr", "clip_grad_norm", "seed")
+# the engine's names for these settings, so configs stay valid when it replaces this loop
+TRAINING_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "warmup_ratio", "schedule", "min_lr_ratio", "grad_clip",
+                 "seed", "num_workers")
 
 
 def lr_factor(step, total, warmup, floor):
@@ -23,15 +25,16 @@ def train(peft_model, task, training: dict, device, log=print):
     t = training
     generator = torch.Generator().manual_seed(t["seed"])
     loader = torch.utils.data.DataLoader(task.train_set(), batch_size=t["batch_size"], shuffle=True,
-                                         generator=generator, num_workers=task.num_workers,
-                                         collate_fn=task.collate, persistent_workers=task.num_workers > 0)
+                                         generator=generator, num_workers=t["num_workers"],
+                                         collate_fn=task.collate, persistent_workers=t["num_workers"] > 0)
     steps = len(loader)
-    total, warmup = t["epochs"] * steps, t["warmup_epochs"] * steps
+    total = t["epochs"] * steps
+    warmup = int(t["warmup_ratio"] * total)
     groups = peft_model.param_groups(t["lr"], t["weight_decay"])
     optimizer = torch.optim.AdamW(groups, lr=t["lr"])
     base = [g["lr"] for g in optimizer.param_groups]
     params = [p for g in groups for p in g["params"]]
-    floor = t["min_lr"] / t["lr"]
+    floor = t["min_lr_ratio"]
     peft_model.train()
     history, step = [], 0
     for epoch in range(t["epochs"]):
@@ -42,8 +45,8 @@ def train(peft_model, task, training: dict, device, log=print):
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 loss, n = task.loss(peft_model, batch)
             (loss / n).backward()
-            if t["clip_grad_norm"]:
-                torch.nn.utils.clip_grad_norm_(params, t["clip_grad_norm"])
+            if t["grad_clip"]:
+                torch.nn.utils.clip_grad_norm_(params, t["grad_clip"])
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             loss_sum, count, step = loss_sum + float(loss.detach()), count + int(n), step + 1

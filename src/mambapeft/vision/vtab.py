@@ -91,11 +91,13 @@ def check_config(config, source):
     unknown = sorted(set(t) - set(TRAINING_KEYS))
     if unknown:
         raise ConfigError(f"{source}: training: unknown key(s) {', '.join(unknown)}; expected {', '.join(TRAINING_KEYS)}")
-    for k in TRAINING_KEYS:
+    if t.get("schedule") != "cosine":
+        raise ConfigError(f"{source}: training.schedule: only cosine until the engine is in, got {t.get('schedule')!r}")
+    for k in set(TRAINING_KEYS) - {"schedule"}:
         v = t.get(k)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
             raise ConfigError(f"{source}: training.{k}: expected a number >= 0, got {v!r}")
-    for k in ("epochs", "batch_size", "warmup_epochs", "seed"):
+    for k in ("epochs", "batch_size", "seed", "num_workers"):
         if not isinstance(t[k], int):
             raise ConfigError(f"{source}: training.{k}: expected an integer, got {t[k]!r}")
     if t["lr"] <= 0 or t["epochs"] < 1 or t["batch_size"] < 1:
@@ -127,9 +129,7 @@ def select_tasks(names):
 # ---- one task ---------------------------------------------------------------------------------
 def build_task(config, name):
     from .task import VisionTask
-    section = {k: v for k, v in config["task"].items() if k != "root"}
-    section["data"] = os.path.join(config["task"]["root"], name)
-    return VisionTask(section, f"task ({name})")
+    return VisionTask({**config["task"], "data": name}, f"task ({name})")
 
 
 def run_task(config, name, out_dir, log=print):
