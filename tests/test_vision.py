@@ -295,3 +295,16 @@ def test_summary_group_means_and_headline(tmp_path):
     md = (tmp_path / "summary.md").read_text()
     assert f"{s['mean']:.1f} (19/19)" in md and "so far" not in md
     assert not math.isnan(s["mean"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_vtab_on_gpus_one_worker_per_gpu(tmp_path):
+    """On the GPU machine: every visible GPU runs tasks (bf16 autocast, the kernels when installed);
+    the results name a CUDA device and the training loss falls."""
+    root = make_vtab(tmp_path / "data", tasks=(("dtd", 3), ("eurosat", 2), ("kitti", 2)), train=4)
+    cfg = write_config(tmp_path / "cfg.yaml", root, "lora_X", epochs=6, lr=3e-3)
+    assert main(["vtab", str(cfg), "--tasks", "dtd", "eurosat", "kitti"]) == 0
+    for name in ("dtd", "eurosat", "kitti"):
+        r = json.loads((tmp_path / "out" / name / "result.json").read_text())
+        assert r["device"].startswith("cuda") and r["train_loss"][-1] < r["train_loss"][0]
