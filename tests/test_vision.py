@@ -17,8 +17,8 @@ from mambapeft.models.vim import VisionMamba
 from mambapeft.training.task import build_task
 from mambapeft.vision.data import (IMAGENET_MEAN, IMAGENET_STD, DataError, ImageDataset, collate, open_image_data,
                                    read_list)
-from mambapeft.vision.train import lr_factor
-from mambapeft.vision.vtab import GROUPS, VTAB_TASKS, summarize
+from mambapeft.training.schedule import lr_factor
+from mambapeft.vision.vtab import GROUPS, PROTOCOL, VTAB_TASKS, load_config, summarize
 
 TINY_VIM = {"preset": "vim-tiny", "hidden_size": 32, "num_hidden_layers": 2, "patch_size": 8, "drop_path_rate": 0.0}
 
@@ -55,7 +55,8 @@ def write_config(path, root, methods="lora_X", epochs=2, **training):
     config = {"model": dict(TINY_VIM), "methods": methods,
               "task": {"type": "vision", "root": str(root), "image_size": 32, "num_workers": 0,
                        "eval_batch_size": 8},
-              "training": {"epochs": epochs, "batch_size": 4, "warmup_ratio": 0.25, "num_workers": 0, **training},
+              "training": {"epochs": epochs, "batch_size": 4, "warmup_ratio": 0.25, "num_workers": 0, "progress": False,
+                           **training},
               "output_dir": str(path.parent / "out")}
     path.write_text(yaml.safe_dump(config))
     return path
@@ -191,14 +192,27 @@ def test_task_loads_a_checkpoint_with_a_new_head(tmp_path):
         task.load_model({"preset": "vim-tiny", "num_classes": 5})
 
 
-def test_lr_schedule_warmup_then_cosine_to_the_floor():
-    total, warmup, floor = 50, 10, 0.01   # the protocol's shape: 10% warmup, cosine to lr / 100
-    f = [lr_factor(s, total, warmup, floor) for s in range(total)]
-    assert f[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
-    assert f[10] == pytest.approx(1.0) and f[-1] == pytest.approx(floor)
-    assert all(a >= b for a, b in zip(f[10:], f[11:]))
-    mid = warmup + (total - warmup - 1) / 2
-    assert lr_factor(mid, total, warmup, floor) == pytest.approx(floor + (1 - floor) / 2)
+def test_shipped_protocol_config(tmp_path):
+    """vtab.yaml, read as `mambapeft vtab` reads it, is the paper's protocol on the engine's schedule."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"methods": "affix", "task": {"root": str(tmp_path)}}))
+    config = load_config(cfg)
+    t = config["training"]
+    assert (t["epochs"], t["batch_size"], t["lr"], t["weight_decay"], t["grad_clip"]) == (100, 32, 1e-3, 1e-4, 5.0)
+    assert config["task"] == {"type": "vision", "root": str(tmp_path), "train": "train800val200", "image_size": 224}
+    assert config["model"] == {"path": "hustvl/Vim-small-midclstok"} and "head" in config["methods"]
+    steps_per_epoch = math.ceil(1000 / 32)             # train800val200
+    total = 100 * steps_per_epoch
+    warmup = int(t["warmup_ratio"] * total)
+    assert warmup == 10 * steps_per_epoch               # 10 warmup epochs
+    lr = [t["lr"] * lr_factor(s, total, warmup, t["schedule"], t["min_lr_ratio"]) for s in range(total)]
+    assert lr[warmup] == pytest.approx(1e-3) and max(lr) == pytest.approx(1e-3)
+    assert lr[-1] == pytest.approx(1e-5, rel=1e-3)      # cosine down to 1e-5
+    assert all(a >= b for a, b in zip(lr[warmup:], lr[warmup + 1:]))
+    # the same file trains one task with `mambapeft train` (task.data relative to task.root)
+    from mambapeft.training.config import load_config as train_config
+    one = train_config(PROTOCOL, ["task.data=dtd"])
+    assert one["training"] == {**one["training"], **{k: t[k] for k in ("lr", "epochs", "warmup_ratio", "min_lr_ratio")}}
 
 
 # ---- mambapeft vtab -------------------------------------------------------------------------
@@ -213,8 +227,12 @@ def test_vtab_end_to_end_and_rerun_skips(tmp_path, methods, capsys):
         assert r["num_classes"] == {"dtd": 3, "eurosat": 2}[name] and r["test_samples"] == 2 * r["num_classes"]
         assert r["train_samples"] == 3 * r["num_classes"] and len(r["train_loss"]) == 2
         assert 0 <= r["top1"] <= 100 and r["group"] == VTAB_TASKS[name][0]
-        assert "head" in r["methods"] and 0 < r["trainable_params"] <= r["total_params"]
-        assert (r["trainable_params"] == r["total_params"]) == (methods == "full")
+        total = sum(p.numel() for p in build_task({"type": "vision", "data": str(root / name), "image_size": 32},
+                                                   "t").load_model(TINY_VIM).parameters())
+        assert "head" in r["methods"] and 0 < r["trainable_params"] <= total
+        assert (r["trainable_params"] == total) == (methods == "full")
+        assert (out / name / "run" / "last" / "adapter_model.safetensors").is_file()
+        assert not (out / name / "run" / "checkpoints").exists()   # resume state dropped once the task is done
     summary = json.loads((out / "summary.json").read_text())
     assert summary["mean"] == pytest.approx((results["dtd"]["top1"] + results["eurosat"]["top1"]) / 2)
     assert summary["groups"]["Natural"]["mean"] == pytest.approx(results["dtd"]["top1"])

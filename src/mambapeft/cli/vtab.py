@@ -9,7 +9,8 @@ def add_parser(sub):
         description="Train and test one method configuration on VTAB-1k tasks. The protocol's settings "
         "(vision/vtab.yaml: AdamW lr 1e-3, weight decay 1e-4, 10 warmup epochs then cosine to 1e-5, 100 "
         "epochs, batch 32, clipping 5) apply wherever CONFIG is silent. Each task writes "
-        "OUTPUT/<task>/result.json; a rerun skips tasks that have one. With several GPUs one worker "
+        "OUTPUT/<task>/result.json; a rerun skips tasks that have one and continues a task stopped part "
+        "way from its last checkpoint. With several GPUs one worker "
         "process per GPU takes tasks from a queue. Ends with OUTPUT/summary.{md,json,png}.")
     p.add_argument("config", help="YAML file: model, methods, task.root (the folder holding the task folders), "
                    "training, output_dir")

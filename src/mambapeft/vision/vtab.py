@@ -5,6 +5,7 @@ import copy
 import json
 import os
 import queue
+import shutil
 import time
 import traceback
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..io import write_json
+from ..io import read_weights, write_json
 from ..peft.config import ConfigError, PeftConfig
 from ..peft.presets import preset
 
@@ -29,7 +30,6 @@ VTAB_TASKS = {
 }
 GROUPS = ("Natural", "Specialized", "Structured")
 PROTOCOL = Path(__file__).with_name("vtab.yaml")
-TOP_KEYS = ("model", "methods", "task", "training", "output_dir")
 RESULT = "result.json"
 WHOLE = ("model", "methods")   # a config's model / methods replace the defaults' rather than merge into them
 
@@ -51,58 +51,27 @@ def read_yaml(path):
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of {', '.join(TOP_KEYS)}")
+        raise ConfigError(f"{path}: expected a mapping of model, methods, task, training, output_dir")
     return data
 
 
 def load_config(path, overrides=()):
-    """The protocol's defaults (vtab.yaml), the file at `path` over them, then `key.sub=value` overrides."""
+    """The protocol's defaults (vtab.yaml), the file at `path` over them (its model and methods
+    replace the defaults'), then `key.sub=value` overrides; validated as `mambapeft train` does."""
+    from ..training.config import apply_overrides, validate
     user = read_yaml(path)
-    config = _merge(read_yaml(PROTOCOL), {k: v for k, v in user.items() if k not in WHOLE})
-    config.update({k: v for k, v in user.items() if k in WHOLE})
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected key=value, e.g. training.epochs=10")
-        *parents, last = key.split(".")
-        node = config
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {p} is not a mapping")
-        node[last] = yaml.safe_load(value)
-    return check_config(config, str(path))
-
-
-def check_config(config, source):
-    from .train import TRAINING_KEYS
-    unknown = sorted(set(config) - set(TOP_KEYS))
-    if unknown:
-        raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; expected {', '.join(TOP_KEYS)}")
-    task = config.get("task")
-    if not isinstance(task, dict) or task.get("type") != "vision":
-        raise ConfigError(f"{source}: task.type must be 'vision' for mambapeft vtab")
+    raw = _merge(read_yaml(PROTOCOL), {k: v for k, v in user.items() if k not in WHOLE})
+    raw.update({k: v for k, v in user.items() if k in WHOLE})
+    config = validate(apply_overrides(raw, overrides), str(path))
+    task = config["task"]
+    if task.get("type") != "vision":
+        raise ConfigError(f"{path}: task.type: mambapeft vtab runs the 'vision' task, got {task.get('type')!r}")
     if "data" in task:
-        raise ConfigError(f"{source}: task.data names one task folder; mambapeft vtab takes task.root, the "
+        raise ConfigError(f"{path}: task.data names one task folder; mambapeft vtab takes task.root, the "
                           "folder holding the task folders")
     if not isinstance(task.get("root"), str):
-        raise ConfigError(f"{source}: task.root: expected the folder holding the VTAB-1k task folders")
-    t = config.get("training")
-    unknown = sorted(set(t) - set(TRAINING_KEYS))
-    if unknown:
-        raise ConfigError(f"{source}: training: unknown key(s) {', '.join(unknown)}; expected {', '.join(TRAINING_KEYS)}")
-    if t.get("schedule") != "cosine":
-        raise ConfigError(f"{source}: training.schedule: only cosine until the engine is in, got {t.get('schedule')!r}")
-    for k in set(TRAINING_KEYS) - {"schedule"}:
-        v = t.get(k)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-            raise ConfigError(f"{source}: training.{k}: expected a number >= 0, got {v!r}")
-    for k in ("epochs", "batch_size", "seed", "num_workers"):
-        if not isinstance(t[k], int):
-            raise ConfigError(f"{source}: training.{k}: expected an integer, got {t[k]!r}")
-    if t["lr"] <= 0 or t["epochs"] < 1 or t["batch_size"] < 1:
-        raise ConfigError(f"{source}: training: lr, epochs and batch_size must be positive")
-    config["methods"] = peft_config(config.get("methods"), f"{source}: methods").to_dict()["methods"]
+        raise ConfigError(f"{path}: task.root: expected the folder holding the VTAB-1k task folders")
+    config["methods"] = peft_config(config["methods"], f"{path}: methods").to_dict()["methods"]
     return config
 
 
@@ -132,38 +101,56 @@ def build_task(config, name):
     return VisionTask({**config["task"], "data": name}, f"task ({name})")
 
 
-def run_task(config, name, out_dir, log=print):
-    """Train and test one task; writes OUT/<name>/result.json (atomically) and returns the result."""
+def run_task(config, name, out_dir, log=print, progress=True):
+    """Train and test one task on the engine in OUT/<name>/run; writes OUT/<name>/result.json
+    (atomically) and returns the result."""
     from .data import DataError, plain_message
     try:
-        return _run_task(config, name, out_dir, log)
+        return _run_task(config, name, out_dir, log, progress)
     except DataError as e:  # an image that fails to decode in a DataLoader worker: its one line
         raise DataError(plain_message(e)) from None
 
 
-def _run_task(config, name, out_dir, log):
-    from ..peft import get_peft_model
-    from .train import train
+def _run_task(config, name, out_dir, log, progress):
+    from ..training import logs
+    from ..training.trainer import CONFIG, train
     started = time.time()
-    t = config["training"]
     task = build_task(config, name)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(t["seed"])
-    model = task.load_model(config["model"]).to(device)
-    peft = get_peft_model(model, {"methods": config["methods"]})
-    trainable, total = peft.num_parameters()
-    history = train(peft, task, t, device, log=lambda msg: log(f"[{name}] {msg}"))
-    test = task.evaluate(peft, "test")
+    run_dir = Path(out_dir) / name / "run"
+    resume = (run_dir / CONFIG).is_file()   # a run stopped part way continues from its last checkpoint
+    if run_dir.is_dir() and not resume:     # killed before it wrote its config: nothing to keep
+        shutil.rmtree(run_dir)
+    run_config = {**config, "task": {**config["task"], "data": name}, "output_dir": str(run_dir),
+                  "training": {**config["training"], "progress": progress and config["training"]["progress"]}}
+    metrics = train(run_config, task=task, resume=resume)
+    test = metrics["test"]
+    adapter = read_weights(run_dir / "last" / "adapter_model.safetensors")
+    t = config["training"]
     result = {"task": name, "group": VTAB_TASKS[name][0], "top1": 100 * test["acc"], "test_loss": test["loss"],
-              "test_samples": test["samples"], "train_samples": len(task.train_set()),
-              "num_classes": task.num_classes, "trainable_params": trainable, "total_params": total,
-              "train_loss": history, "seconds": time.time() - started, "device": str(device),
+              "test_samples": int(test["samples"]), "train_samples": len(task.train_set()),
+              "num_classes": task.num_classes, "trainable_params": sum(v.numel() for v in adapter.values()),
+              "steps": metrics["steps"], "tested_step": metrics["best_step"],
+              "train_loss": epoch_losses(logs.read(run_dir / logs.LOG)), "seconds": time.time() - started,
+              "device": t["device"] if t["device"] != "auto" else "cuda" if torch.cuda.is_available() else "cpu",
               "methods": config["methods"]}
-    if task.splits["validation"]:
-        result["validation"] = task.evaluate(peft, "validation")
+    if metrics.get("validation"):
+        result["validation"] = metrics["validation"]
     write_json(Path(out_dir) / name / RESULT, result)
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)   # resume state of a finished task; last/ stays
     log(f"[{name}] top-1 {result['top1']:.2f} ({test['samples']} test images)")
     return result
+
+
+def epoch_losses(records):
+    """Mean training loss of each epoch from the engine's log records."""
+    train = [r for r in records if "split" not in r and "loss" in r]
+    if not train:
+        return []
+    per_epoch = max(1, round(train[0]["step"] / train[0]["epoch"]))
+    sums = {}
+    for r in train:
+        sums.setdefault((r["step"] - 1) // per_epoch, []).append(r["loss"])
+    return [sum(v) / len(v) for _, v in sorted(sums.items())]
 
 
 # ---- the run --------------------------------------------------------------------------------
@@ -201,7 +188,7 @@ def _worker(rank, gpus, config, out_dir, tasks, results, threads):
         except queue.Empty:
             return
         try:
-            run_task(config, name, out_dir, log=lambda msg: print(msg, flush=True))
+            run_task(config, name, out_dir, log=lambda msg: print(msg, flush=True), progress=False)
             results.put((name, None))
         except Exception as e:  # report and go on with the next task
             line = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
