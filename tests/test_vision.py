@@ -243,6 +243,9 @@ def test_vtab_end_to_end_and_rerun_skips(tmp_path, methods, capsys):
     assert main(["vtab", str(cfg), "--tasks", "dtd", "eurosat"]) == 0
     assert "[dtd] done already" in capsys.readouterr().out
     assert {n: (out / n / "result.json").stat().st_mtime_ns for n in results} == before
+    # ... unless the config changed: then a finished task is not taken for this config's result
+    assert main(["vtab", str(cfg), "--tasks", "dtd", "training.lr=0.5"]) == 2
+    assert "dtd/result.json: made with another config (training differs)" in capsys.readouterr().err
 
 
 def test_vtab_training_learns(tmp_path):

@@ -132,13 +132,22 @@ def _run_task(config, name, out_dir, log, progress):
               "steps": metrics["steps"], "tested_step": metrics["best_step"],
               "train_loss": epoch_losses(logs.read(run_dir / logs.LOG)), "seconds": time.time() - started,
               "device": t["device"] if t["device"] != "auto" else "cuda" if torch.cuda.is_available() else "cpu",
-              "methods": config["methods"]}
+              "methods": config["methods"], "config": fingerprint(config)}
     if metrics.get("validation"):
         result["validation"] = metrics["validation"]
     write_json(Path(out_dir) / name / RESULT, result)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)   # resume state of a finished task; last/ stays
-    log(f"[{name}] top-1 {result['top1']:.2f} ({test['samples']} test images)")
+    log(f"[{name}] top-1 {result['top1']:.2f} ({result['test_samples']} test images)")
     return result
+
+
+def fingerprint(config):
+    """What decides a task's result: a rerun with another one must not skip the finished tasks."""
+    from ..training.trainer import RESUMABLE
+    return json.loads(json.dumps({
+        "model": config["model"], "methods": config["methods"],
+        "task": {k: v for k, v in config["task"].items() if k not in ("root", "num_workers", "eval_batch_size")},
+        "training": {k: v for k, v in config["training"].items() if k not in RESUMABLE}}))
 
 
 def epoch_losses(records):
@@ -161,7 +170,13 @@ def run_vtab(config, names, out_dir, workers=None, log=print):
     names = select_tasks(names)
     done = [n for n in names if (out_dir / n / RESULT).is_file()]
     for n in done:
-        log(f"[{n}] done already ({out_dir / n / RESULT}); skipped")
+        f = out_dir / n / RESULT
+        old = json.loads(f.read_text()).get("config")
+        if old is not None and old != fingerprint(config):
+            key = next(k for k in fingerprint(config) if fingerprint(config)[k] != old.get(k))
+            raise ConfigError(f"{f}: made with another config ({key} differs); choose a new output "
+                              "directory, or delete the task's folder to redo it")
+        log(f"[{n}] done already ({f}); skipped")
     todo = [n for n in names if n not in done]
     for n in todo:  # bad data stops the run before any training, with its file and line
         build_task(config, n)
@@ -169,11 +184,10 @@ def run_vtab(config, names, out_dir, workers=None, log=print):
     write_json(out_dir / "config.json", config)
     gpus = torch.cuda.device_count()
     workers = min(len(todo), workers or max(1, gpus))
-    if workers <= 1:
-        errors = {}
+    if workers <= 1:   # in this process; the first failure stops the run
         for n in todo:
             run_task(config, n, out_dir, log)
-        return errors
+        return {}
     return _run_parallel(config, todo, out_dir, workers, gpus, log)
 
 
@@ -182,24 +196,23 @@ def _worker(rank, gpus, config, out_dir, tasks, results, threads):
     if gpus:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(rank % gpus)
     torch.set_num_threads(threads)
-    while True:
-        try:
-            name = tasks.get_nowait()
-        except queue.Empty:
-            return
+    while (name := tasks.get()) is not None:   # one None per worker ends the queue
         try:
             run_task(config, name, out_dir, log=lambda msg: print(msg, flush=True), progress=False)
             results.put((name, None))
         except Exception as e:  # report and go on with the next task
             line = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            results.put((name, f"{type(e).__name__}: {line}" if not isinstance(e, ValueError) else line))
-            traceback.print_exc()
+            if isinstance(e, ValueError):   # a user mistake (bad data, config): its one line
+                results.put((name, line))
+            else:
+                traceback.print_exc()
+                results.put((name, f"{type(e).__name__}: {line}"))
 
 
 def _run_parallel(config, todo, out_dir, workers, gpus, log):
     ctx = torch.multiprocessing.get_context("spawn")
     tasks, results = ctx.Queue(), ctx.Queue()
-    for n in todo:
+    for n in [*todo, *[None] * workers]:
         tasks.put(n)
     threads = max(1, torch.get_num_threads() // workers)
     procs = [ctx.Process(target=_worker, args=(r, gpus, config, str(out_dir), tasks, results, threads))
