@@ -9,12 +9,14 @@ fine-tuning is the baseline measured in the same run; the ratios are against it.
 CUDA: random Vim-S weights in fp32, bf16 autocast (as the engine trains), peak memory from
 torch.cuda.max_memory_allocated (weights, gradients and optimizer state included), the scan
 kernel calls of the first step counted (0 would mean the pure-torch path ran).
-CPU: fp32; each run in its own process, peak memory = the process's peak resident memory above
-its resident memory before the model was built.
+CPU: fp32; peak memory = the peak resident memory of a process running one step of that method
+alone, above its resident memory before the model was built; the timed steps of all methods run in
+one process in turn (round robin), so the load of a shared machine hits each alike.
 Appends one JSON line per run to --out/vim_train.jsonl (vim_train_cpu.jsonl on CPU) and the table
 with its command to the .txt beside it.
 """
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -47,65 +49,99 @@ def kernel_counter():
     return KernelCounter()
 
 
-def measure(name, args, device):
-    from mambapeft.models.config import VimConfig
-    from mambapeft.models.vim import VisionMamba
-    from mambapeft.peft import get_peft_model
-    torch.manual_seed(0)
-    rss0 = rss_bytes()
-    if device.type == "cuda":
-        gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    config = VimConfig.preset(args.preset, img_size=args.img, num_classes=args.classes,
-                              **({"num_hidden_layers": args.layers} if args.layers else {}))
-    model = get_peft_model(VisionMamba(config).to(device), {"methods": RUNS[name]})
-    trainable, total = model.num_parameters()
-    optimizer = torch.optim.AdamW(model.param_groups(1e-3, 1e-4), lr=1e-3)
-    params = [p for p in model.parameters() if p.requires_grad]
-    images = torch.randn(args.batch, 3, args.img, args.img, device=device)
-    labels = torch.randint(0, args.classes, (args.batch,), device=device)
-    model.train()
-    times, kernel_calls = [], None
-    for i in range(args.warmup + args.steps):
-        counter = kernel_counter() if device.type == "cuda" and i == 0 else None
-        if device.type == "cuda":
+class Run:
+    """One method on a fresh Vim: model, optimizer and a fixed batch; step() times one training step."""
+
+    def __init__(self, name, args, device):
+        from mambapeft.models.config import VimConfig
+        from mambapeft.models.vim import VisionMamba
+        from mambapeft.peft import get_peft_model
+        torch.manual_seed(0)
+        self.name, self.device = name, device
+        self.config = VimConfig.preset(args.preset, img_size=args.img, num_classes=args.classes,
+                                       **({"num_hidden_layers": args.layers} if args.layers else {}))
+        self.model = get_peft_model(VisionMamba(self.config).to(device), {"methods": RUNS[name]}).train()
+        self.trainable, self.total = self.model.num_parameters()
+        self.optimizer = torch.optim.AdamW(self.model.param_groups(1e-3, 1e-4), lr=1e-3)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.images = torch.randn(args.batch, 3, args.img, args.img, device=device)
+        self.labels = torch.randint(0, args.classes, (args.batch,), device=device)
+        self.times, self.kernel_calls, self.loss = [], None, None
+
+    def step(self, timed=True, count_kernels=False):
+        cuda = self.device.type == "cuda"
+        counter = kernel_counter() if count_kernels else contextlib.nullcontext()
+        if cuda:
             torch.cuda.synchronize()
         t = time.perf_counter()
-        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
-            if counter is not None:
-                with counter:
-                    loss = F.cross_entropy(model(images), labels)
-                kernel_calls = counter.calls
-            else:
-                loss = F.cross_entropy(model(images), labels)
+        with torch.autocast("cuda", torch.bfloat16, enabled=cuda), counter:
+            loss = F.cross_entropy(self.model(self.images), self.labels)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 5.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
+        torch.nn.utils.clip_grad_norm_(self.params, 5.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if cuda:
             torch.cuda.synchronize()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t)
-    step = statistics.median(times)
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
-    return {"bench": "vim_train", "run": name, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-            "preset": args.preset, "layers": config.num_hidden_layers, "img": args.img, "batch": args.batch,
-            "tokens": config.num_patches + 1, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "step_s": step, "images_per_s": args.batch / step, "peak_mem_gib": peak / 2 ** 30,
-            "trainable": trainable, "total": total, "kernel_calls_first_step": kernel_calls,
-            "loss": float(loss), "steps": args.steps, "load_average": os.getloadavg()[0]}
+        if timed:
+            self.times.append(time.perf_counter() - t)
+        if count_kernels:
+            self.kernel_calls = counter.calls
+        self.loss = float(loss)
+
+    def row(self, args, peak_bytes):
+        step = statistics.median(self.times)
+        return {"bench": "vim_train", "run": self.name, "preset": args.preset, "layers": self.config.num_hidden_layers,
+                "device": torch.cuda.get_device_name() if self.device.type == "cuda" else "cpu",
+                "img": args.img, "batch": args.batch, "tokens": self.config.num_patches + 1,
+                "threads": torch.get_num_threads(), "torch": torch.__version__, "step_s": step,
+                "images_per_s": args.batch / step, "peak_mem_gib": peak_bytes / 2 ** 30, "trainable": self.trainable,
+                "total": self.total, "kernel_calls_first_step": self.kernel_calls, "loss": self.loss,
+                "steps": len(self.times), "load_average": os.getloadavg()[0]}
+
+
+def measure_cuda(name, args, device):
+    """One run alone on the GPU: its peak memory is its own."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    run = Run(name, args, device)
+    run.step(timed=False, count_kernels=True)
+    for i in range(args.warmup - 1 + args.steps):
+        run.step(timed=i >= args.warmup - 1)
+    return run.row(args, torch.cuda.max_memory_allocated())
+
+
+def peak_cpu(name, args):
+    """Peak resident memory of one training step of `name` in this (fresh) process, above its
+    resident memory before the model was built."""
+    rss0 = rss_bytes()
+    Run(name, args, torch.device("cpu")).step(timed=False)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
+
+
+def measure_cpu(names, args):
+    """Memory: each run in its own process. Time: all runs in this process, their steps in turn, so
+    that the load of a shared machine changes during the run hits every method alike."""
+    peaks = {}
+    for name in names:
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--one", name]
+        peaks[name] = float(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.split()[-1])
+    runs = [Run(name, args, torch.device("cpu")) for name in names]
+    for i in range(args.warmup + args.steps):
+        for run in runs:
+            run.step(timed=i >= args.warmup)
+    return [run.row(args, peaks[run.name]) for run in runs]
 
 
 def report(rows):
     base = next(r for r in rows if r["run"] == "full")
     r0 = rows[0]
     lines = [f"Vim {r0['preset']} ({r0['layers']} layers), {r0['img']}x{r0['img']} ({r0['tokens']} tokens), "
-             f"batch {r0['batch']}, {r0['device']}, {r0['threads']} threads, median of {r0['steps']} steps",
+             f"batch {r0['batch']}, {r0['device']}, {r0['threads']} threads, median of {r0['steps']} steps, "
+             f"load average {r0['load_average']:.1f}",
              f"{'run':<20}{'trainable':>12}{'ms/step':>10}{'images/s':>10}{'vs full':>9}{'peak GiB':>10}{'vs full':>9}"]
     for r in rows:
-        lines.append(f"{r['run']:<20}{r['trainable']:>12,d}{r['step_s'] * 1e3:>10.0f}{r['images_per_s']:>10.1f}"
+        lines.append(f"{r['run']:<20}{r['trainable']:>12,d}{r['step_s'] * 1e3:>10.0f}{r['images_per_s']:>10.3g}"
                      f"{r['images_per_s'] / base['images_per_s']:>9.2f}{r['peak_mem_gib']:>10.2f}"
                      f"{r['peak_mem_gib'] / base['peak_mem_gib']:>9.2f}")
     if r0["kernel_calls_first_step"] is not None:
@@ -125,7 +161,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, from {', '.join(RUNS)}")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    ap.add_argument("--one", help=argparse.SUPPRESS)   # CPU: measure this run in this process, print JSON
+    ap.add_argument("--one", help=argparse.SUPPRESS)   # CPU: print the peak memory of one step of this run
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.batch = args.batch or (32 if device.type == "cuda" else 2)
@@ -134,17 +170,14 @@ def main():
     if "full" not in runs:
         runs.insert(0, "full")
     if args.one:
-        print(json.dumps(measure(args.one, args, device)))
+        print(peak_cpu(args.one, args))
         return
-    rows = []
-    for name in runs:
-        if device.type == "cuda":
-            rows.append(measure(name, args, device))
-        else:  # a fresh process per run, so that its peak resident memory is its own
-            cmd = [sys.executable, __file__, *sys.argv[1:], "--one", name]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            rows.append(json.loads(out.strip().splitlines()[-1]))
-        print(json.dumps(rows[-1]), flush=True)
+    if device.type == "cuda":
+        rows = [measure_cuda(name, args, device) for name in runs]
+    else:
+        rows = measure_cpu(runs, args)
+    for r in rows:
+        print(json.dumps(r), flush=True)
     text = report(rows)
     print(text)
     out = Path(args.out)

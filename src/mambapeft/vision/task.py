@@ -10,7 +10,8 @@ A config's `task` section:
     image_size: 224       # images are resized to this; the Vim is built or resized to it
     num_classes: null     # default: read from the data
     eval_batch_size: 64
-    num_workers: null     # DataLoader worker processes that decode images (default: cores - 1, at most 8)
+    num_workers: null     # DataLoader processes decoding images for evaluation (default: cores - 1, at
+                          # most 8); the engine's training.num_workers decodes the training images
     check_images: true    # open every image's header before training
 
 The model section: `preset: vim-tiny|vim-small|vim-base` with VimConfig fields to override (a random
