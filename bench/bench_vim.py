@@ -86,7 +86,7 @@ class Run:
             self.times.append(time.perf_counter() - t)
         if count_kernels:
             self.kernel_calls = counter.calls
-        self.loss = float(loss)
+        self.loss = float(loss.detach())
 
     def row(self, args, peak_bytes):
         step = statistics.median(self.times)
