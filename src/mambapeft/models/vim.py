@@ -263,7 +263,8 @@ def infer_vim_config(sd, source="checkpoint", patch_stride=None, img_size=None):
                          "'bimamba v2' Vim models are supported")
     head = sd.get("head.weight")
     return VimConfig(
-        img_size=(grid - 1) * patch_stride + patch, patch_size=patch, patch_stride=patch_stride, in_chans=in_chans, hidden_size=D, num_hidden_layers=depth,
+        img_size=(grid - 1) * patch_stride + patch, patch_size=patch, patch_stride=patch_stride, in_chans=in_chans,
+        hidden_size=D, num_hidden_layers=depth,
         state_size=sd["layers.0.mixer.A_log"].shape[1], expand=E // D,
         conv_kernel=sd["layers.0.mixer.conv1d.weight"].shape[-1],
         time_step_rank=sd["layers.0.mixer.dt_proj.weight"].shape[1],
