@@ -193,8 +193,10 @@ def run_vtab(config, names, out_dir, workers=None, log=print):
 
 def _worker(rank, gpus, config, out_dir, tasks, results, threads):
     # before any CUDA call: this process sees one GPU, as cuda:0
-    if gpus:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(rank % gpus)
+    if gpus:   # the parent's visible GPUs, when it was given a list, else 0..gpus-1
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+        ids = visible if len(visible) == gpus else [str(i) for i in range(gpus)]
+        os.environ["CUDA_VISIBLE_DEVICES"] = ids[rank % gpus].strip()
     torch.set_num_threads(threads)
     while (name := tasks.get()) is not None:   # one None per worker ends the queue
         try:
