@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 DEFAULT_MODEL = str(Path(__file__).parent.parent / "assets" / "tiny-mamba")
-COMMANDS = ["methods", "generate"]   # modules of this package, in the order --help lists them
+COMMANDS = ["methods", "generate", "eval", "lm_eval"]   # modules of this package, in the order --help lists them
 
 
 class UsageError(ValueError):
@@ -28,7 +28,7 @@ def main(argv=None):
         module.add_parser(sub)
     args = parser.parse_args(argv)
     try:
-        return modules[args.command].run(args) or 0
+        return modules[args.command.replace("-", "_")].run(args) or 0   # "lm-eval" is module lm_eval
     except user_errors() as e:
         print(f"mambapeft: error: {e}", file=sys.stderr)
         return 2
