@@ -118,7 +118,10 @@ def _use_data_dir(cfg, folder):
 
 
 def _build(cfg, spec, name, looked=None):
+    import datasets
     from lm_eval.api.task import ConfigurableTask
+    shown = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()   # per-split bars for files of a few MB: noise before an error line
     try:
         return ConfigurableTask(config=cfg)
     except Exception as e:
@@ -126,7 +129,6 @@ def _build(cfg, spec, name, looked=None):
         if cfg.get("dataset_name"):
             where = f"{where} ({cfg['dataset_name']})"
         if where not in ("json", "parquet", "csv"):
-            import datasets
             import huggingface_hub.constants as hub
             also = f", nor in {looked}" if looked else " (or pass --data-dir DIR holding NAME/SPLIT.jsonl)"
             raise DataError(f"{name}: data set {where} is not in the local hub cache ({hub.HF_HUB_CACHE}, "
@@ -134,6 +136,9 @@ def _build(cfg, spec, name, looked=None):
                             f"{str(e).splitlines()[0] if str(e) else ''}") from None
         raise DataError(f"{spec}: cannot load the task's data ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    finally:
+        if shown:
+            datasets.enable_progress_bars()
 
 
 def _named_task(name, data_dir):
