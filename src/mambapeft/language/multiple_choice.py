@@ -186,33 +186,60 @@ def encode_pair(tokenizer, context, continuation, prefix_id):
 @torch.no_grad()
 def score(model, pairs, batch_size=32, pad_id=0):
     """[(sum of continuation log-probs, whether greedy decoding gives the continuation)] for token
-    pairs (context_ids, continuation_ids). Longest first, right-padded: padding comes after every real
-    token of a row, so it changes nothing the row's continuation sees."""
-    order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+    pairs (context_ids, continuation_ids).
+
+    Each distinct context runs once: `batch_size` contexts, left-padded (padding before the first real
+    token leaves the recurrent state at zero), end in a recurrent state that is copied to each of their
+    continuations, which then run from it, right-padded (padding after a row's last token changes
+    nothing it sees). The choices of a question share the question, so this reads it once, not once
+    per choice."""
+    from ..models.cache import MambaCache
+    groups = defaultdict(list)   # context -> indices of the pairs that continue it
+    for i, (c, _) in enumerate(pairs):
+        groups[tuple(c)].append(i)
+    contexts = sorted(groups, key=len, reverse=True)
+    device, head = next(model.parameters()).device, model.lm_head
+    logp = lambda h: head(h.to(head.weight.dtype)).float().log_softmax(-1)  # noqa: E731
     out = [None] * len(pairs)
-    device = next(model.parameters()).device
-    for start in range(0, len(order), batch_size):
-        rows = [pairs[i] for i in order[start:start + batch_size]]
-        seqs = [(c + k)[:-1] for c, k in rows]   # the last token predicts nothing we score
-        T = max(len(s) for s in seqs)
-        ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), T), dtype=torch.long)
-        for r, s in enumerate(seqs):
-            ids[r, :len(s)] = torch.tensor(s)
-            mask[r, :len(s)] = 1
-        h = model.backbone(ids.to(device), mask.to(device))
-        # only the continuation's positions go through the LM head (a 50k vocabulary over every
-        # position of a batch is most of the memory)
-        rix = torch.cat([torch.full((len(k),), r) for r, (c, k) in enumerate(rows)])
-        tix = torch.cat([torch.arange(len(c) - 1, len(c) + len(k) - 1) for c, k in rows])
-        target = torch.cat([torch.tensor(k) for _, k in rows]).to(device)
-        logp = model.lm_head(h[rix.to(device), tix.to(device)].to(model.lm_head.weight.dtype)).float().log_softmax(-1)
-        tok = logp.gather(1, target[:, None])[:, 0]
-        hit = logp.argmax(-1) == target
-        bounds = torch.tensor([0] + [len(k) for _, k in rows]).cumsum(0).tolist()
-        for r, i in enumerate(order[start:start + batch_size]):
-            a, b = bounds[r], bounds[r + 1]
-            out[i] = (float(tok[a:b].sum()), bool(hit[a:b].all()))
+    for start in range(0, len(contexts), batch_size):
+        ctxs = contexts[start:start + batch_size]
+        T = max(len(c) for c in ctxs)
+        ids = torch.full((len(ctxs), T), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(ctxs), T), dtype=torch.long)
+        for r, c in enumerate(ctxs):
+            ids[r, T - len(c):] = torch.tensor(c)
+            mask[r, T - len(c):] = 1
+        cache = MambaCache(len(model.backbone.layers))
+        first = logp(model.backbone(ids.to(device), mask.to(device), cache)[:, -1])   # predicts cont[0]
+        rows = [(r, i) for r, c in enumerate(ctxs) for i in groups[c]]
+        conts = [pairs[i][1] for _, i in rows]
+        parent = torch.tensor([r for r, _ in rows], device=device)
+        # first continuation token: from the context's last position
+        has = [j for j, k in enumerate(conts) if k]
+        tok0 = torch.tensor([conts[j][0] for j in has], device=device, dtype=torch.long)
+        lp0 = first[parent[has]] if has else first[:0]
+        tok_lp = {j: [lp0[n].gather(0, tok0[n:n + 1])] for n, j in enumerate(has)}
+        greedy = {j: [bool(lp0[n].argmax() == tok0[n])] for n, j in enumerate(has)}
+        T2 = max((len(k) - 1 for k in conts), default=0)
+        if T2 > 0:   # the rest: continuation token t predicts t + 1, from the context's state
+            cache.reorder(parent)
+            ids2 = torch.full((len(conts), T2), pad_id, dtype=torch.long)
+            for j, k in enumerate(conts):
+                ids2[j, :len(k) - 1] = torch.tensor(k[:-1], dtype=torch.long)
+            h = model.backbone(ids2.to(device), None, cache)
+            rix = torch.cat([torch.full((len(k) - 1,), j) for j, k in enumerate(conts) if len(k) > 1])
+            tix = torch.cat([torch.arange(len(k) - 1) for k in conts if len(k) > 1])
+            target = torch.cat([torch.tensor(k[1:]) for k in conts if len(k) > 1]).to(device)
+            lp = logp(h[rix.to(device), tix.to(device)])
+            tok, hit = lp.gather(1, target[:, None])[:, 0], lp.argmax(-1) == target
+            at = 0
+            for j, k in enumerate(conts):
+                if len(k) > 1:
+                    tok_lp[j].append(tok[at:at + len(k) - 1])
+                    greedy[j].append(bool(hit[at:at + len(k) - 1].all()))
+                    at += len(k) - 1
+        for j, (_, i) in enumerate(rows):
+            out[i] = (float(torch.cat(tok_lp[j]).sum()), all(greedy[j])) if j in tok_lp else (0.0, True)
     return out
 
 
