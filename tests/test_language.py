@@ -262,6 +262,7 @@ def test_paper_task_from_a_data_directory(tmp_path, tiny, tok):
     (["--tasks", "{d}/nope.yaml"], "{d}/nope.yaml: task file not found"),
     (["--tasks", "{d}/bad.yaml"], "{d}/bad.yaml: dataset_kwargs.data_files: missing.jsonl: file not found"),
     (["--tasks", "{d}/gen.yaml"], "output_type: expected multiple_choice"),
+    (["--tasks", "{d}/broken.yaml"], "{d}/broken.yaml: not a usable lm-eval task file"),
     (["--tasks", "no_such_task_xyz"], "no_such_task_xyz: expected one of boolq, piqa"),
     (["--tasks", "winogrande", "--data-dir", "{d}"],
      "winogrande: data set allenai/winogrande (winogrande_xl) is not in the local hub cache"),
@@ -273,6 +274,7 @@ def test_eval_bad_input_is_one_line_error(tmp_path, capsys, args, expected):
     (tmp_path / "bad.yaml").write_text("task: bad\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
                                        "    test: missing.jsonl\noutput_type: multiple_choice\ntest_split: test\n")
     (tmp_path / "gen.yaml").write_text("task: gen\ndataset_path: json\noutput_type: generate_until\n")
+    (tmp_path / "broken.yaml").write_text("task: [unclosed\n")
     assert main(["eval", *[a.format(d=tmp_path) for a in args]]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("mambapeft: error: ") and expected.format(d=tmp_path) in err[0]
@@ -356,3 +358,17 @@ def test_validation_size_larger_than_the_data_is_a_config_error(tmp_path):
     task.load_model({})
     with pytest.raises(ConfigError, match=r"validation_size: expected 0 <= n < 96"):
         task.train_set()
+
+
+def test_a_malformed_record_stops_mambapeft_train_with_one_line(tmp_path, capsys):
+    import yaml
+    section = language_section(tmp_path)
+    recs = sums(20)
+    recs[7]["output"] = 12
+    (tmp_path / "train.json").write_text(json.dumps(recs))
+    config = {"model": DEFAULT_MODEL, "methods": "lora_X", "task": section, "output_dir": str(tmp_path / "run"),
+              "training": {"progress": False}}
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", str(tmp_path / "train.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"mambapeft: error: {tmp_path / 'train.json'}: record 7: field 'output': expected a string, got int"]

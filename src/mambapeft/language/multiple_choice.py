@@ -67,7 +67,9 @@ def _read_yaml(yaml_loader, path):
     try:
         cfg = yaml_loader.load_yaml(path)
     except Exception as e:   # YAML syntax, a missing include or !function module
-        raise DataError(f"{path}: not a usable lm-eval task file ({type(e).__name__}: {str(e).splitlines()[0]})")
+        raise DataError(f"{path}: not a usable lm-eval task file ({type(e).__name__}: {_first_line(e)})") from None
+    if not isinstance(cfg, dict) or not cfg.get("task"):
+        raise DataError(f"{path}: expected an lm-eval task (a mapping with task, dataset_path, doc_to_text, ...)")
     for key in ("tag", "group"):   # task-manager grouping, not task settings
         cfg.pop(key, None)
     return cfg
@@ -133,12 +135,15 @@ def _build(cfg, spec, name, looked=None):
             also = f", nor in {looked}" if looked else " (or pass --data-dir DIR holding NAME/SPLIT.jsonl)"
             raise DataError(f"{name}: data set {where} is not in the local hub cache ({hub.HF_HUB_CACHE}, "
                             f"{datasets.config.HF_DATASETS_CACHE}){also}: {type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''}") from None
-        raise DataError(f"{spec}: cannot load the task's data ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
+                            f"{_first_line(e)}") from None
+        raise DataError(f"{spec}: cannot load the task's data ({type(e).__name__}: {_first_line(e)})") from None
     finally:
         if shown:
             datasets.enable_progress_bars()
+
+
+def _first_line(e):
+    return (str(e).strip().splitlines() or [""])[0]
 
 
 def _named_task(name, data_dir):
