@@ -351,6 +351,15 @@ def test_language_config_errors(tmp_path, change, expected):
         build_task({**language_section(tmp_path), **change})
 
 
+def test_a_metric_naming_no_eval_task_fails_before_training(tmp_path):
+    from mambapeft.peft import ConfigError
+    from mambapeft.training.task import build_task
+    task = build_task(language_section(tmp_path, metric="piqa/acc"))
+    task.load_model({})
+    with pytest.raises(ConfigError, match=r"task.metric: piqa/acc: no task 'piqa' among eval_tasks \(rsum\)"):
+        task.train_set()
+
+
 def test_validation_size_larger_than_the_data_is_a_config_error(tmp_path):
     from mambapeft.peft import ConfigError
     from mambapeft.training.task import build_task

@@ -103,6 +103,8 @@ class LanguageTask:
                                   s["overlong"], source=s["data"])
             train, val = data.split(items, s["validation_size"], s["seed"])
             log.info("%s: %d training and %d validation records", s["data"], len(train), len(val))
+            if self.metric != "loss":
+                self.eval_tasks()   # a missing task or its data found now, not after the first epoch
             self._splits = {"train": train, "validation": val, "_pad": self.pad_id}
         return self._splits
 
@@ -119,15 +121,14 @@ class LanguageTask:
 
     @torch.no_grad()
     def evaluate(self, model, split):
-        run_tasks = self.s["eval_tasks"] and (split == "test" or self.s["eval_during_training"]
-                                              or self.metric != "loss")
-        out = {}
-        if split == "validation" and self.s["validation_size"]:
-            out["loss"] = self.validation_loss(model)
+        run_tasks = bool(self.s["eval_tasks"]) and (split == "test" or self.s["eval_during_training"]
+                                                    or self.metric != "loss")
+        has_loss = split == "validation" and self.s["validation_size"] > 0
+        if split not in ("validation", "test") or not (run_tasks or has_loss):
+            raise KeyError(split)
+        out = {"loss": self.validation_loss(model)} if has_loss else {}
         if run_tasks:
             out.update(self.task_metrics(model))
-        if not out or split not in ("validation", "test"):
-            raise KeyError(split)
         return out
 
     # ---- evaluation ---------------------------------------------------------------------------
@@ -141,15 +142,22 @@ class LanguageTask:
             total, count = total + float(loss), count + int(n)
         return total / count
 
-    def task_metrics(self, model):
+    def eval_tasks(self):
+        """The lm-eval tasks, loaded once; a metric naming a task that is not among them is a config error."""
         from . import multiple_choice as mc
         if self._eval is None:
             self._eval = [mc.load_task(t, self.s["eval_data_dir"]) for t in self.s["eval_tasks"]]
-        res = mc.evaluate(model, self.tokenizer, self._eval, self.s["eval_batch_size"], self.s["eval_limit"])
+            names = [t.config.task for t in self._eval]
+            if "/" in self.metric and self.metric.split("/")[0] not in names:
+                raise ConfigError(f"{self.source}.metric: {self.metric}: no task {self.metric.split('/')[0]!r} "
+                                  f"among eval_tasks ({', '.join(names)})")
+        return self._eval
+
+    def task_metrics(self, model):
+        from . import multiple_choice as mc
+        res = mc.evaluate(model, self.tokenizer, self.eval_tasks(), self.s["eval_batch_size"], self.s["eval_limit"])
         out = {f"{name}/{k}": v for name, r in res.items() for k, v in r.items() if k != "n"}
         out["acc"] = sum(r["acc"] for r in res.values()) / len(res)
-        if self.metric not in out and self.metric != "loss":
-            raise ConfigError(f"{self.source}.metric: {self.metric} is not among the results ({', '.join(out)})")
         return out
 
 
