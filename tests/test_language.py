@@ -246,6 +246,14 @@ def test_eval_command_and_the_harness_give_the_same_accuracy_with_an_adapter(tmp
     assert (with_adapter - base).abs().max() > 0.1   # the adapter was loaded, not silently skipped
 
 
+def test_a_misspelt_model_arg_is_a_one_line_error(tmp_path, capsys):
+    yaml = write_task(tmp_path, n=2)
+    assert main(["lm-eval", "--model", "mambapeft", "--model_args", f"pretrained={DEFAULT_MODEL},adaptr=x",
+                 "--tasks", str(yaml)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        "mambapeft: error: --model_args: unknown setting 'adaptr'; expected pretrained, adapter, dtype, tokenizer, max_length"
+
+
 def test_paper_task_from_a_data_directory(tmp_path, tiny, tok):
     """A paper task (boolq) run from NAME/SPLIT.jsonl rows in the hub data set's format."""
     (tmp_path / "boolq").mkdir()

@@ -30,10 +30,13 @@ def load(pretrained, adapter=None, dtype=None, device="cpu", tokenizer=None):
 @register_model("mambapeft")
 class MambaPeftLM(TemplateLM):
     def __init__(self, pretrained=None, adapter=None, dtype="float32", device="cpu", batch_size=32,
-                 tokenizer=None, max_length=2048, model=None, max_batch_size=None, **_harness_extras):
+                 tokenizer=None, max_length=2048, model=None, max_batch_size=None, **unknown):
         super().__init__()
+        from ..cli import UsageError
+        if unknown:   # a misspelt adapter= must not quietly evaluate the base model
+            raise UsageError(f"--model_args: unknown setting {sorted(unknown)[0]!r}; expected pretrained, adapter, "
+                             "dtype, tokenizer, max_length")
         if model is None:
-            from ..cli import UsageError
             if pretrained is None:
                 raise UsageError("--model_args: expected pretrained=DIR (a Mamba model directory or hub id)")
             if str(dtype) not in DTYPES:
