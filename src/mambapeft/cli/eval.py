@@ -35,11 +35,19 @@ def run(args):
     import torch
     from ..io import atomic_path, write_json
     from ..language import multiple_choice as mc
+    from ..language.data import DataError
     from ..language.harness import DTYPES, load
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         raise UsageError("--batch-size and --limit: expected integers >= 1")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tasks = [mc.load_task(t, args.data_dir) for t in mc.task_specs(args.tasks)]   # data problems before the model
+    tasks, missing = [], []
+    for spec in mc.task_specs(args.tasks):   # every data problem at once, and before the model loads
+        try:
+            tasks.append(mc.load_task(spec, args.data_dir))
+        except DataError as e:
+            missing.append(str(e))
+    if missing:
+        raise UsageError("; ".join(missing))
     model, tokenizer = load(args.model, args.adapter, DTYPES[args.dtype], device, args.tokenizer)
     results = mc.evaluate(model, tokenizer, tasks, args.batch_size, args.limit)
     md = table(results)
