@@ -82,7 +82,7 @@ def _project_in_channels_first(m, c, h):
         if not (isinstance(a, MixerLoRA) and a.target == "in_proj"):  # an adapter we cannot lay out here
             return m.project_in(h, c).transpose(1, 2)
         lora = a.lora
-        p = lora.dropout(lora.down(h2)).t().to(xz.dtype)                             # (r, bT)
+        p = lora.dropout(lora.down(h2.to(lora.down.weight.dtype))).t().to(xz.dtype)                            # (r, bT)
         # accumulate into the adapter's rows in place: no full-size delta, pad or add
         xz[a.start:a.stop].addmm_(lora.up.weight.to(xz.dtype), p, alpha=lora.scale)
     return xz.view(-1, b, T).transpose(0, 1)
@@ -114,7 +114,7 @@ def _lora_finish(a):
 
 def _adapter_finish(a):
     def finish(p, out):
-        return out + (a.up(a.dropout(p.relu())) * a.scale).to(out.dtype)
+        return out + (a.up(a.dropout(p.relu().to(a.up.weight.dtype))) * a.scale).to(out.dtype)
     return finish
 
 

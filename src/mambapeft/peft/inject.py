@@ -1,4 +1,6 @@
 """Attach the configured methods to a model: which adapter goes where."""
+import torch
+
 from ..models.mixer import MixerAdapter
 from .additional_scan import AdditionalScan
 from .affix import AffixLayer, AffixTokens
@@ -30,17 +32,28 @@ def _lora_rows(name, m):
             "lora_C": ("x_proj", (R + N, R + 2 * N), False)}[name]
 
 
+def adapter_dtype(like):
+    """Adapters keep fp32 on a half-precision base (as peft's autocast_adapter_dtype) and cast at use."""
+    return torch.float32 if like.dtype in (torch.float16, torch.bfloat16) else like.dtype
+
+
+def place(module, like):
+    """Put a new adapter on the device of the base tensor it attaches to, in adapter_dtype(like)."""
+    return module.to(device=like.device, dtype=adapter_dtype(like))
+
+
 def inject(model, config: PeftConfig):
     """Add every configured adapter to `model` in place; returns {method: [adapter modules]}."""
     kind = model_kind(model)
     config.validate_for(kind)
     bb = backbone(model)
+    m0 = bb.layers[0].mixer
     added = {}
 
-    def put(where, key, module, method):
+    def put(where, key, module, method, like):
         if key in where:
             raise ValueError(f"the model already carries an adapter named {key!r}")
-        where[key] = module
+        where[key] = place(module, like)
         added.setdefault(method, []).append(module)
 
     for name in sorted(config.methods, key=list(METHODS).index):  # one canonical order, whatever the config's
@@ -50,24 +63,24 @@ def inject(model, config: PeftConfig):
         if name == "lora_embed":
             emb = TokenEmbeddingLoRA(bb.embeddings, s.r, s.scale, s.dora) if kind == "lm" else \
                 PatchEmbeddingLoRA(model.patch_embed.proj, s.r, s.scale, s.dora)
-            put(bb.peft, name, emb, name)
+            put(bb.peft, name, emb, name, bb.embeddings.weight if kind == "lm" else model.patch_embed.proj.weight)
         elif name in ("cls", "pos"):
             pname = {"cls": "cls_token", "pos": "pos_embed"}[name]
-            put(bb.peft, name, ParamDelta(pname, getattr(model, pname)), name)
+            put(bb.peft, name, ParamDelta(pname, getattr(model, pname)), name, getattr(model, pname))
         elif name == "prompt":
-            put(bb.peft, name, PromptTuning(bb.layers[0].mixer.d_model, s.tokens, s.projection, s.hidden), name)
+            put(bb.peft, name, PromptTuning(m0.d_model, s.tokens, s.projection, s.hidden), name,
+                m0.in_proj.weight)
         elif name == "affix":
-            m0 = bb.layers[0].mixer
             width = m0.d_model if s.position == "outer" else m0.d_inner * (2 if s.store_z else 1)
             per_layer = 2 if kind == "vim" and s.dual and s.position != "outer" else 1
             tokens = AffixTokens(s.tokens, len(bb.layers), per_layer, width, s.projection, s.hidden)
-            put(bb.peft, name, tokens, name)
+            put(bb.peft, name, tokens, name, m0.in_proj.weight)
             for i, m in enumerate(mixers(model)):
                 m.peft[name] = AffixLayer(tokens, i, s.position, per_layer == 2, s.store_z)
         else:
             for m in mixers(model):
                 for key, adapter in _mixer_adapters(name, s, m).items():
-                    put(m.peft, key, adapter, name)
+                    put(m.peft, key, adapter, name, m.in_proj.weight)
     return added
 
 

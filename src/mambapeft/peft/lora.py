@@ -25,11 +25,11 @@ class LowRank(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
-        return self.finish(self.down(x))
+        return self.finish(self.down(x.to(self.down.weight.dtype)))  # fp32 factors on a half base
 
     def finish(self, p):
         """From the down projection p = V x on: s * U(Dropout(p))."""
-        return self.up(self.dropout(p)) * self.scale
+        return self.up(self.dropout(p.to(self.up.weight.dtype))) * self.scale
 
     def delta_weight(self):
         return (self.up.weight @ self.down.weight) * self.scale
@@ -139,7 +139,7 @@ class PatchEmbeddingLoRA(ModelAdapter):
 
     def adapt_embed(self, images, emb):
         if self.magnitude is None:
-            return emb + (self.up(self.down(images)).flatten(2).transpose(1, 2) * self.scale).to(emb.dtype)
+            return emb + (self.up(self.down(images.to(self.down.weight.dtype))).flatten(2).transpose(1, 2) * self.scale).to(emb.dtype)
         proj = self._proj[0]
         w = self.merged_weight(proj.weight)
         return F.conv2d(images.to(w.dtype), w, proj.bias, proj.stride).flatten(2).transpose(1, 2).to(emb.dtype)

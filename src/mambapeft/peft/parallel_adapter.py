@@ -16,4 +16,4 @@ class ParallelAdapter(MixerAdapter):
         self.scale = scale
 
     def adapt_out(self, g, out):
-        return out + (self.up(self.dropout(self.down(g).relu())) * self.scale).to(out.dtype)
+        return out + (self.up(self.dropout(self.down(g.to(self.down.weight.dtype)).relu())) * self.scale).to(out.dtype)
