@@ -53,7 +53,11 @@ class MixerAdapter(nn.Module):
     mergeable = True   # False when merge_and_unload cannot fold the method into the base weights
 
     def compose(self, c: Composed, mixer, merge=False) -> None:
-        """Edit c in place. With merge=True, activation-form methods fold their weight delta in too."""
+        """Edit c in place (the weight edits the scan reads)."""
+
+    def fold(self, c: Composed, mixer) -> None:
+        """Merging only: add an activation-form method's weight delta to c. Called after every
+        adapter's compose(), since in the forward it acts on the output of the composed weight."""
 
     def adapt_xz(self, h, xz):                           # activation form on in_proj's output
         return xz
@@ -114,8 +118,11 @@ class MambaMixer(nn.Module):
                 conv_w=conv.weight[:, 0], conv_b=conv.bias, x_proj=getattr(self, "x_proj" + s).weight,
                 dt_w=dt.weight, dt_b=dt.bias, A_log=getattr(self, self.a_name(s)),
                 D=getattr(self, "D" + s)))
-        for a in self.adapters() if adapters is None else adapters:
+        adapters = self.adapters() if adapters is None else adapters
+        for a in adapters:
             a.compose(c, self, merge)
+        for a in adapters if merge else ():
+            a.fold(c, self)
         return c
 
     def project_in(self, h, c):

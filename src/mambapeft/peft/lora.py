@@ -68,8 +68,14 @@ class MixerLoRA(MixerAdapter):
         self.magnitude = nn.Parameter(w[self.start:self.stop].detach().float().norm(dim=1)) if dora else None
 
     def compose(self, c, mixer, merge=False):
-        if self.activation_form and not merge:
-            return
+        if not self.activation_form:
+            self._add_delta(c)
+
+    def fold(self, c, mixer):
+        if self.activation_form:
+            self._add_delta(c)
+
+    def _add_delta(self, c):
         w = get_weight(c, self.target, self.direction)
         rows = w[self.start:self.stop] + self.lora.delta_weight().to(w.dtype)
         if self.magnitude is not None:
