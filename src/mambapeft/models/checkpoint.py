@@ -64,7 +64,8 @@ def load_pretrained(cls, name_or_path, dtype=None):
     config = MambaConfig.from_dict(read_json(config_path), source=str(config_path))
     model = cls(config, init=False)
     load_into(model, to_hf_names(read_state_dict(directory)), str(directory))
-    return model.to(dtype) if dtype is not None else model
+    model = model.to(dtype) if dtype is not None else model
+    return model.eval()   # as transformers: identical forwards give identical outputs until .train()
 
 
 def save_pretrained(model, directory):

@@ -6,6 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.cross_entropy import linear_cross_entropy
+from .adapter import active, refuse_attached
 from .block import MambaBlock, prompt_tokens
 from .cache import MambaCache
 from .config import MambaConfig
@@ -35,10 +36,10 @@ class MambaModel(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, cache=None):
         h = self.embeddings(input_ids)
-        for a in self.peft.values():
+        for a in active(self.peft):
             h = a.adapt_embed(input_ids, h)
         mask = attention_mask
-        prompt = prompt_tokens(self.peft.values()) if cache is None or cache.is_fresh else None
+        prompt = prompt_tokens(active(self.peft)) if cache is None or cache.is_fresh else None
         if prompt is not None:
             h, mask, keep = insert_tokens_at(h, prompt, attention_mask, 1)
         for i, layer in enumerate(self.layers):
@@ -84,6 +85,7 @@ class MambaForCausalLM(nn.Module):
 
     def save_pretrained(self, directory):
         from .checkpoint import save_pretrained
+        refuse_attached(self, directory)
         save_pretrained(self, directory)
 
     @property

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.scan import resolve_backend, selective_scan
+from .adapter import active
 from .tokens import infix_offsets, insert_tokens_at, take_positions
 
 
@@ -51,6 +52,7 @@ class MixerAdapter(nn.Module):
     """Base of per-layer PEFT methods. Override any hook; `order` sorts weight edits."""
     order = 0
     mergeable = True   # False when merge_and_unload cannot fold the method into the base weights
+    active = True      # False while another adapter is selected or adapters are disabled
 
     def compose(self, c: Composed, mixer, merge=False) -> None:
         """Edit c in place (the weight edits the scan reads)."""
@@ -108,7 +110,7 @@ class MambaMixer(nn.Module):
             dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
     def adapters(self):
-        return sorted(self.peft.values(), key=lambda a: a.order)
+        return sorted(active(self.peft), key=lambda a: a.order)
 
     def compose(self, merge=False, adapters=None) -> Composed:
         c = Composed(self.in_proj.weight, self.in_proj.bias, self.out_proj.weight, self.out_proj.bias)

@@ -42,8 +42,9 @@ def place(module, like):
     return module.to(device=like.device, dtype=adapter_dtype(like))
 
 
-def inject(model, config: PeftConfig):
-    """Add every configured adapter to `model` in place; returns {method: [adapter modules]}."""
+def inject(model, config: PeftConfig, suffix="", adapter_name="default"):
+    """Add every configured adapter to `model` in place, each under its key + `suffix` and stamped
+    with its method and adapter name; returns {method: [adapter modules]}."""
     kind = model_kind(model)
     config.validate_for(kind)
     bb = backbone(model)
@@ -51,8 +52,11 @@ def inject(model, config: PeftConfig):
     added = {}
 
     def put(where, key, module, method, like):
+        key += suffix
         if key in where:
-            raise ValueError(f"the model already carries an adapter named {key!r}")
+            raise ValueError(f"the model already carries an adapter {key!r} (attached by another PeftModel?); "
+                             "add a second adapter with load_adapter(directory, name), or unload() the first")
+        module.method, module.adapter_name = method, adapter_name
         where[key] = place(module, like)
         added.setdefault(method, []).append(module)
 
@@ -76,7 +80,7 @@ def inject(model, config: PeftConfig):
             tokens = AffixTokens(s.tokens, len(bb.layers), per_layer, width, s.projection, s.hidden)
             put(bb.peft, name, tokens, name, m0.in_proj.weight)
             for i, m in enumerate(mixers(model)):
-                m.peft[name] = AffixLayer(tokens, i, s.position, per_layer == 2, s.store_z)
+                put(m.peft, name, AffixLayer(tokens, i, s.position, per_layer == 2, s.store_z), name, m.in_proj.weight)
         else:
             for m in mixers(model):
                 for key, adapter in _mixer_adapters(name, s, m).items():

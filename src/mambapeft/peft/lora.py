@@ -128,6 +128,14 @@ class TokenEmbeddingLoRA(ModelAdapter):
         w2 = w + ((self.A @ self.B) * self.scale).to(w.dtype)
         return w2 if self.magnitude is None else dora_rows(w2, self.magnitude)
 
+    def merge_into(self, model):
+        if model.config.tie_word_embeddings:  # the LoRA changes inputs only: the head keeps the old weight
+            model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone(),
+                                                requires_grad=model.lm_head.weight.requires_grad)
+            model.config.tie_word_embeddings = False
+        w = model.backbone.embeddings.weight
+        w.copy_(self.merged_weight(w))
+
 
 class PatchEmbeddingLoRA(ModelAdapter):
     """Vim: a LoRA of the patch-embedding convolution (k x k stride k down, 1 x 1 up). With DoRA the
@@ -154,3 +162,7 @@ class PatchEmbeddingLoRA(ModelAdapter):
         delta = torch.einsum("or,rikl->oikl", self.up.weight[:, :, 0, 0], self.down.weight) * self.scale
         w2 = w + delta.to(w.dtype)
         return w2 if self.magnitude is None else dora_rows(w2, self.magnitude)
+
+    def merge_into(self, model):
+        w = model.patch_embed.proj.weight
+        w.copy_(self.merged_weight(w))

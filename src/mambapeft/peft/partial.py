@@ -35,3 +35,6 @@ class ParamDelta(ModelAdapter):
 
     def adapt_param(self, name, tensor):
         return tensor + self.delta.to(tensor.dtype) if name == self.name else tensor
+
+    def merge_into(self, model):
+        getattr(model, self.name).add_(self.delta.to(getattr(model, self.name).dtype))
