@@ -5,6 +5,7 @@ All scan backends read only what it returns, so no backend can silently skip an 
 """
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -48,6 +49,16 @@ class Composed:
     affix_h: torch.Tensor | None = None       # (n, D) "outer" affix tokens, before in_proj
 
 
+@dataclass
+class LowRankRows:
+    """An adapter that adds scale * up @ down(h) to rows start..stop of in_proj's output."""
+    start: int
+    stop: int
+    down: Callable              # h (bT, D) -> (bT, r), dropout included
+    up: torch.Tensor            # (stop - start, r)
+    scale: float
+
+
 class MixerAdapter(nn.Module):
     """Base of per-layer PEFT methods. Override any hook; `order` sorts weight edits."""
     order = 0
@@ -66,6 +77,16 @@ class MixerAdapter(nn.Module):
 
     def adapt_out(self, g, out):                         # activation form on out_proj's output
         return out
+
+    # What the fused CUDA path (mixer_cuda.py) needs to keep an activation-form adapter inside its
+    # kernels. [] = the adapter does not act there; None = it does, in a form the path cannot lay out
+    # (then the unfused route runs). Overriding adapt_xz / adapt_out without these means None.
+    def in_proj_rows(self) -> list[LowRankRows] | None:
+        return [] if type(self).adapt_xz is MixerAdapter.adapt_xz else None
+
+    def out_proj_taps(self) -> list | None:
+        """[(down weight V (r, E), finish(V g, out) -> out)]: V's rows are appended to out_proj's."""
+        return [] if type(self).adapt_out is MixerAdapter.adapt_out else None
 
 
 class MambaMixer(nn.Module):

@@ -5,12 +5,32 @@ form W + s*U V on x_proj (whole, d, B or C rows) and dt_proj, which sit inside t
 always uses the merged form, with the norm taken per output row (as Hugging Face peft does) over
 the rows the adapter touches: W_new = m * W'' / ||W''||, the norm detached, m = ||W|| at start.
 """
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models.adapter import ModelAdapter
-from ..models.mixer import MixerAdapter
+from ..models.mixer import LowRankRows, MixerAdapter
+from .registry import register
+from .settings import Common, at_least_one, probability, setting
+
+
+@dataclass
+class LoRASettings(Common):
+    r: int = setting(8, "rank", at_least_one)
+    scale: float = setting(0.1, "plain scale s of the update (no alpha / r)")
+    dropout: float = setting(0.1, "dropout on the activation form (in_proj, X, Z, out_proj); merged forms "
+                                  "have none", probability)
+    dora: bool = setting(False, "DoRA: a learned magnitude per output row; always the merged form")
+
+
+@dataclass
+class EmbedLoRASettings(Common):
+    r: int = setting(8, "rank", at_least_one)
+    scale: float = setting(0.1, "plain scale s of the update (no alpha / r)")
+    dora: bool = setting(False, "DoRA per token row (LM) or per output channel of the patch kernel (Vim)")
 
 
 class LowRank(nn.Module):
@@ -98,6 +118,18 @@ class MixerLoRA(MixerAdapter):
     def adapt_out(self, g, out):
         return self._add(g, out) if self.activation_form and self.target == "out_proj" else out
 
+    def in_proj_rows(self):
+        if not (self.activation_form and self.target == "in_proj"):
+            return []
+        lora = self.lora
+        return [LowRankRows(self.start, self.stop, lambda h: lora.dropout(lora.down(h.to(lora.down.weight.dtype))),
+                            lora.up.weight, lora.scale)]
+
+    def out_proj_taps(self):
+        if not (self.activation_form and self.target == "out_proj"):
+            return []
+        return [(self.lora.down.weight, lambda p, out: self.add_rows(self.lora.finish(p), out))]
+
 
 def dora_rows(w, magnitude):
     """DoRA on a weight whose rows (dim 0) are the normalised units: m * w / ||w||, norm detached."""
@@ -166,3 +198,63 @@ class PatchEmbeddingLoRA(ModelAdapter):
     def merge_into(self, model):
         w = model.patch_embed.proj.weight
         w.copy_(self.merged_weight(w))
+
+
+# ---- registry ------------------------------------------------------------------------------------
+def _mixer_lora(target, rows, activation_form):
+    """attach() of a LoRA on `target`, on rows(mixer) = (start, stop) of it or on all of it."""
+    def make(s, m, d):
+        return MixerLoRA(m, target, rows(m) if rows else None, s.r, s.scale, s.dropout, s.dora, d, activation_form)
+
+    def attach(site, name, s):
+        if target in ("in_proj", "out_proj"):   # shared by both scan directions
+            site.per_mixer(name, lambda m: {name: make(s, m, 0)})
+        else:
+            site.per_direction(name, lambda m, d: make(s, m, d))
+    return attach
+
+
+def _attach_embedding(site, name, s):
+    if site.kind == "lm":
+        emb = site.backbone.embeddings
+        site.put(site.backbone.peft, name, TokenEmbeddingLoRA(emb, s.r, s.scale, s.dora), emb.weight)
+    else:
+        proj = site.model.patch_embed.proj
+        site.put(site.backbone.peft, name, PatchEmbeddingLoRA(proj, s.r, s.scale, s.dora), proj.weight)
+
+
+def _x_rows(m):
+    return 0, m.d_inner
+
+
+def _z_rows(m):
+    return m.d_inner, 2 * m.d_inner
+
+
+def _d_rows(m):
+    return 0, m.dt_rank
+
+
+def _b_rows(m):
+    return m.dt_rank, m.dt_rank + m.d_state
+
+
+def _c_rows(m):
+    return m.dt_rank + m.d_state, m.dt_rank + 2 * m.d_state
+
+
+for _name, _target, _rows, _act, _help in [
+        ("lora_in_proj", "in_proj", None, True, "LoRA on the whole in_proj (activation form)"),
+        ("lora_out_proj", "out_proj", None, True, "LoRA on out_proj (activation form)"),
+        ("lora_x_proj", "x_proj", None, False, "LoRA on the whole x_proj (merged form; per direction in Vim)"),
+        ("lora_dt", "dt_proj", None, False, "LoRA on the dt_proj weight (merged form; per direction in Vim)")]:
+    register(_name, LoRASettings, "LoRA", _help, _mixer_lora(_target, _rows, _act))
+register("lora_embed", EmbedLoRASettings, "LoRA", "LoRA on the token embedding (LM) or the patch embedding (Vim)",
+         _attach_embedding)
+for _name, _target, _rows, _act, _help in [
+        ("lora_X", "in_proj", _x_rows, True, "LoRA on in_proj rows 0..E-1 (the x branch)"),
+        ("lora_Z", "in_proj", _z_rows, True, "LoRA on in_proj rows E..2E-1 (the z gate)"),
+        ("lora_d", "x_proj", _d_rows, False, "LoRA on the delta rows of x_proj"),
+        ("lora_B", "x_proj", _b_rows, False, "LoRA on the B rows of x_proj"),
+        ("lora_C", "x_proj", _c_rows, False, "LoRA on the C rows of x_proj")]:
+    register(_name, LoRASettings, "Partial LoRA", _help, _mixer_lora(_target, _rows, _act))

@@ -10,7 +10,7 @@ import torch.nn as nn
 from .. import __version__
 from ..io import CheckpointError, read_json, read_weights, write_json, write_safetensors
 from ..models.adapter import peft_dicts
-from .config import PeftConfig
+from .config import METHODS, PeftConfig
 from .inject import backbone, inject, mixers, model_kind
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -64,19 +64,16 @@ class PeftModel(nn.Module):
     def _attach(self, config, name, trainable):
         """Attach `config` as adapter `name`; on any failure the model is left exactly as it was."""
         model = self.base_model
-        kind = model_kind(model)
-        config.validate_for(kind)
-        if kind == "lm" and "head" in config.methods and model.config.tie_word_embeddings:
-            raise ValueError("method 'head' needs an untied LM head; this model ties lm_head to the embedding")
+        config.validate_for(model_kind(model))
         if not isinstance(name, str) or not name.isidentifier() or "__" in name:
             raise ValueError(f"adapter name {name!r}: expected a Python identifier without '__'")
         if name in self.peft_configs:
             raise ValueError(f"an adapter named {name!r} is already loaded; loaded: {', '.join(self.peft_configs)}")
-        in_place = {"full", "head"}
+        in_place = {n for n in METHODS if METHODS[n].base_params is not None}   # full, head
         if self.peft_configs and (in_place & set(config.methods) or
                                   any(in_place & set(c.methods) for c in self.peft_configs.values())):
-            raise ValueError("methods 'full' and 'head' train base weights in place: such an adapter cannot "
-                             "share its base model with another adapter")
+            raise ValueError(f"methods {', '.join(sorted(in_place))} train base weights in place: such an adapter "
+                             "cannot share its base model with another adapter")
         undo = _Undo(model)
         try:
             first = not self.peft_configs
@@ -89,11 +86,9 @@ class PeftModel(nn.Module):
                     for p in module.parameters():
                         p.requires_grad_(trainable)
                         method_of[p] = method
-            for method in in_place & set(config.methods):
-                params = model.parameters() if method == "full" else \
-                    (model.head if kind == "vim" else model.lm_head).parameters()
-                for p in params:
-                    if p not in method_of or method == "head":
+            for method in sorted(in_place & set(config.methods), key=list(METHODS).index):
+                for p in METHODS[method].base_params(model):   # not adapters' tensors; head claims from full
+                    if p not in method_of or method_of[p] in in_place:
                         p.requires_grad_(trainable)
                         method_of[p] = method
         except BaseException:
@@ -146,8 +141,9 @@ class PeftModel(nn.Module):
     @contextmanager
     def disable_adapters(self):
         """`with peft.disable_adapters():` the base model's outputs, adapters kept for afterwards."""
-        if {"full", "head"} & set(self.peft_config.methods):
-            raise ValueError("methods 'full' and 'head' train base weights in place; they cannot be disabled")
+        in_place = sorted(n for n in self.peft_config.methods if METHODS[n].base_params is not None)
+        if in_place:
+            raise ValueError(f"method(s) {', '.join(in_place)} train base weights in place; they cannot be disabled")
         dicts = peft_dicts(self.base_model)
         flags = [(a, a.active) for d in dicts for a in d.values()]
         try:
