@@ -2,6 +2,28 @@
 import math
 from dataclasses import asdict, dataclass, field, fields
 
+POSITIVE_INTS = ("vocab_size", "hidden_size", "state_size", "num_hidden_layers", "expand", "conv_kernel",
+                 "time_step_rank", "img_size", "patch_size", "in_chans", "num_classes")
+POSITIVE_FLOATS = ("layer_norm_epsilon", "time_step_min", "time_step_max", "time_step_floor", "time_step_scale")
+
+
+def check_fields(config):
+    """Types and ranges of a model config's fields: a string where a boolean or number belongs (read
+    from JSON) would be read wrongly or fail at the first forward, a negative epsilon gives NaN."""
+    name = type(config).__name__
+    for f in fields(config):
+        v = getattr(config, f.name)
+        if f.name in POSITIVE_INTS and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ValueError(f"{name}.{f.name} must be a positive integer, got {v!r}")
+        if f.name in POSITIVE_FLOATS and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0
+                                          or not math.isfinite(v)):
+            raise ValueError(f"{name}.{f.name} must be a number > 0, got {v!r}")
+        if f.type in (bool, "bool") and not isinstance(v, bool):
+            raise ValueError(f"{name}.{f.name} must be true or false, got {v!r}")
+    rate = getattr(config, "drop_path_rate", 0.0)
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+        raise ValueError(f"{name}.drop_path_rate must be a number in [0, 1), got {rate!r}")
+
 
 @dataclass
 class MambaConfig:
@@ -27,13 +49,9 @@ class MambaConfig:
     time_step_scale: float = 1.0
 
     def __post_init__(self):
-        if self.time_step_rank == "auto":
+        if self.time_step_rank == "auto" and isinstance(self.hidden_size, int):
             self.time_step_rank = math.ceil(self.hidden_size / 16)
-        for name in ("vocab_size", "hidden_size", "state_size", "num_hidden_layers", "expand",
-                     "conv_kernel", "time_step_rank"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"MambaConfig.{name} must be a positive integer, got {value!r}")
+        check_fields(self)
 
     @property
     def intermediate_size(self):
@@ -42,12 +60,16 @@ class MambaConfig:
     @classmethod
     def from_dict(cls, d, source="config"):
         """Read a Hugging Face MambaConfig dict or an original state-spaces/mamba config dict."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
         d = dict(d)
         if "d_model" in d:  # original state-spaces/mamba format
             missing = [k for k in ("d_model", "n_layer", "vocab_size") if k not in d]
             if missing:
                 raise ValueError(f"{source}: original-format config lacks {', '.join(missing)}")
             ssm = d.get("ssm_cfg") or {}
+            if not isinstance(ssm, dict):
+                raise ValueError(f"{source}: ssm_cfg must be an object, got {ssm!r}")
             if ssm.get("layer", "Mamba1") not in ("Mamba1", "Mamba"):
                 raise ValueError(f"{source}: ssm_cfg.layer={ssm['layer']!r}; only Mamba-1 is supported")
             vocab, mult = d["vocab_size"], d.get("pad_vocab_size_multiple", 1)
@@ -66,7 +88,10 @@ class MambaConfig:
         if d.get("model_type", "mamba") != "mamba":
             raise ValueError(f"{source}: model_type={d['model_type']!r}; expected 'mamba' (Mamba-1)")
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        try:
+            return cls(**{k: v for k, v in d.items() if k in known})
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
 
     def to_hf_dict(self):
         d = asdict(self)
@@ -103,8 +128,9 @@ class VimConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.time_step_rank == "auto":
+        if self.time_step_rank == "auto" and isinstance(self.hidden_size, int):
             self.time_step_rank = math.ceil(self.hidden_size / 16)
+        check_fields(self)
         if self.img_size % self.patch_size:
             raise ValueError(f"VimConfig.img_size={self.img_size} is not a multiple of patch_size={self.patch_size}")
 

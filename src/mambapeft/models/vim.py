@@ -298,10 +298,15 @@ def _read_directory(directory, label=None):
         config = None
         if os.path.isfile(cfg_file):
             d = read_json(cfg_file)
+            if not isinstance(d, dict):
+                raise CheckpointError(f"{cfg_file}: expected a JSON object, got {type(d).__name__}")
             if d.get("model_type", "vim") != "vim":
                 raise CheckpointError(f"{cfg_file}: model_type={d['model_type']!r}, expected 'vim'")
             known = {f.name for f in fields(VimConfig)}
-            config = VimConfig(**{k: v for k, v in d.items() if k in known})
+            try:
+                config = VimConfig(**{k: v for k, v in d.items() if k in known})
+            except ValueError as e:
+                raise CheckpointError(f"{cfg_file}: {e}") from None
         return _read_file(weights), config, weights
     pths = sorted(f for f in os.listdir(directory) if f.endswith((".pth", ".pt")))
     if len(pths) != 1:
