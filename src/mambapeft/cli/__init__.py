@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 DEFAULT_MODEL = str(Path(__file__).parent.parent / "assets" / "tiny-mamba")
-COMMANDS = ["methods", "generate"]   # modules of this package, in the order --help lists them
+COMMANDS = ["methods", "generate", "train", "merge"]   # modules of this package, in the order --help lists them
 
 
 class UsageError(ValueError):
@@ -26,9 +26,19 @@ def main(argv=None):
     modules = {name: importlib.import_module(f".{name}", __name__) for name in COMMANDS}
     for module in modules.values():
         module.add_parser(sub)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:   # argparse leaves `key=value` overrides written after an option (train CFG --resume a=b)
+        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides += extra
     try:
         return modules[args.command].run(args) or 0
     except user_errors() as e:
         print(f"mambapeft: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:   # a run that cannot go on (non-finite loss): one line, status 1
+        from ..training.trainer import TrainingError
+        if not isinstance(e, TrainingError):
+            raise
+        print(f"mambapeft: error: {e}", file=sys.stderr)
+        return 1

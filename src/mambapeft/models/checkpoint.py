@@ -34,8 +34,10 @@ def read_state_dict(directory):
 
 
 def to_hf_names(state):
-    """Original state-spaces/mamba names -> Hugging Face names (only the embedding differs)."""
-    return {re.sub(r"^backbone\.embedding\.", "backbone.embeddings.", k): v for k, v in state.items()}
+    """Original state-spaces/mamba names -> Hugging Face names (only the embedding differs). FalconMamba's
+    mixer norms have no weights; transformers keeps dummy all-ones ones, dropped here if a file holds them."""
+    return {re.sub(r"^backbone\.embedding\.", "backbone.embeddings.", k): v for k, v in state.items()
+            if not re.search(r"\.mixer\.(b|c|dt)_layernorm\.weight$", k)}
 
 
 def load_into(model, state, source):
@@ -72,10 +74,21 @@ def load_pretrained(cls, name_or_path, dtype=None):
         if not isinstance(getattr(torch, dtype, None), torch.dtype) or dtype == "auto":
             raise ValueError(f"dtype={dtype!r}: expected a torch.dtype or one of float32, float16, bfloat16")
         dtype = getattr(torch, dtype)
-    model = cls(config, init=False)
+    model = build_in_dtype(cls, config, dtype)
     load_into(model, to_hf_names(read_state_dict(directory)), str(directory))
-    model = model.to(dtype) if dtype is not None else model
     return model.eval()   # as transformers: identical forwards give identical outputs until .train()
+
+
+def build_in_dtype(cls, config, dtype=None):
+    """An uninitialised model created directly in `dtype` (a 7B model in bf16 never exists in fp32)."""
+    if dtype is None or not dtype.is_floating_point:
+        return cls(config, init=False) if dtype is None else cls(config, init=False).to(dtype)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return cls(config, init=False)
+    finally:
+        torch.set_default_dtype(old)
 
 
 def save_pretrained(model, directory):
