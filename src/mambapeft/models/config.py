@@ -2,7 +2,7 @@
 import math
 from dataclasses import asdict, dataclass, field, fields
 
-POSITIVE_INTS = ("vocab_size", "hidden_size", "state_size", "num_hidden_layers", "expand", "conv_kernel",
+POSITIVE_INTS = ("vocab_size", "hidden_size", "state_size", "expand", "conv_kernel",
                  "time_step_rank", "img_size", "patch_size", "in_chans", "num_classes")
 POSITIVE_FLOATS = ("layer_norm_epsilon", "time_step_min", "time_step_max", "time_step_floor", "time_step_scale")
 
@@ -13,8 +13,10 @@ def check_fields(config):
     name = type(config).__name__
     for f in fields(config):
         v = getattr(config, f.name)
-        if f.name in POSITIVE_INTS and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            raise ValueError(f"{name}.{f.name} must be a positive integer, got {v!r}")
+        low = getattr(config, "min_layers", 1) if f.name == "num_hidden_layers" else 1
+        ints = POSITIVE_INTS + ("num_hidden_layers",)
+        if f.name in ints and (not isinstance(v, int) or isinstance(v, bool) or v < low):
+            raise ValueError(f"{name}.{f.name} must be {'a positive' if low else 'a non-negative'} integer, got {v!r}")
         if f.name in POSITIVE_FLOATS and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0
                                           or not math.isfinite(v)):
             raise ValueError(f"{name}.{f.name} must be a number > 0, got {v!r}")
@@ -139,6 +141,7 @@ LM_SHAPES = {   # state-spaces/mamba-*-hf and tiiuae/falcon-mamba-7b (N=16, expa
 @dataclass
 class VimConfig:
     """Vision Mamba (Vim) with a middle CLS token, as in hustvl/Vim-*-midclstok."""
+    min_layers = 0   # no layers is a valid (test) model: norm_f of the CLS token
     img_size: int = 224
     patch_size: int = 16
     in_chans: int = 3
