@@ -60,7 +60,7 @@ class PeftConfig:
         methods = d["methods"]
         if isinstance(methods, list):
             methods = {m: {} for m in methods}
-        extra = sorted(set(d) - {"methods", "peft_type", "mambapeft_version", "base_model"})
+        extra = sorted(set(d) - {"methods", "peft_type", "mambapeft_version", "base_model", "pair"})
         if extra:
             raise ConfigError(f"{source}: unknown field(s) {', '.join(extra)}; expected 'methods'")
         try:

@@ -310,7 +310,7 @@ def read_adapter(model, directory):
     raw = read_json(directory / ADAPTER_CONFIG)
     if not isinstance(raw, dict):
         raise CheckpointError(f"{directory / ADAPTER_CONFIG}: expected a JSON object")
-    config = PeftConfig.from_dict({k: v for k, v in raw.items() if k != "pair"}, str(directory / ADAPTER_CONFIG))
+    config = PeftConfig.from_dict(raw, str(directory / ADAPTER_CONFIG))
     saved, ours = raw.get("base_model", {}), base_config_dict(model)
     diff = sorted(k for k in set(saved) | set(ours) if k != "extra" and saved.get(k) != ours.get(k))
     if diff:
