@@ -274,7 +274,7 @@ def test_paper_task_from_a_data_directory(tmp_path, tiny, tok):
     (["--tasks", "no_such_task_xyz"], "no_such_task_xyz: expected one of boolq, piqa"),
     (["--tasks", "winogrande", "--data-dir", "{d}"],
      "winogrande: data set allenai/winogrande (winogrande_xl) is not in the local hub cache"),
-    (["--tasks", "{d}/rsum.yaml", "--adapter", "{d}/none"], "adapter_config.json: file not found"),
+    (["--tasks", "{d}/rsum.yaml", "--adapter", "{d}/none"], "none: expected an adapter directory"),
     (["--tasks", "{d}/rsum.yaml", "--batch-size", "0"], "--batch-size and --limit"),
 ])
 def test_eval_bad_input_is_one_line_error(tmp_path, capsys, args, expected):
