@@ -1,0 +1,138 @@
+"""What one worker holds for a whole search (the tasks, one loaded base model per task) and the
+trial objective: wrap, train, score on validation only, restore the base model."""
+import copy
+import gc
+import math
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from ..peft import PeftConfig, get_peft_model
+from ..peft.config import ConfigError
+from ..training.task import build_task
+from .base import BaseModel
+from .runner import TRIAL_ERRORS, train_and_score
+
+
+class TrialFailed(RuntimeError):
+    """The trial's training diverged or ran out of memory: recorded as FAIL, the search goes on."""
+
+
+class Surplus(RuntimeError):
+    """Other workers already hold the trials that reach the requested count: this one does not run."""
+
+
+class ValidationOnly:
+    """A task as the search sees it: evaluating any split but validation is a bug, not a trial failure."""
+
+    def __init__(self, task):
+        self._task = task
+
+    def __getattr__(self, name):
+        return getattr(self._task, name)
+
+    def evaluate(self, model, split):
+        if split != "validation":
+            raise AssertionError(f"the search asked for the {split!r} split; trials see validation only")
+        return self._task.evaluate(model, split)
+
+
+class Workspace:
+    """The tasks of a search and one base model per task, loaded once per worker process."""
+
+    def __init__(self, cfg, runner=train_and_score):
+        self.cfg, self.runner = cfg, runner
+        self.tasks = [build_task(section, f"{cfg['source']}: tasks[{i}]") for i, section in enumerate(cfg["tasks"])]
+        better = {t.greater_is_better for t in self.tasks}
+        if len(better) > 1:
+            raise ConfigError(f"{cfg['source']}: tasks: their metrics do not agree on a direction "
+                              f"({', '.join(t.metric for t in self.tasks)}); the search averages them")
+        self.greater_is_better = better.pop()
+        self.bases = [BaseModel(t.load_model(cfg["model"])) for t in self.tasks]
+
+    @property
+    def direction(self):
+        return "maximize" if self.greater_is_better else "minimize"
+
+    def trainable(self, methods):
+        """Trainable parameter count of `methods` on the first task's model."""
+        base = self.bases[0]
+        try:
+            return get_peft_model(base.model, PeftConfig.from_dict({"methods": methods})).num_parameters()[0]
+        finally:
+            base.restore()
+
+    def validation_score(self, trial, methods):
+        """Mean validation score over the tasks. Intermediate scores go to the pruner at one global
+        step counter: every trial runs the tasks in the same order with the same schedule, so the
+        pruner compares like with like."""
+        step, scores = 0, []
+
+        def report(value):
+            nonlocal step
+            trial.report(float(value), step)
+            step += 1
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at intermediate step {step - 1}")
+
+        for task, base in zip(self.tasks, self.bases):
+            try:
+                out = self.runner(ValidationOnly(task), base.model, copy.deepcopy(methods),
+                                  dict(self.cfg["training"]), report)
+            except TRIAL_ERRORS as e:
+                raise TrialFailed(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+            finally:
+                base.restore()
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            scores.append(out["validation"])
+        trial.set_user_attr("scores", scores)
+        return sum(scores) / len(scores)
+
+    def test_scores(self, methods):
+        """The final configuration trained once per task (with search.final_task merged into the task)
+        and scored on the test split: the only time the search opens it."""
+        results = []
+        for i, (section, base) in enumerate(zip(self.cfg["tasks"], self.bases)):
+            section = {**section, **self.cfg["search"]["final_task"]}
+            task = build_task(section, f"{self.cfg['source']}: tasks[{i}] with search.final_task")
+            try:
+                out = self.runner(task, base.model, copy.deepcopy(methods), dict(self.cfg["training"]),
+                                  lambda value: None, split="test")
+            finally:
+                base.restore()
+            results.append({"task": section, "metric": task.metric, "test": out["test"]})
+        return results
+
+
+def make_objective(workspace, suggest, n_trials):
+    """The Optuna objective of one step; `suggest(trial)` gives the trial's {method: settings}."""
+
+    def objective(trial):
+        _check_not_surplus(trial, n_trials)
+        methods = suggest(trial)
+        trial.set_user_attr("methods", methods)
+        if not methods:   # TPE learns from a pruned trial that this corner is worthless
+            trial.set_user_attr("note", "no method chosen")
+            raise optuna.TrialPruned("no method chosen")
+        trial.set_user_attr("trainable", workspace.trainable(methods))
+        value = workspace.validation_score(trial, methods)
+        if not math.isfinite(value):
+            raise TrialFailed(f"validation score {value}")
+        return value
+
+    return objective
+
+
+def _check_not_surplus(trial, n_trials):
+    """Exactly n_trials finished (COMPLETE or PRUNED) trials, whatever the number of workers: a trial
+    runs only if the finished ones plus the running ones numbered before it leave room for it."""
+    study = trial.study
+    ahead = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
+                                                                  TrialState.RUNNING))
+             if t.state != TrialState.RUNNING or t.number < trial.number]
+    if len(ahead) >= n_trials:
+        trial.set_user_attr("note", "surplus: not run, the requested count was already reached")
+        raise Surplus(f"trial {trial.number} not run: {n_trials} trials are finished or running")
