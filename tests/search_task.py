@@ -3,9 +3,11 @@ shipped tiny character Mamba (which knows the forward sums). It records every sp
 in SPLITS and, when MAMBAPEFT_TEST_SPLITS names a file, one line per evaluation there.
 
 Task settings: {type: search_toy, train: 400, validation: 64, test: 64, nan_if: <method name>} —
-`nan_if` makes the loss NaN whenever that method is attached (to test failed trials)."""
+`nan_if` makes the loss NaN whenever that method is attached (to test failed trials); `step_sleep`
+seconds per training loss make trials slow enough to kill one midway."""
 import os
 import random
+import time
 
 import torch
 
@@ -29,7 +31,7 @@ class SumsBackwards:
         n = [section.get(k, d) for k, d in (("train", 400), ("validation", 64), ("test", 64))]
         self.splits = {"train": items[:n[0]], "validation": items[n[0]:n[0] + n[1]],
                        "test": items[n[0] + n[1]:sum(n)]}
-        self.nan_if = section.get("nan_if")
+        self.nan_if, self.step_sleep = section.get("nan_if"), section.get("step_sleep", 0)
 
     def load_model(self, model_section):
         from mambapeft.cli import DEFAULT_MODEL
@@ -51,6 +53,7 @@ class SumsBackwards:
     def loss(self, model, batch):
         count = (batch["labels"][:, 1:] != -100).sum()
         loss = model(batch["input_ids"], labels=batch["labels"]).loss * count
+        time.sleep(self.step_sleep if model.training else 0)
         if self.nan_if and self.nan_if in model.peft_config.methods:
             loss = loss * float("nan")
         return loss, count

@@ -22,6 +22,9 @@ def run_search(cfg, step="both", test=True, runner=train_and_score):
     from .study import make_storage, step1, step2
 
     s, out = cfg["search"], Path(cfg["output_dir"])
+    if s["threads"]:
+        import torch
+        torch.set_num_threads(s["threads"])
     out.mkdir(parents=True, exist_ok=True)
     workspace = Workspace(cfg, runner)
     space = Space.load(s["space"], model_kind(workspace.bases[0].model))

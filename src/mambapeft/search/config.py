@@ -16,6 +16,8 @@
       grace_period: null              # default 2 x heartbeat_interval
       max_retry: 3                    # retries of a trial whose worker died
       final_task: {}                  # merged into each task for the final run on its test split
+      threads: null                   # torch CPU threads per worker (default: torch's choice); with
+                                      # several workers on one machine, cores / workers
 """
 import copy
 from pathlib import Path
@@ -25,7 +27,7 @@ from .space import read_yaml
 
 SEARCH = {"space": None, "trials": {"step1": 100, "step2": 100}, "pruner": {"type": "median"}, "storage": None,
           "study": None, "seed": 0, "heartbeat_interval": 30, "grace_period": None, "max_retry": 3,
-          "final_task": {}}
+          "final_task": {}, "threads": None}
 PRUNERS = {"median": {"startup_trials": 5, "warmup_steps": 0},
            "halving": {"min_resource": 1, "reduction_factor": 3},
            "none": {}}
@@ -67,6 +69,9 @@ def load_search_config(path, storage=None, study=None, trials=None):
         if not isinstance(s[key], int) or isinstance(s[key], bool) or s[key] < (1 if key == "heartbeat_interval" else 0):
             raise ConfigError(f"{src}: search.{key}: expected an integer >= "
                               f"{1 if key == 'heartbeat_interval' else 0}, got {s[key]!r}")
+    if s["threads"] is not None and (not isinstance(s["threads"], int) or isinstance(s["threads"], bool)
+                                     or s["threads"] < 1):
+        raise ConfigError(f"{src}: search.threads: expected an integer >= 1 or null, got {s['threads']!r}")
     grace = s["grace_period"]
     if grace is not None and (not isinstance(grace, int) or grace <= s["heartbeat_interval"]):
         raise ConfigError(f"{src}: search.grace_period: expected an integer above heartbeat_interval, got {grace!r}")

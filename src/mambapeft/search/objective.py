@@ -3,6 +3,8 @@ trial objective: wrap, train, score on validation only, restore the base model."
 import copy
 import gc
 import math
+import os
+import socket
 
 import optuna
 import torch
@@ -112,6 +114,7 @@ def make_objective(workspace, suggest, n_trials):
 
     def objective(trial):
         _check_not_surplus(trial, n_trials)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         methods = suggest(trial)
         trial.set_user_attr("methods", methods)
         if not methods:   # TPE learns from a pruned trial that this corner is worthless

@@ -64,7 +64,7 @@ def write_report(cfg, studies, final=None):
     ({study, trial, tasks: [{task, metric, test}]}), also written to final.json."""
     out = Path(cfg["output_dir"])
     lines = [f"# Search report: {cfg['search']['study']}", "",
-             f"Config `{cfg['source']}`, storage `{_redact(cfg['search']['storage'])}`.", ""]
+             f"Config `{cfg['source']}`, storage `{redact(cfg['search']['storage'])}`.", ""]
     for study in studies:
         counts = {s.name: 0 for s in TrialState}
         for t in study.get_trials(deepcopy=False):
@@ -93,7 +93,7 @@ def write_report(cfg, studies, final=None):
     return out / "report.md"
 
 
-def _redact(url):
+def redact(url):
     """A database URL without its password, for the report."""
     if "@" in url and "://" in url:
         scheme, rest = url.split("://", 1)

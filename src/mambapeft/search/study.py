@@ -13,6 +13,7 @@ from optuna.trial import TrialState
 
 from ..peft.config import ConfigError, PeftConfig
 from .objective import Surplus, TrialFailed, make_objective
+from .report import redact
 from .space import NONE
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -33,19 +34,22 @@ class TrialSeededTPE(optuna.samplers.TPESampler):
         super().before_trial(study, trial)
 
 
-def make_storage(s):
+def make_storage(s, attempts=3):
     """An RDBStorage with heartbeats for search settings `s` (any SQLAlchemy URL Optuna accepts)."""
     url = s["storage"]
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    try:
-        with warnings.catch_warnings():   # heartbeats are "experimental" in Optuna since 2.x
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=s["heartbeat_interval"],
-                              grace_period=s["grace_period"],
-                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(s["max_retry"]))
-    except Exception as e:   # a wrong URL, a server that is down: the user's to fix
-        raise ConfigError(f"search.storage {url!r}: cannot open it ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    for attempt in range(attempts):
+        try:
+            with warnings.catch_warnings():   # heartbeats are "experimental" in Optuna since 2.x
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=s["heartbeat_interval"],
+                                  grace_period=s["grace_period"],
+                                  heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(s["max_retry"]))
+        except Exception as e:   # workers starting together race to create the tables: try again
+            if attempt + 1 == attempts:   # a wrong URL, a server that is down: the user's to fix
+                raise ConfigError(f"search.storage {redact(url)!r}: cannot open it ({type(e).__name__}: "
+                                  f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+            time.sleep(1.0 + attempt)
 
 
 def make_pruner(p):
