@@ -22,9 +22,10 @@ from mambapeft.peft.config import ConfigError
 from mambapeft.search import Space, load_search_config, run_search
 from mambapeft.search.base import BaseModel
 from mambapeft.search.runner import train_and_score
+from mambapeft.search.study import with_driver
 
 TESTS = Path(__file__).parent
-POSTGRES = os.environ.get("MAMBAPEFT_TEST_POSTGRES_URL")
+POSTGRES = os.environ.get("MAMBAPEFT_TEST_POSTGRES_URL")   # .ci/run starts a server and sets it
 SPACE = {"step1": {"candidates": {"lora_X": {"r": 4}, "lora_out_proj": {"r": 4}, "D": {},
                                   "additional_scan": {"states": 1}}}}
 
@@ -55,7 +56,7 @@ def finished(study):
 
 
 def test_two_step_search_writes_a_config_that_trains_and_never_opens_test(tmp_path):
-    path = write_config(tmp_path)
+    path = write_config(tmp_path, trials=4)
     cfg = load_search_config(path)
     search_task.SPLITS.clear()
     paths = run_search(cfg, test=False)
@@ -63,7 +64,7 @@ def test_two_step_search_writes_a_config_that_trains_and_never_opens_test(tmp_pa
     storage = cfg["search"]["storage"]
     s1 = optuna.load_study(study_name="search.step1", storage=storage)
     s2 = optuna.load_study(study_name="search.step2", storage=storage)
-    assert len(finished(s1)) == 5 and len(finished(s2)) == 5
+    assert len(finished(s1)) == 4 and len(finished(s2)) == 4
     assert any(t.state == TrialState.PRUNED and t.intermediate_values for t in s1.trials + s2.trials)
     # step 2 starts from step 1's best set by itself: its first trial is that set at its minimal sizes,
     # and (the base model restored between trials) it scores exactly what it scored in step 1
@@ -80,7 +81,7 @@ def test_two_step_search_writes_a_config_that_trains_and_never_opens_test(tmp_pa
     out = train_and_score(task, model, best["methods"], best["training"], lambda v: None)
     assert out["validation"] == pytest.approx(s2.best_value, rel=1e-6)
     report = paths["report"].read_text()
-    assert "| 4 | " in report and "search.step2.history.png" in report and "Test split" not in report
+    assert "| 3 | " in report and "search.step2.history.png" in report and "Test split" not in report
     assert {p.name for p in (tmp_path / "out").glob("*.png")} >= {"search.step1.history.png", "search.step2.size.png"}
 
     # rerunning resumes: nothing new to run; the test split is opened once, for the final configuration
@@ -100,11 +101,11 @@ def test_non_finite_loss_and_out_of_memory_fail_the_trial_and_the_search_goes_on
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return train_and_score(task, model, methods, training, report, split)
 
-    cfg = load_search_config(write_config(tmp_path, trials=6, task={"nan_if": "D"}, pruner="none"))
-    cfg["search"]["trials"]["step2"] = 1
+    cfg = load_search_config(write_config(tmp_path, trials=4, task={"nan_if": "D"}, pruner="none"))
+    cfg["training"]["max_steps"] = 4
     run_search(cfg, step="1", runner=runner)
     study = optuna.load_study(study_name="search.step1", storage=cfg["search"]["storage"])
-    assert len(finished(study)) == 6
+    assert len(finished(study)) == 4
     failed = [t for t in study.trials if t.state == TrialState.FAIL]
     assert failed and all({"D", "lora_out_proj"} & set(t.user_attrs["methods"]) for t in failed)
     assert all(not {"D", "lora_out_proj"} & set(t.user_attrs["methods"])
@@ -167,28 +168,29 @@ def worker(config, *args, env=None):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.skipif(
-    not POSTGRES, reason="MAMBAPEFT_TEST_POSTGRES_URL not set (.ci/run starts a PostgreSQL server)"))])
-def test_two_workers_share_one_study_and_finish_exactly_n_trials(tmp_path, backend):
-    storage = POSTGRES if backend == "postgresql" else f"sqlite:///{tmp_path / 'shared.db'}"
+def shared_storage(tmp_path):
+    """The PostgreSQL server of .ci/run; without one, a SQLite file (the same code path, one machine)."""
+    return POSTGRES or f"sqlite:///{tmp_path / 'shared.db'}"
+
+
+def test_two_workers_share_one_study_and_finish_exactly_n_trials(tmp_path):
+    storage = shared_storage(tmp_path)
     study = f"two-{uuid.uuid4().hex[:8]}"
-    config = write_config(tmp_path, trials=8, storage=storage, pruner={"type": "halving"})
+    config = write_config(tmp_path, trials=6, storage=storage, pruner={"type": "halving"})
     procs = [worker(config, "--study", study, "--step", "1", *(["--no-test"] if i else [])) for i in range(2)]
     outs = [p.communicate(timeout=240)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
-    s = optuna.load_study(study_name=f"{study}.step1", storage=storage)
+    s = optuna.load_study(study_name=f"{study}.step1", storage=with_driver(storage))
     done = finished(s)
-    assert len(done) == 8   # none lost, none counted twice
-    assert len({t.number for t in done}) == 8
+    assert len(done) == 6   # none lost, none counted twice
+    assert len({t.number for t in done}) == 6
     assert len({t.user_attrs["worker"] for t in done}) == 2   # both workers ran trials
     assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) or "surplus" in t.user_attrs.get("note", "")
                for t in s.trials)
 
 
-@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.skipif(
-    not POSTGRES, reason="MAMBAPEFT_TEST_POSTGRES_URL not set (.ci/run starts a PostgreSQL server)"))])
-def test_a_killed_worker_started_again_completes_the_study(tmp_path, backend):
-    storage = POSTGRES if backend == "postgresql" else f"sqlite:///{tmp_path / 'shared.db'}"
+def test_a_killed_worker_started_again_completes_the_study(tmp_path):
+    storage = shared_storage(tmp_path)
     study = f"kill-{uuid.uuid4().hex[:8]}"
     config = write_config(tmp_path, trials=3, storage=storage, task={"step_sleep": 0.15}, pruner="none")
     proc = worker(config, "--study", study, "--step", "1", "--no-test")
@@ -197,7 +199,7 @@ def test_a_killed_worker_started_again_completes_the_study(tmp_path, backend):
     while not running and time.time() < deadline:   # kill it in the middle of its first trial
         time.sleep(0.2)
         try:
-            s = optuna.load_study(study_name=f"{study}.step1", storage=storage)
+            s = optuna.load_study(study_name=f"{study}.step1", storage=with_driver(storage))
             running = [t for t in s.trials if t.state == TrialState.RUNNING and "methods" in t.user_attrs]
         except KeyError:
             pass
@@ -208,7 +210,7 @@ def test_a_killed_worker_started_again_completes_the_study(tmp_path, backend):
     proc = worker(config, "--study", study, "--step", "1", "--no-test")
     out = proc.communicate(timeout=240)[0]
     assert proc.returncode == 0, out
-    s = optuna.load_study(study_name=f"{study}.step1", storage=storage)
+    s = optuna.load_study(study_name=f"{study}.step1", storage=with_driver(storage))
     assert len(finished(s)) == 3
     killed = s.trials[running[0].number]
     assert killed.state == TrialState.FAIL   # its heartbeat stopped

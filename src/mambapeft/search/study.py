@@ -36,7 +36,7 @@ class TrialSeededTPE(optuna.samplers.TPESampler):
 
 def make_storage(s, attempts=3):
     """An RDBStorage with heartbeats for search settings `s` (any SQLAlchemy URL Optuna accepts)."""
-    url = s["storage"]
+    url = with_driver(s["storage"])
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     for attempt in range(attempts):
         try:
@@ -50,6 +50,14 @@ def make_storage(s, attempts=3):
                 raise ConfigError(f"search.storage {redact(url)!r}: cannot open it ({type(e).__name__}: "
                                   f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
             time.sleep(1.0 + attempt)
+
+
+def with_driver(url):
+    """SQLAlchemy 2.1 reads postgresql:// as psycopg (3); we ship psycopg2-binary: use it when psycopg is absent."""
+    import importlib.util
+    if url.startswith(("postgresql://", "postgres://")) and importlib.util.find_spec("psycopg") is None:
+        return "postgresql+psycopg2://" + url.split("://", 1)[1]
+    return url
 
 
 def make_pruner(p):
