@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 DEFAULT_MODEL = str(Path(__file__).parent.parent / "assets" / "tiny-mamba")
-COMMANDS = ["methods", "generate", "search"]   # modules of this package, in the order --help lists them
+COMMANDS = ["methods", "generate", "train", "merge", "search"]   # modules of this package, in the order --help lists them
 
 
 class UsageError(ValueError):
@@ -32,3 +32,9 @@ def main(argv=None):
     except user_errors() as e:
         print(f"mambapeft: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:   # a run that cannot go on (non-finite loss): one line, status 1
+        from ..training.trainer import TrainingError
+        if not isinstance(e, TrainingError):
+            raise
+        print(f"mambapeft: error: {e}", file=sys.stderr)
+        return 1

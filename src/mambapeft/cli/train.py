@@ -1,0 +1,34 @@
+"""`mambapeft train CONFIG.yaml [key=value ...]`: fine-tune as a YAML config says."""
+import argparse
+
+EPILOG = """\
+overrides: key=value pairs set a config key by its dotted path, the value read as YAML, e.g.
+  training.lr=3e-4 training.batch_size=64 methods.lora_X.r=16 output_dir=runs/b
+
+several processes: torchrun --nproc-per-node N -m mambapeft.cli train CONFIG.yaml
+  (or accelerate launch); the effective batch stays training.batch_size.
+
+run directory (output_dir): config.yaml (the resolved config), log.jsonl, tensorboard/,
+checkpoints/step-N/, best/ and last/ (adapters), metrics.json, curves.png; see README.md.
+
+"""
+
+
+def add_parser(sub):
+    from ..training.config import help_text
+    p = sub.add_parser("train", help="fine-tune a model with PEFT methods as a YAML config says",
+                       description=__doc__, epilog=EPILOG + help_text(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="YAML file with model, methods, task, training, output_dir")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (dotted keys)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in output_dir from its newest checkpoint (same config)")
+
+
+def run(args):
+    import json
+    from ..training.trainer import train
+    result = train(args.config, overrides=args.overrides, resume=args.resume)
+    from ..training.distributed import setup
+    if setup("cpu").main:
+        print(json.dumps(result, indent=2))

@@ -1,0 +1,240 @@
+"""The training engine on the shipped tiny model and the toy task (CPU, seconds each)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from mambapeft.cli import main
+from mambapeft.training import logs
+from mambapeft.training.config import apply_overrides, load_config
+from mambapeft.training.schedule import lr_factor
+from mambapeft.training.toy import ToyTask
+from mambapeft.training.trainer import Order, TrainingError, train
+
+TOY = {"model": {}, "task": {"type": "toy", "train": 256, "validation": 64, "test": 64},
+       "methods": {"lora_in_proj": {"r": 8, "scale": 1.0, "dropout": 0.0}},
+       "training": {"lr": 3e-2, "batch_size": 16, "micro_batch_size": 8, "max_steps": 12, "eval_every": 4,
+                    "warmup_steps": 2, "progress": False}}
+
+
+def write_config(tmp_path, name="run", **sections):
+    cfg = {**TOY, **sections, "output_dir": str(tmp_path / name)}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def losses(run_dir):
+    return [r["loss"] for r in logs.read(run_dir / "log.jsonl") if "split" not in r]
+
+
+def cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "mambapeft.cli", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
+
+
+# ---- pieces -------------------------------------------------------------------------------------
+def test_schedule_warms_up_then_decays_to_the_floor():
+    f = [lr_factor(s, 10, warmup=2, kind="cosine", floor=0.1) for s in range(10)]
+    assert f[0] < f[1] < f[2] == 1.0 and all(a >= b for a, b in zip(f[2:], f[3:]))
+    assert lr_factor(10, 10, 2, "linear", 0.1) == pytest.approx(0.1)
+    assert lr_factor(6, 10, 2, "linear", 0.0) == pytest.approx(0.5)
+    assert lr_factor(7, 10, 2, "constant", 0.0) == 1.0
+
+
+def test_order_splits_each_effective_batch_over_processes_the_same_way():
+    from mambapeft.training.distributed import Context
+    t = {"batch_size": 6, "micro_batch_size": 2, "seed": 3}
+    one = Order(40, t, Context())
+    two = [Order(40, t, Context(rank=r, world=2)) for r in range(2)]
+    for step in range(12):   # two epochs of 6 steps, 4 items dropped per epoch
+        assert sorted(two[0].share(step) + two[1].share(step)) == sorted(one.share(step))
+    assert one.permutation(0) != one.permutation(1)
+    batches = list(one.micro_batches(3, 5))
+    assert batches == [one.share(3)[:2], one.share(3)[2:4], one.share(3)[4:], one.share(4)[:2],
+                       one.share(4)[2:4], one.share(4)[4:]]
+
+
+def test_overrides_are_typed_by_yaml(tmp_path):
+    raw = apply_overrides({"training": {"lr": 1.0}}, ["training.lr=3e-4", "training.progress=false",
+                                                       "methods.lora_X.r=16", "output_dir=runs/x"])
+    assert raw == {"training": {"lr": "3e-4", "progress": False}, "methods": {"lora_X": {"r": 16}},
+                   "output_dir": "runs/x"}
+    cfg = load_config(write_config(tmp_path), ["training.lr=3e-4", "training.batch_size=8"])
+    assert cfg["training"]["lr"] == 3e-4 and cfg["training"]["batch_size"] == 8
+    assert cfg["training"]["schedule"] == "cosine"   # defaults filled in
+
+
+# ---- a whole run --------------------------------------------------------------------------------
+def test_a_run_lowers_the_validation_loss_and_writes_adapters_that_load_and_merge(tmp_path, capsys):
+    from mambapeft.models import MambaForCausalLM
+    from mambapeft.peft import PeftModel
+    cfg = write_config(tmp_path)
+    assert main(["train", str(cfg)]) == 0
+    run = tmp_path / "run"
+    result = json.loads(capsys.readouterr().out)
+    task = ToyTask(TOY["task"])
+    base = task.load_model({}).eval()
+    with torch.no_grad():
+        before = task.evaluate(base, "validation")["loss"]
+    val = [r for r in logs.read(run / "log.jsonl") if r.get("split") == "validation"]
+    assert [r["step"] for r in val] == [4, 8, 12]
+    assert result["best"] == min(r["loss"] for r in val) < 0.7 * before
+    # the best adapter loads onto a fresh base model and gives the metrics the run recorded
+    peft = PeftModel.from_pretrained(task.load_model({}), run / "best").eval()
+    with torch.no_grad():
+        again = task.evaluate(peft, "validation")
+    assert again["loss"] == pytest.approx(result["best_validation"]["loss"], rel=1e-6)
+    assert set(os.listdir(run)) >= {"config.yaml", "log.jsonl", "tensorboard", "checkpoints", "best", "last",
+                                    "metrics.json", "curves.png"}
+    assert len(os.listdir(run / "checkpoints")) == 2   # keep_checkpoints
+    # the resolved config reproduces the run
+    assert yaml.safe_load((run / "config.yaml").read_text())["training"]["lr"] == 3e-2
+    # merged: a plain model file that gives the adapter's logits
+    assert main(["merge", str(run), str(tmp_path / "merged")]) == 0
+    merged = MambaForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ids = torch.tensor([task.splits["validation"][0][0]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, peft(ids).logits, rtol=1e-4, atol=1e-4)
+    assert (tmp_path / "merged" / "tokenizer.json").is_file()
+
+
+def test_resume_after_sigkill_gives_the_uninterrupted_loss_curve_bit_for_bit(tmp_path):
+    training = {**TOY["training"], "max_steps": 20, "eval_every": 10, "save_every": 3, "keep_checkpoints": 2}
+    methods = {"lora_in_proj": {"r": 8, "scale": 1.0, "dropout": 0.1}}   # dropout: the RNG state must resume too
+    whole = write_config(tmp_path, "whole", training=training, methods=methods)
+    cut = write_config(tmp_path, "cut", training=training, methods=methods)
+    proc = subprocess.Popen([sys.executable, "-m", "mambapeft.cli", "train", str(cut)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list((tmp_path / "cut" / "checkpoints").glob("step-*")) and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)                    # somewhere after the first checkpoint, mid-step or mid-write
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    killed_at = len(losses(tmp_path / "cut"))
+    assert killed_at < 20
+    r = cli("train", cut, "--resume")
+    assert r.returncode == 0, r.stderr
+    r = cli("train", whole)
+    assert r.returncode == 0, r.stderr
+    assert losses(tmp_path / "cut") == losses(tmp_path / "whole") and len(losses(tmp_path / "whole")) == 20
+    from safetensors.torch import load_file
+    a, b = (load_file(tmp_path / n / "last" / "adapter_model.safetensors") for n in ("cut", "whole"))
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_two_processes_equal_one_with_the_same_effective_batch(tmp_path):
+    one = write_config(tmp_path, "one")
+    two = write_config(tmp_path, "two")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                        "-m", "mambapeft.cli", "train", str(two)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert main(["train", str(one)]) == 0
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(a) == len(b) == 12
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5
+    from safetensors.torch import load_file
+    wa, wb = (load_file(tmp_path / n / "last" / "adapter_model.safetensors") for n in ("one", "two"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-5)
+
+
+class NanAt(ToyTask):
+    """The toy task whose loss becomes infinite at one optimizer step."""
+
+    def __init__(self, section, bad_step):
+        super().__init__(section)
+        self.calls, self.bad_call = 0, 2 * (bad_step - 1)   # two micro-batches per step
+
+    def loss(self, model, batch):
+        s, c = super().loss(model, batch)
+        self.calls += 1
+        return (s * float("inf") if self.calls - 1 == self.bad_call else s), c
+
+
+def test_a_non_finite_loss_stops_naming_the_step_and_methods_and_keeps_the_last_checkpoint(tmp_path, capsys):
+    cfg = load_config(write_config(tmp_path, methods={"lora_in_proj": {"r": 4}, "D": {}}),
+                      ["training.save_every=3"])
+    with pytest.raises(TrainingError) as e:
+        train(cfg, task=NanAt(TOY["task"], bad_step=8))
+    msg = str(e.value)
+    assert "step 8:" in msg and "lora_in_proj" in msg and "D" in msg and "step-00000006" in msg
+    assert "\n" not in msg
+    ckpts = sorted(os.listdir(tmp_path / "run" / "checkpoints"))
+    assert ckpts == ["step-00000003", "step-00000006"]
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-00000006" / "state.json").read_text())
+    assert state["step"] == 6
+    from safetensors.torch import load_file
+    w = load_file(tmp_path / "run" / "checkpoints" / "step-00000006" / "adapter_model.safetensors")
+    assert all(torch.isfinite(v).all() for v in w.values())
+    # the CLI turns it into one line and status 1
+    from mambapeft.training.task import TASKS
+    TASKS["nan_toy"] = lambda section, source: NanAt(TOY["task"], bad_step=2)
+    try:
+        cfg2 = write_config(tmp_path, "nan", task={"type": "nan_toy"})
+        assert main(["train", str(cfg2)]) == 1
+    finally:
+        del TASKS["nan_toy"]
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mambapeft: error: step 2: non-finite loss") and "\n" not in err
+
+
+# ---- user mistakes: one line, status 2 ----------------------------------------------------------
+def bad_inputs(tmp_path):
+    good = write_config(tmp_path, "good")
+    (tmp_path / "bad.yaml").write_text("model: {\n  task: [")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "config.yaml").write_text("x: 1\n")
+    nokey = tmp_path / "nokey.yaml"
+    nokey.write_text(yaml.safe_dump({k: v for k, v in TOY.items() if k != "task"} | {"output_dir": "x"}))
+    return [
+        ([tmp_path / "missing.yaml"], "config file not found"),
+        ([tmp_path / "bad.yaml"], "not valid YAML"),
+        ([tmp_path / "list.yaml"], "top level: expected a mapping"),
+        ([nokey], "task: missing"),
+        ([good, "methods={lora_q: {}}"], "unknown method 'lora_q'"),
+        ([good, "methods=lora_q"], "unknown language preset 'lora_q'"),
+        ([good, "training.lr=fast"], "training.lr: expected a number > 0, got 'fast'"),
+        ([good, "training.batch_sz=4"], "training.batch_sz: unknown setting"),
+        ([good, "training.schedule=step"], "training.schedule: expected one of cosine, linear, constant"),
+        ([good, "training.batch_size=1000"], "training.batch_size: 1000 is more than the 256 training items"),
+        ([good, "task.type=speech"], "task.type: unknown task type 'speech'"),
+        ([good, "task.op=mul"], "task.op: expected reverse or add"),
+        ([good, f"model.path={tmp_path / 'nomodel'}"], "no such directory"),
+        ([good, f"output_dir={tmp_path / 'busy'}"], "holds another run; pass --resume"),
+        ([good, f"output_dir={tmp_path / 'fresh'}", "--resume"], "holds no run"),
+        ([good, "lr"], "expected key=value"),
+    ]
+
+
+def test_each_bad_input_is_one_line_with_status_2(tmp_path, capsys):
+    for args, expected in bad_inputs(tmp_path):
+        assert main(["train", *map(str, args)]) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("mambapeft: error: ") and "\n" not in err and expected in err, (args, err)
+    assert main(["merge", str(tmp_path / "nowhere"), str(tmp_path / "out")]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+
+
+def test_a_bad_input_from_the_command_line_has_no_traceback(tmp_path):
+    r = cli("train", write_config(tmp_path), "training.epochs=-1")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [f"mambapeft: error: {tmp_path / 'run.yaml'}: training.epochs: "
+                                             "expected a number > 0, got -1"]
+
+
+def test_resume_refuses_a_changed_config(tmp_path, capsys):
+    cfg = write_config(tmp_path, training={**TOY["training"], "max_steps": 2})
+    assert main(["train", str(cfg)]) == 0
+    assert main(["train", str(cfg), "--resume", "training.lr=0.5"]) == 2
+    assert "training.lr: differs from the run being resumed" in capsys.readouterr().err
+    assert main(["train", str(cfg), "--resume", "training.progress=true"]) == 0   # a harmless change is fine
