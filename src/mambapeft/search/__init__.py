@@ -5,14 +5,14 @@ import logging
 from pathlib import Path
 
 from .config import load_search_config
-from .runner import train_and_score
+from .runner import engine_runner
 from .space import Space
 
 __all__ = ["load_search_config", "run_search", "Space"]
 log = logging.getLogger("mambapeft.search")
 
 
-def run_search(cfg, step="both", test=True, runner=train_and_score):
+def run_search(cfg, step="both", test=True, runner=engine_runner):
     """Run (or resume, or join as one more worker) the search of config `cfg` (load_search_config);
     writes best.yaml, report.md, plots and, after step 2, the test scores. Returns the output paths."""
     import optuna
@@ -54,4 +54,4 @@ def _final(workspace, study, out):
             return saved
     log.info("training the best configuration of %s (trial %d) once for the test split", study.study_name,
              best.number)
-    return {"study": study.study_name, "trial": best.number, "tasks": workspace.test_scores(best.user_attrs["methods"])}
+    return {"study": study.study_name, "trial": best.number, "tasks": workspace.test_scores(best.user_attrs["methods"], out)}

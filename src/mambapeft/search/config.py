@@ -56,6 +56,9 @@ def load_search_config(path, storage=None, study=None, trials=None):
     training = raw.get("training") or {}
     if not isinstance(training, dict):
         raise ConfigError(f"{src}: training: expected a mapping of training settings")
+    from ..training.config import validate   # the training section as the engine reads it, before any trial
+    validate({"model": model, "methods": {"lora_X": {}}, "task": tasks[0], "training": training, "output_dir": "-"},
+             src)
     s = raw.get("search") or {}
     if not isinstance(s, dict):
         raise ConfigError(f"{src}: search: expected a mapping")

@@ -4,7 +4,10 @@ import copy
 import gc
 import math
 import os
+import shutil
 import socket
+import tempfile
+from pathlib import Path
 
 import optuna
 import torch
@@ -14,7 +17,7 @@ from ..peft import PeftConfig, get_peft_model
 from ..peft.config import ConfigError
 from ..training.task import build_task
 from .base import BaseModel
-from .runner import TRIAL_ERRORS, train_and_score
+from .runner import TRIAL_ERRORS, engine_runner
 
 
 class TrialFailed(RuntimeError):
@@ -26,7 +29,8 @@ class Surplus(RuntimeError):
 
 
 class ValidationOnly:
-    """A task as the search sees it: evaluating any split but validation is a bug, not a trial failure."""
+    """A task as the search sees it: it has no split but validation (the task contract's KeyError, so
+    the engine skips its closing test evaluation)."""
 
     def __init__(self, task):
         self._task = task
@@ -36,14 +40,14 @@ class ValidationOnly:
 
     def evaluate(self, model, split):
         if split != "validation":
-            raise AssertionError(f"the search asked for the {split!r} split; trials see validation only")
+            raise KeyError(split)
         return self._task.evaluate(model, split)
 
 
 class Workspace:
     """The tasks of a search and one base model per task, loaded once per worker process."""
 
-    def __init__(self, cfg, runner=train_and_score):
+    def __init__(self, cfg, runner=engine_runner):
         self.cfg, self.runner = cfg, runner
         self.tasks = [build_task(section, f"{cfg['source']}: tasks[{i}]") for i, section in enumerate(cfg["tasks"])]
         better = {t.greater_is_better for t in self.tasks}
@@ -78,10 +82,10 @@ class Workspace:
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at intermediate step {step - 1}")
 
-        for task, base in zip(self.tasks, self.bases):
+        for i, (task, base) in enumerate(zip(self.tasks, self.bases)):
             try:
-                out = self.runner(ValidationOnly(task), base.model, copy.deepcopy(methods),
-                                  dict(self.cfg["training"]), report)
+                with tempfile.TemporaryDirectory(prefix="mambapeft-trial-") as run_dir:
+                    out = self.runner(self.train_config(i, methods, run_dir), ValidationOnly(task), base.model, report)
             except TRIAL_ERRORS as e:
                 raise TrialFailed(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
             finally:
@@ -89,24 +93,42 @@ class Workspace:
                 gc.collect()
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
+            if out["validation"] is None:
+                raise ConfigError(f"{self.cfg['source']}: tasks[{i}] gave no validation score; the search "
+                                  "needs a validation split")
             scores.append(out["validation"])
         trial.set_user_attr("scores", scores)
         return sum(scores) / len(scores)
 
-    def test_scores(self, methods):
-        """The final configuration trained once per task (with search.final_task merged into the task)
-        and scored on the test split: the only time the search opens it."""
+    def train_config(self, i, methods, run_dir, final=False, quiet=True):
+        """The training config of task i with `methods`: what a trial runs and best.yaml holds."""
+        return train_config(self.cfg, i, methods, run_dir, final, quiet)
+
+    def test_scores(self, methods, out_dir):
+        """The final configuration trained once per task (search.final_task merged into the task) and
+        scored on the test split, the only time the search opens it; runs kept in OUT/final/task{i}."""
         results = []
-        for i, (section, base) in enumerate(zip(self.cfg["tasks"], self.bases)):
-            section = {**section, **self.cfg["search"]["final_task"]}
-            task = build_task(section, f"{self.cfg['source']}: tasks[{i}] with search.final_task")
+        for i, base in enumerate(self.bases):
+            config = self.train_config(i, methods, Path(out_dir) / "final" / f"task{i}", final=True)
+            shutil.rmtree(config["output_dir"], ignore_errors=True)   # an interrupted earlier attempt
+            task = build_task(config["task"], f"{self.cfg['source']}: tasks[{i}] with search.final_task")
             try:
-                out = self.runner(task, base.model, copy.deepcopy(methods), dict(self.cfg["training"]),
-                                  lambda value: None, split="test")
+                out = self.runner(config, task, base.model, lambda value: None)
             finally:
                 base.restore()
-            results.append({"task": section, "metric": task.metric, "test": out["test"]})
+            if out["test"] is None:
+                raise ConfigError(f"{self.cfg['source']}: tasks[{i}] has no test split to score the final "
+                                  "configuration on")
+            results.append({"task": config["task"], "metric": task.metric, "test": out["test"],
+                            "run": config["output_dir"]})
         return results
+
+
+def train_config(cfg, i, methods, run_dir, final=False, quiet=True):
+    section = {**cfg["tasks"][i], **(cfg["search"]["final_task"] if final else {})}
+    training = {"progress": False, **cfg["training"]} if quiet else dict(cfg["training"])
+    return {"model": copy.deepcopy(cfg["model"]), "methods": copy.deepcopy(methods), "task": copy.deepcopy(section),
+            "training": training, "output_dir": str(run_dir)}
 
 
 def make_objective(workspace, suggest, n_trials):

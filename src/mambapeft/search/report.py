@@ -9,20 +9,16 @@ from optuna.trial import TrialState
 from ..io import atomic_path, write_json
 
 
-def train_config(cfg, methods, task_index=0):
-    """The config `mambapeft train` reads: the search's model, task and training with `methods`."""
-    out = Path(cfg["output_dir"]) / ("best" if len(cfg["tasks"]) == 1 else f"best-task{task_index}")
-    return {"model": cfg["model"] or {}, "methods": methods, "task": cfg["tasks"][task_index],
-            "training": dict(cfg["training"]), "output_dir": str(out.resolve() / "run")}
-
-
 def write_best(cfg, study):
-    """best.yaml (and best-task{i}.yaml for each task when there are several); returns the paths."""
+    """best.yaml, a config `mambapeft train` runs as is (and best-task{i}.yaml for each task when
+    there are several; best.yaml is then task 0's); returns the paths."""
+    from .objective import train_config
     methods = study.best_trial.user_attrs["methods"]
     out, paths = Path(cfg["output_dir"]), []
-    names = ["best.yaml"] + ([f"best-task{i}.yaml" for i in range(len(cfg["tasks"]))] if len(cfg["tasks"]) > 1 else [])
-    for i, name in enumerate(names):
-        config = train_config(cfg, methods, max(i - 1, 0))
+    n = len(cfg["tasks"])
+    files = [("best.yaml", 0, "best-run")] + [(f"best-task{i}.yaml", i, f"best-run-task{i}") for i in range(n) if n > 1]
+    for name, i, run in files:
+        config = train_config(cfg, i, methods, out.resolve() / run, quiet=False)
         with atomic_path(out / name) as tmp:
             tmp.write_text(f"# best of study {study.study_name} (trial {study.best_trial.number}, "
                            f"validation {study.best_value:.6g})\n" + yaml.safe_dump(config, sort_keys=False))
