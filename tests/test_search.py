@@ -39,9 +39,10 @@ def write_config(tmp_path, trials=5, storage=None, space=SPACE, task=None, **sea
     cfg = {"model": DEFAULT_MODEL, "task": {"type": "search_toy", "train": 400, "validation": 64, "test": 64,
                                             **(task or {})},
            "training": {"max_steps": 8, "eval_every": 4, "batch_size": 16, "lr": 0.005},
-           "output_dir": "out",
-           "search": {"trials": trials, "threads": 1, "space": "space.yaml", "pruner": {"type": "median", "startup_trials": 2},
-                      "heartbeat_interval": 1, "grace_period": 3, **search}}
+           "output_dir": str(tmp_path / "out"),
+           "search": {"trials": trials, "threads": 1, "space": str(tmp_path / "space.yaml"),
+                      "pruner": {"type": "median", "startup_trials": 2}, "heartbeat_interval": 1, "grace_period": 3,
+                      **search}}
     if storage:
         cfg["search"]["storage"] = storage
     (tmp_path / "search.yaml").write_text(yaml.safe_dump(cfg))

@@ -54,4 +54,5 @@ def _final(workspace, study, out):
             return saved
     log.info("training the best configuration of %s (trial %d) once for the test split", study.study_name,
              best.number)
-    return {"study": study.study_name, "trial": best.number, "tasks": workspace.test_scores(best.user_attrs["methods"], out)}
+    tasks = workspace.test_scores(best.user_attrs["methods"], out)
+    return {"study": study.study_name, "trial": best.number, "tasks": tasks}

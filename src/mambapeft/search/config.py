@@ -1,5 +1,6 @@
 """The search config: a training config (model, task, training, output_dir) without methods, with
-`tasks` for several tasks and a `search` section.
+`tasks` for several tasks and a `search` section. Paths are read from the working directory, as
+`mambapeft train` reads them.
 
     model: path/or/hub-id
     task: {type: toy}                 # or tasks: [{type: vision, name: cifar}, ...] (scores averaged)
@@ -68,10 +69,9 @@ def load_search_config(path, storage=None, study=None, trials=None):
     s = {**copy.deepcopy(SEARCH), **s}
     s["trials"] = _trials(s["trials"] if trials is None else trials, f"{src}: search.trials")
     s["pruner"] = _pruner(s["pruner"], f"{src}: search.pruner")
-    for key in ("heartbeat_interval", "max_retry", "seed"):
-        if not isinstance(s[key], int) or isinstance(s[key], bool) or s[key] < (1 if key == "heartbeat_interval" else 0):
-            raise ConfigError(f"{src}: search.{key}: expected an integer >= "
-                              f"{1 if key == 'heartbeat_interval' else 0}, got {s[key]!r}")
+    for key, low in (("heartbeat_interval", 1), ("max_retry", 0), ("seed", 0)):
+        if not isinstance(s[key], int) or isinstance(s[key], bool) or s[key] < low:
+            raise ConfigError(f"{src}: search.{key}: expected an integer >= {low}, got {s[key]!r}")
     if s["threads"] is not None and (not isinstance(s["threads"], int) or isinstance(s["threads"], bool)
                                      or s["threads"] < 1):
         raise ConfigError(f"{src}: search.threads: expected an integer >= 1 or null, got {s['threads']!r}")
@@ -80,10 +80,7 @@ def load_search_config(path, storage=None, study=None, trials=None):
         raise ConfigError(f"{src}: search.grace_period: expected an integer above heartbeat_interval, got {grace!r}")
     if not isinstance(s["final_task"], dict):
         raise ConfigError(f"{src}: search.final_task: expected a mapping merged into each task")
-    out = raw.get("output_dir") or f"runs/search-{path.stem}"
-    out = Path(out) if Path(out).is_absolute() else path.parent / out
-    if s["space"] is not None:
-        s["space"] = str(Path(s["space"]) if Path(s["space"]).is_absolute() else path.parent / s["space"])
+    out = Path(raw.get("output_dir") or f"runs/search-{path.stem}")   # paths as `mambapeft train` reads them
     s["study"] = study or s["study"] or path.stem
     s["storage"] = storage or s["storage"] or f"sqlite:///{(out / 'study.db').resolve()}"
     return {"model": model, "tasks": tasks, "training": training, "output_dir": out, "search": s, "source": src}

@@ -50,8 +50,9 @@ def trials_table(study):
         if t.state == TrialState.PRUNED and t.intermediate_values and not note:
             note = f"pruned after {len(t.intermediate_values)} report(s)"
         scores = " / ".join(_fmt(x) for x in t.user_attrs.get("scores", []))
-        rows.append(f"| {t.number} | {t.state.name} | {_fmt(t.value)} | {scores} | {_fmt(t.user_attrs.get('trainable'))} "
-                    f"| {_fmt(seconds)} | {_methods_text(t.user_attrs.get('methods'))} | {note} |")
+        size = _fmt(t.user_attrs.get("trainable"))
+        rows.append(f"| {t.number} | {t.state.name} | {_fmt(t.value)} | {scores} | {size} | {_fmt(seconds)} "
+                    f"| {_methods_text(t.user_attrs.get('methods'))} | {note} |")
     return "\n".join(rows)
 
 
