@@ -39,3 +39,14 @@ def check_left_padded_generation(model):
     torch.testing.assert_close(out[0:1], model.generate(long, max_new_tokens=5, eos_token_id=-1))
     torch.testing.assert_close(out[1:, 3:], model.generate(short, max_new_tokens=5, eos_token_id=-1))
     return batch, mask
+
+
+def tiny_falcon(**kw):
+    return tiny_lm(mixer_rms_eps=1e-6, **kw)
+
+
+def hf_tiny_falcon(**kw):
+    import transformers
+    cfg = transformers.FalconMambaConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, state_size=16,
+                                         time_step_rank=4, **kw)
+    return transformers.FalconMambaForCausalLM(cfg).eval()

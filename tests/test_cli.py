@@ -13,6 +13,17 @@ def test_methods_lists_every_method_with_defaults(capsys):
     assert "r=8, scale=0.1, dropout=0.1, dora=False" in out and "states=6" in out and "wd_mult=100.0" in out
 
 
+def test_methods_counts_on_a_model_shape(capsys):
+    assert main(["methods", "--model", "falcon-mamba-7b"]) == 0
+    out = capsys.readouterr().out
+    assert "D=4096, 64 layers, vocab 65024, untied head, model_type falcon_mamba" in out
+    assert "\nlora_X                 6,291,456 Partial LoRA" in out                  # 64 * 8 * (4096 + 8192)
+    assert "\nfull               7,272,665,088 Baseline" in out
+    assert "\nlora_X                50,331,648" in out                               # the r=64 preset
+    assert main(["methods", "--model", "falcon-7b"]) == 2
+    assert "--model 'falcon-7b': expected one of mamba-130m" in capsys.readouterr().err
+
+
 def test_generate_runs_the_shipped_model(capsys):
     assert main(["generate", "12+7=", "40+2=", "--max-new-tokens", "4"]) == 0
     lines = capsys.readouterr().out.splitlines()

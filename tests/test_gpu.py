@@ -1,7 +1,7 @@
 """The CUDA fast path (models/mixer_cuda.py on the mamba_ssm kernels) against the reference path.
 
-For every method in METHODS (and all of them together, and DoRA), on the language model and on
-Vim: outputs and the gradient of every trainable tensor on the kernels equal the readable
+For every method in METHODS (and all of them together, and DoRA), on the language model, on
+FalconMamba (which never takes the fused mamba_inner_fn) and on Vim: outputs and the gradient of every trainable tensor on the kernels equal the readable
 reference scan (`scan_backend("reference")`, same CUDA tensors), in fp32 (max error <= 1e-4 of the
 tensor's largest value); under bf16 autocast, where both paths round matmul inputs and outputs to
 bf16 in different places, the kernel path's error against the fp32 reference (in norm) is at most
@@ -41,15 +41,15 @@ def _exact_fp32():
 
 
 def make(kind):
-    if kind == "lm":
+    if kind in ("lm", "falcon"):   # falcon: FalconMamba's norms on dt, B and C
         return MambaForCausalLM(MambaConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2, state_size=16,
-                                            time_step_rank=4))
+                                            time_step_rank=4, mixer_rms_eps=1e-6 if kind == "falcon" else None))
     return VisionMamba(VimConfig(img_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_classes=5,
                                  drop_path_rate=0.0))
 
 
 def inputs(kind):
-    return torch.randint(0, 97, (2, 11)) if kind == "lm" else torch.randn(2, 3, 32, 32)
+    return torch.randn(2, 3, 32, 32) if kind == "vim" else torch.randint(0, 97, (2, 11))
 
 
 def no_dropout(model):
@@ -115,7 +115,10 @@ def test_kernels_match_reference(kind, methods, autocast, monkeypatch):
     ref_out, ref_grads = forward_backward(peft, x, "reference", autocast)
     calls = count_fused(monkeypatch)
     out, grads = forward_backward(peft, x, "auto", autocast)
-    assert calls[0] > 0, "the fused mamba_inner_fn route was not taken"
+    if kind == "falcon":   # mamba_inner_fn's own norms differ from FalconMamba's (see mixer_cuda.py)
+        assert calls[0] == 0, "FalconMamba took the fused mamba_inner_fn route"
+    else:
+        assert calls[0] > 0, "the fused mamba_inner_fn route was not taken"
     assert grads.keys() == ref_grads.keys()
     if not autocast:
         assert_close(out, ref_out, FP32_TOL, "output")
@@ -136,8 +139,8 @@ def test_kernels_match_reference(kind, methods, autocast, monkeypatch):
     assert live, "no trainable tensor got a gradient"
 
 
-LM_CASES = [(k, m) for k, m in CASES if k == "lm"]
-LM_IDS = [i for i, (k, _) in zip(IDS, CASES) if k == "lm"]
+LM_CASES = [(k, m) for k, m in CASES if k != "vim"]
+LM_IDS = [i for i, (k, _) in zip(IDS, CASES) if k != "vim"]
 
 
 @gpu
@@ -170,8 +173,9 @@ def test_decoding_and_padding_on_kernels(kind, methods):
 
 @gpu
 @pytest.mark.gpu
-def test_cuda_and_reference_decoding_steps_interoperate():
-    peft, x = build("lm", {"affix": {}, "additional_scan": {}, "lora_X": {}, "conv1d": {}})
+@pytest.mark.parametrize("kind", ["lm", "falcon"])
+def test_cuda_and_reference_decoding_steps_interoperate(kind):
+    peft, x = build(kind, {"affix": {}, "additional_scan": {}, "lora_X": {}, "conv1d": {}})
     peft.eval()
     n_layers = len(peft.base_model.backbone.layers)
     with torch.no_grad():
@@ -193,6 +197,28 @@ def test_cuda_and_reference_decoding_steps_interoperate():
             with scan_backend("auto" if t % 2 else "reference"):
                 steps.append(out_of(peft, x[:, t:t + 1], cache=mixed))
         assert_close(torch.cat(steps, 1), full, FP32_TOL, "alternating CUDA / reference steps")
+
+
+@gpu
+@pytest.mark.gpu
+def test_falcon_on_kernels_equals_transformers(tmp_path):
+    import transformers
+    torch.manual_seed(0)
+    cfg = transformers.FalconMambaConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2, state_size=16,
+                                         time_step_rank=4)
+    hf = transformers.FalconMambaForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path)
+    hf = hf.cuda()
+    ours = MambaForCausalLM.from_pretrained(tmp_path).cuda().eval()
+    x = inputs("falcon").cuda()
+    mask = torch.ones_like(x)
+    mask[1, :4] = 0
+    with torch.no_grad():
+        expected = hf(x).logits
+        assert_close(out_of(ours, x), expected, FP32_TOL, "logits")
+        assert_close(out_of(ours, x, attention_mask=mask)[1, 4:], hf(x, attention_mask=mask).logits[1, 4:],
+                     FP32_TOL, "padded logits")
+        assert_close(decode_stepwise(ours, x, 3), expected, FP32_TOL, "decoding")
 
 
 @gpu

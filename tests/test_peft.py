@@ -1,7 +1,7 @@
 """Every method, and all of them together, on the language model and on Vim."""
 import pytest
 import torch
-from helpers import check_left_padded_generation, decode_stepwise, tiny_lm
+from helpers import check_left_padded_generation, decode_stepwise, tiny_falcon, tiny_lm
 
 from mambapeft.io import CheckpointError
 from mambapeft.models import VimConfig, VisionMamba
@@ -22,7 +22,9 @@ CASES = [("lm", {n: {}}) for n in LM_METHODS] + [("vim", {n: {}}) for n in VIM_M
     ("lm", {"affix": {"projection": True, "hidden": 16}, "prompt": {"projection": True, "tokens": 2}}),
     ("lm", {"affix": {"position": "outer", "tokens": 2}, "additional_scan": {"position": "suffix", "init": "s4d"}}),
     ("vim", {"affix": {"dual": False, "store_z": True}, "prompt": {"tokens": 3}}),
-    ("lm", {"affix": {"position": "infix", "tokens": 2}}), ("vim", {"affix": {"position": "infix"}})]
+    ("lm", {"affix": {"position": "infix", "tokens": 2}}), ("vim", {"affix": {"position": "infix"}})] + [
+    ("falcon", {n: {}}) for n in LM_METHODS] + [  # FalconMamba: the norms on dt, B and C in every path
+    ("falcon", ALL_LM), ("falcon", {"lora_B": {"dora": True}, "lora_d": {}, "additional_scan": {"position": "suffix"}})]
 IDS = [f"{k}-{'all' if len(m) > 6 else '+'.join(m)}" for k, m in CASES]
 
 
@@ -32,11 +34,11 @@ def tiny_vim():
 
 
 def make(kind):
-    return tiny_lm() if kind == "lm" else tiny_vim()
+    return tiny_lm() if kind == "lm" else tiny_falcon() if kind == "falcon" else tiny_vim()
 
 
 def inputs(kind):
-    return torch.randint(0, 97, (2, 11)) if kind == "lm" else torch.randn(2, 3, 32, 32)
+    return torch.randn(2, 3, 32, 32) if kind == "vim" else torch.randint(0, 97, (2, 11))
 
 
 def run(model, x):
@@ -104,7 +106,7 @@ def test_method_life_cycle(kind, methods, tmp_path):
         torch.testing.assert_close(run(loaded, x), tuned, rtol=1e-6, atol=1e-6)
 
     # decoding and padding with the method (language model)
-    if kind == "lm":
+    if kind != "vim":
         with torch.no_grad():
             if methods.get("affix", {}).get("position") == "infix":  # tokens spread over the prefill only
                 torch.testing.assert_close(decode_stepwise(peft, x, 5)[:, :5], run(peft, x[:, :5]),
@@ -266,6 +268,40 @@ def test_counts_mamba_130m_variants():
     assert count({"lora_X": {"dora": True, "r": 64}}) == L * 64 * (D + E) + L * E   # + magnitudes
     assert count({"lora_embed": {"dora": True}}) == r * (V + D) + V
     assert count({"full": {}}) == 129_135_360                                       # mamba-130m
+
+
+def falcon_7b():
+    from mambapeft.models import MambaConfig, MambaForCausalLM
+    with torch.device("meta"):
+        return MambaForCausalLM(MambaConfig.preset("falcon-mamba-7b"), init=False)
+
+
+Df, Ef, Rf, Lf, Vf = 4096, 8192, 256, 64, 65024
+FALCON_7B_COUNTS = {  # the same formulas at D=4096, 64 layers, vocab 65024, untied head
+    "lora_in_proj": Lf * r * (Df + 2 * Ef), "lora_out_proj": Lf * r * (Ef + Df),
+    "lora_x_proj": Lf * r * (Ef + Rf + 2 * N), "lora_dt": Lf * r * (Rf + Ef), "lora_embed": r * (Vf + Df),
+    "lora_X": Lf * r * (Df + Ef), "lora_Z": Lf * r * (Df + Ef), "lora_d": Lf * r * (Ef + Rf),
+    "lora_B": Lf * r * (Ef + N), "lora_C": Lf * r * (Ef + N), "A": Lf * Ef * N, "D": Lf * Ef, "conv1d": Lf * Ef * k,
+    "bias": Lf * Ef, "prompt": 8 * Df, "affix": 3 * Lf * Ef, "additional_scan": 3 * Lf * Ef * 6,
+    "parallel_adapter": Lf * 32 * (Ef + Df),
+    "full": 2 * Vf * Df + Df + Lf * (Df + 2 * Ef * Df + Ef * (k + 1) + Ef * (Rf + 2 * N) + Rf * Ef + Ef
+                                     + Ef * N + Ef + Ef * Df)}
+
+
+@pytest.mark.parametrize("method", list(FALCON_7B_COUNTS))
+def test_counts_falcon_mamba_7b(method):
+    peft = get_peft_model(falcon_7b(), PeftConfig({method: {}}))
+    assert peft.trainable_parameters_by_method() == {method: FALCON_7B_COUNTS[method]}
+
+
+def test_counts_falcon_mamba_7b_presets():
+    def count(name, **kw):
+        return get_peft_model(falcon_7b(), preset(name, **kw)).num_parameters()[0]
+    assert FALCON_7B_COUNTS["full"] == 7_272_665_088                              # tiiuae/falcon-mamba-7b
+    assert count("lora_X") == Lf * 64 * (Df + Ef)
+    assert count("additional_scan") == FALCON_7B_COUNTS["additional_scan"]
+    r7 = 256                                                                      # 8 x 32
+    assert count("sll_lora", size="7b") == Lf * r7 * ((Ef + Df) + (Df + 2 * Ef) + (Ef + Rf + 2 * N)) + r7 * (Vf + Df)
 
 
 Ds, Es, Rs, P = 384, 768, 24, 197

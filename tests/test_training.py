@@ -121,10 +121,8 @@ def test_resume_after_sigkill_gives_the_uninterrupted_loss_curve_bit_for_bit(tmp
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     killed_at = len(losses(tmp_path / "cut"))
     assert killed_at < 20
-    r = cli("train", cut, "--resume")
-    assert r.returncode == 0, r.stderr
-    r = cli("train", whole)
-    assert r.returncode == 0, r.stderr
+    assert main(["train", str(cut), "--resume"]) == 0
+    assert main(["train", str(whole)]) == 0
     assert losses(tmp_path / "cut") == losses(tmp_path / "whole") and len(losses(tmp_path / "whole")) == 20
     from safetensors.torch import load_file
     a, b = (load_file(tmp_path / n / "last" / "adapter_model.safetensors") for n in ("cut", "whole"))
@@ -238,3 +236,41 @@ def test_resume_refuses_a_changed_config(tmp_path, capsys):
     assert main(["train", str(cfg), "--resume", "training.lr=0.5"]) == 2
     assert "training.lr: differs from the run being resumed" in capsys.readouterr().err
     assert main(["train", str(cfg), "--resume", "training.progress=true"]) == 0   # a harmless change is fine
+
+
+def test_the_search_api_takes_a_loaded_model_and_a_callback_that_can_stop_the_run(tmp_path):
+    task = ToyTask(TOY["task"])
+    model = task.load_model({})
+    seen = []
+
+    def callback(step, metrics):
+        seen.append((step, metrics["loss"]))
+        return step == 8
+
+    cfg = {**TOY, "output_dir": str(tmp_path / "run")}
+    result = train(cfg, task=task, model=model, callback=callback, overrides=["training.max_steps=20"])
+    assert [s for s, _ in seen] == [4, 8] and result["steps"] == 8
+    assert result["best"] == min(loss for _, loss in seen) and result["test"]["loss"] > 0
+    assert model.backbone.layers[0].mixer.peft   # the given model is the one trained
+    assert (tmp_path / "run" / "checkpoints" / "step-00000008").is_dir()
+
+
+def test_merge_refuses_methods_that_cannot_be_folded(tmp_path, capsys):
+    cfg = write_config(tmp_path, methods={"additional_scan": {"states": 2}},
+                       training={**TOY["training"], "max_steps": 1, "eval_every": 0})
+    assert main(["train", str(cfg)]) == 0
+    capsys.readouterr()
+    assert main(["merge", str(tmp_path / "run"), str(tmp_path / "m")]) == 2
+    assert "cannot merge additional_scan" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_run_in_bf16_autocast_lowers_the_validation_loss(tmp_path):
+    task = ToyTask(TOY["task"])
+    with torch.no_grad():
+        before = task.evaluate(task.load_model({}).cuda().eval(), "validation")["loss"]
+    model = task.load_model({})
+    result = train({**TOY, "output_dir": str(tmp_path / "run")}, task=task, model=model)
+    assert next(model.parameters()).is_cuda
+    assert result["best"] < 0.7 * before

@@ -26,7 +26,11 @@ def main(argv=None):
     modules = {name: importlib.import_module(f".{name}", __name__) for name in COMMANDS}
     for module in modules.values():
         module.add_parser(sub)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:   # argparse leaves `key=value` overrides written after an option (train CFG --resume a=b)
+        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides += extra
     try:
         return modules[args.command].run(args) or 0
     except user_errors() as e:

@@ -27,8 +27,13 @@ def add_parser(sub):
 
 def run(args):
     import json
+    import os
+    import torch.distributed as dist
     from ..training.trainer import train
-    result = train(args.config, overrides=args.overrides, resume=args.resume)
-    from ..training.distributed import setup
-    if setup("cpu").main:
+    try:
+        result = train(args.config, overrides=args.overrides, resume=args.resume)
+    finally:
+        if dist.is_initialized():   # torchrun: leave the process group cleanly, error or not
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result, indent=2))

@@ -31,8 +31,10 @@ def read_state_dict(directory):
 
 
 def to_hf_names(state):
-    """Original state-spaces/mamba names -> Hugging Face names (only the embedding differs)."""
-    return {re.sub(r"^backbone\.embedding\.", "backbone.embeddings.", k): v for k, v in state.items()}
+    """Original state-spaces/mamba names -> Hugging Face names (only the embedding differs). FalconMamba's
+    mixer norms have no weights; transformers keeps dummy all-ones ones, dropped here if a file holds them."""
+    return {re.sub(r"^backbone\.embedding\.", "backbone.embeddings.", k): v for k, v in state.items()
+            if not re.search(r"\.mixer\.(b|c|dt)_layernorm\.weight$", k)}
 
 
 def load_into(model, state, source):
@@ -62,9 +64,21 @@ def load_pretrained(cls, name_or_path, dtype=None):
     directory = resolve_dir(name_or_path)
     config_path = directory / "config.json"
     config = MambaConfig.from_dict(read_json(config_path), source=str(config_path))
-    model = cls(config, init=False)
+    model = build_in_dtype(cls, config, dtype)
     load_into(model, to_hf_names(read_state_dict(directory)), str(directory))
-    return model.to(dtype) if dtype is not None else model
+    return model
+
+
+def build_in_dtype(cls, config, dtype=None):
+    """An uninitialised model created directly in `dtype` (a 7B model in bf16 never exists in fp32)."""
+    if dtype is None or not dtype.is_floating_point:
+        return cls(config, init=False) if dtype is None else cls(config, init=False).to(dtype)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return cls(config, init=False)
+    finally:
+        torch.set_default_dtype(old)
 
 
 def save_pretrained(model, directory):

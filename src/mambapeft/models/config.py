@@ -25,6 +25,9 @@ class MambaConfig:
     time_step_max: float = 0.1
     time_step_floor: float = 1e-4
     time_step_scale: float = 1.0
+    # FalconMamba (model_type "falcon_mamba"): eps of the weightless RMS norms on the dt input, B and
+    # C after x_proj. None is plain Mamba; adapters record it, so neither base takes the other's.
+    mixer_rms_eps: float | None = None
 
     def __post_init__(self):
         if self.time_step_rank == "auto":
@@ -38,6 +41,17 @@ class MambaConfig:
     @property
     def intermediate_size(self):
         return self.expand * self.hidden_size
+
+    @property
+    def model_type(self):
+        return "mamba" if self.mixer_rms_eps is None else "falcon_mamba"
+
+    @classmethod
+    def preset(cls, name, **overrides):
+        """The shape of a released model (random weights; for counts, tests and benchmarks)."""
+        if name not in LM_SHAPES:
+            raise ValueError(f"unknown model shape {name!r}; expected one of {', '.join(LM_SHAPES)}")
+        return cls(**{**LM_SHAPES[name], **overrides})
 
     @classmethod
     def from_dict(cls, d, source="config"):
@@ -63,17 +77,38 @@ class MambaConfig:
         elif "hidden_size" not in d:
             raise ValueError(f"{source}: not a Mamba config (expected 'hidden_size' as in Hugging Face "
                              "MambaConfig or 'd_model' as in state-spaces/mamba)")
-        if d.get("model_type", "mamba") != "mamba":
-            raise ValueError(f"{source}: model_type={d['model_type']!r}; expected 'mamba' (Mamba-1)")
+        model_type = d.get("model_type", "mamba")
+        if model_type == "falcon_mamba":
+            d.setdefault("mixer_rms_eps", 1e-6)  # transformers' FalconMambaConfig default
+            if not isinstance(d["mixer_rms_eps"], (int, float)) or d["mixer_rms_eps"] <= 0:
+                raise ValueError(f"{source}: mixer_rms_eps={d['mixer_rms_eps']!r}; expected a positive number")
+        elif model_type == "mamba":
+            d.pop("mixer_rms_eps", None)
+        else:
+            raise ValueError(f"{source}: model_type={model_type!r}; expected 'mamba' (Mamba-1) or 'falcon_mamba'")
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def to_hf_dict(self):
         d = asdict(self)
-        d.update(model_type="mamba", architectures=["MambaForCausalLM"],
+        if self.mixer_rms_eps is None:
+            del d["mixer_rms_eps"]
+        arch = "MambaForCausalLM" if self.mixer_rms_eps is None else "FalconMambaForCausalLM"
+        d.update(model_type=self.model_type, architectures=[arch],
                  intermediate_size=self.intermediate_size, hidden_act="silu", use_cache=True,
                  time_step_init_scheme="random", rescale_prenorm_residual=False)
         return d
+
+
+LM_SHAPES = {   # state-spaces/mamba-*-hf and tiiuae/falcon-mamba-7b (N=16, expand 2, conv 4, R=ceil(D/16))
+    "mamba-130m": dict(hidden_size=768, num_hidden_layers=24),
+    "mamba-370m": dict(hidden_size=1024, num_hidden_layers=48),
+    "mamba-790m": dict(hidden_size=1536, num_hidden_layers=48),
+    "mamba-1.4b": dict(hidden_size=2048, num_hidden_layers=48),
+    "mamba-2.8b": dict(hidden_size=2560, num_hidden_layers=64),
+    "falcon-mamba-7b": dict(hidden_size=4096, num_hidden_layers=64, vocab_size=65024, tie_word_embeddings=False,
+                            mixer_rms_eps=1e-6),
+}
 
 
 @dataclass

@@ -28,7 +28,8 @@ class MambaModel(nn.Module):
         self.layers = nn.ModuleList(
             MambaBlock(config.hidden_size, eps=config.layer_norm_epsilon, residual_in_fp32=config.residual_in_fp32,
                        d_state=config.state_size, expand=config.expand, d_conv=config.conv_kernel,
-                       dt_rank=config.time_step_rank, bias=config.use_bias, conv_bias=config.use_conv_bias)
+                       dt_rank=config.time_step_rank, bias=config.use_bias, conv_bias=config.use_conv_bias,
+                       rms_eps=config.mixer_rms_eps)
             for _ in range(config.num_hidden_layers))
         self.norm_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
         self.peft = nn.ModuleDict()

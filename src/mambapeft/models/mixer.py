@@ -27,6 +27,8 @@ class ScanTensors:
     affix: torch.Tensor | None = None    # (E, n): x-half tokens prefixed to this direction's conv input
     affix_z: torch.Tensor | None = None  # (E, n): their z half, which only gates discarded outputs
     affix_infix: bool = False            # spread the tokens between n+1 equal chunks instead of a prefix
+    rms_eps: float | None = None         # FalconMamba: weightless RMS norms on dt, B and C (see ssm_inputs)
+    rms_cols: tuple = (0, 0)             # the columns of B and C the norm covers: the model's own N states
 
     @property
     def A(self):
@@ -45,6 +47,30 @@ class Composed:
     out_bias: torch.Tensor | None
     dirs: list = field(default_factory=list)  # ScanTensors, forward first
     affix_h: torch.Tensor | None = None       # (n, D) "outer" affix tokens, before in_proj
+
+
+def weightless_rms_norm(x, eps):
+    """FalconMamba's norm without weight, in fp32 and cast back, as transformers' WeightlessRMSNorm."""
+    return F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
+
+
+def ssm_inputs(s: ScanTensors, x_dbl):
+    """x_dbl (..., R + 2N') -> dt (..., R), B, C (..., N'), with FalconMamba's norms when s.rms_eps is set.
+
+    Only the model's own N columns of B and C (s.rms_cols) are normalised, over those N: columns
+    that Additional-scan adds stay raw, so its zero-initialised C rows leave the output exactly
+    unchanged and the original states see the same B and C as in FalconMamba."""
+    R, N = s.dt_w.shape[1], s.state_size
+    dt, B, C = x_dbl.split([R, N, N], dim=-1)
+    if s.rms_eps is None:
+        return dt, B, C
+    a, b = s.rms_cols
+
+    def norm(t):
+        if (a, b) == (0, N):
+            return weightless_rms_norm(t, s.rms_eps)
+        return torch.cat([t[..., :a], weightless_rms_norm(t[..., a:b], s.rms_eps), t[..., b:]], -1)
+    return weightless_rms_norm(dt, s.rms_eps), norm(B), norm(C)
 
 
 class MixerAdapter(nn.Module):
@@ -66,11 +92,12 @@ class MambaMixer(nn.Module):
     DIRECTION_SUFFIX = ("", "_b")
 
     def __init__(self, d_model, d_state=16, expand=2, d_conv=4, dt_rank=None, bias=False,
-                 conv_bias=True, bidirectional=False, divide_out=True):
+                 conv_bias=True, bidirectional=False, divide_out=True, rms_eps=None):
         super().__init__()
         E, R = expand * d_model, dt_rank or math.ceil(d_model / 16)
         self.d_model, self.d_inner, self.d_state, self.d_conv, self.dt_rank = d_model, E, d_state, d_conv, R
         self.bidirectional, self.divide_out = bidirectional, divide_out
+        self.rms_eps = rms_eps  # FalconMamba's mixer_rms_eps; None for Mamba
         self.in_proj = nn.Linear(d_model, 2 * E, bias=bias)
         self.out_proj = nn.Linear(E, d_model, bias=bias)
         for s in self.directions:
@@ -113,7 +140,7 @@ class MambaMixer(nn.Module):
             c.dirs.append(ScanTensors(
                 conv_w=conv.weight[:, 0], conv_b=conv.bias, x_proj=getattr(self, "x_proj" + s).weight,
                 dt_w=dt.weight, dt_b=dt.bias, A_log=getattr(self, self.a_name(s)),
-                D=getattr(self, "D" + s)))
+                D=getattr(self, "D" + s), rms_eps=self.rms_eps, rms_cols=(0, self.d_state)))
         for a in self.adapters() if adapters is None else adapters:
             a.compose(c, self, merge)
         return c
@@ -196,8 +223,7 @@ class MambaMixer(nn.Module):
         if mask is not None:
             u = u * mask[:, None].to(u.dtype)
         x_dbl = F.linear(u.transpose(1, 2), s.x_proj)   # (b, L, R + 2N')
-        R, N = s.dt_w.shape[1], s.state_size
-        dt, B, C = x_dbl.split([R, N, N], dim=-1)
+        dt, B, C = ssm_inputs(s, x_dbl)
         delta = F.linear(dt, s.dt_w).transpose(1, 2)    # (b, E, L)
         out = selective_scan(u, delta, s.A, B.transpose(1, 2), C.transpose(1, 2), s.D.float(), z,
                              delta_bias=s.dt_b.float(), delta_softplus=True,

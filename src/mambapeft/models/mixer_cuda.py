@@ -17,7 +17,9 @@ no method is skipped. Three routes:
     on V g outside the kernel, as in the readable path;
   * Vim: out_proj is linear, so each direction calls the kernel with W_out/2 (divide_out) and the
     outputs add (the backward one flipped back in time).
-- padding masks, Vim with unknown output adapters, and prefill of a decoding state:
+- padding masks, Vim with unknown output adapters, prefill of a decoding state, and FalconMamba
+  (whose norms mamba_inner_fn applies differently from transformers' inference and leaves out
+  of its backward):
   `causal_conv1d_fn` + `selective_scan_fn` return g, then out_proj and the output adapters.
   Masks act as in `MambaMixer.scan_direction`: x zeroed before the conv and u after it at pads,
   affix tokens inserted after the left pads.
@@ -28,7 +30,7 @@ no method is skipped. Three routes:
 import torch
 import torch.nn.functional as F
 
-from .mixer import MixerAdapter
+from .mixer import MixerAdapter, ssm_inputs
 
 try:
     from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
@@ -48,7 +50,10 @@ def forward(m, c, h, mask=None, state=None):
         h = h * mask[..., None].to(h.dtype)
     xz = _project_in_channels_first(m, c, h)             # (b, 2E, T), time contiguous
     affix = m._affix(c)
-    if mask is None and state is None:
+    # FalconMamba never takes the fused kernel: mamba_inner_fn's b/c/dt_rms_weight normalise dt over E
+    # after dt_proj (not the rank-R input, as transformers' inference does) and its backward leaves
+    # the norms out of the gradients. The unfused route below applies them in torch (ssm_inputs).
+    if mask is None and state is None and c.dirs[0].rms_eps is None:
         out = _fused(m, c, xz, affix)
         if out is not None:
             return out
@@ -172,8 +177,8 @@ def _scan(m, x, z, s, affix, mask, state, d):
         u = u * mask[:, None].to(u.dtype)
     b, L = u.shape[0], u.shape[-1]
     x_dbl = F.linear(u.transpose(1, 2).reshape(b * L, -1), s.x_proj)    # (bL, R + 2N')
-    R, N = s.dt_w.shape[1], s.state_size
-    dt, B, C = x_dbl.split([R, N, N], dim=-1)
+    dt, B, C = ssm_inputs(s, x_dbl)
+    N = B.shape[-1]
     delta = (s.dt_w @ dt.t()).view(-1, b, L).transpose(0, 1)             # (b, E, L), L contiguous
     B = B.view(b, L, N).transpose(1, 2).contiguous()
     C = C.view(b, L, N).transpose(1, 2).contiguous()
@@ -200,9 +205,7 @@ def _decode_step(m, x, z, s, mask, state, d):
     u = causal_conv1d_update(xt.contiguous(), conv, s.conv_w, s.conv_b, activation="silu")
     if mask is not None:
         u = u * mask.to(u.dtype)
-    x_dbl = F.linear(u, s.x_proj)
-    R, N = s.dt_w.shape[1], s.state_size
-    dt, B, C = x_dbl.split([R, N, N], dim=-1)
+    dt, B, C = ssm_inputs(s, F.linear(u, s.x_proj))
     dt = F.linear(dt, s.dt_w)
     y = selective_state_update(ssm, u, dt, s.A, B, C, s.D.float(), z=z[..., 0], dt_bias=s.dt_b.float(),
                                dt_softplus=True)

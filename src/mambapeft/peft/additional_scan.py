@@ -1,7 +1,9 @@
 """Additional-scan: n' learnable state dimensions added to every SSM.
 
 A_new = -exp(A_log_addi) (E x n'), and 2n' extra x_proj rows give the new B and C entries. The
-original states evolve exactly as before; y gains sum_j C_t[j] s_t[j] over the new states."""
+original states evolve exactly as before; y gains sum_j C_t[j] s_t[j] over the new states.
+On FalconMamba the norms on B and C cover the model's own N columns only (ScanTensors.rms_cols):
+the added columns stay raw, so the promise above holds there too (README: FalconMamba)."""
 import torch
 import torch.nn as nn
 
@@ -34,6 +36,7 @@ class AdditionalScan(MixerAdapter):
         if self.prefix:
             s.x_proj = torch.cat([dt, new_B, B, new_C, C], 0)
             s.A_log = torch.cat([A_new, s.A_log], 1)
+            s.rms_cols = (s.rms_cols[0] + self.states, s.rms_cols[1] + self.states)  # FalconMamba's norm
         else:
             s.x_proj = torch.cat([dt, B, new_B, C, new_C], 0)
             s.A_log = torch.cat([s.A_log, A_new], 1)

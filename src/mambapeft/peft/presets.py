@@ -1,7 +1,9 @@
 """Named configurations of the paper's single-method runs (METHODS.md §4)."""
 from .config import ConfigError, PeftConfig
 
-LM_SIZES = {"130m": 1, "370m": 2, "790m": 4, "1.4b": 8, "2.8b": 16}
+# sll_lora's rank multiplier per size (METHODS.md §4); "7b" (falcon-mamba-7b, D=4096) is our extrapolation
+# of the doubling per size step, not a run of the paper.
+LM_SIZES = {"130m": 1, "370m": 2, "790m": 4, "1.4b": 8, "2.8b": 16, "7b": 32}
 
 VIM = {
     "lora_in_proj": {"lora_in_proj": {"r": 32}},

@@ -35,7 +35,7 @@ TRAINING = {
     "precision": ("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32"),
     "device": ("auto", "auto (cuda:LOCAL_RANK when CUDA is there), cpu or cuda"),
     "num_workers": (0, "DataLoader worker processes per training process"),
-    "log_every": (1, "steps between log lines (every step's loss is in log.jsonl regardless)"),
+    "log_every": (1, "steps between updates of the progress bar's numbers (log.jsonl has every step)"),
     "progress": (True, "show a tqdm progress bar"),
 }
 SECTIONS = {

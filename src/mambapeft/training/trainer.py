@@ -50,14 +50,17 @@ def train(config, task=None, model=None, callback=None, resume=False, overrides=
     t = config["training"]
     ctx = distributed.setup(t["device"])
     run_dir = Path(config["output_dir"])
-    _prepare_run_dir(ctx, run_dir, config, resume)
+    _check_run_dir(run_dir, config, resume)
 
     _seed_all(t["seed"])   # the same adapter initialisation on every process
     task = task if task is not None else build_task(config["task"], "task")
     if model is None:
         model = task.load_model(config["model"])
     model.to(ctx.device)   # adapters are created on the base model's device
-    peft = get_peft_model(model, _peft_config(config["methods"], model)).to(ctx.device)
+    try:
+        peft = get_peft_model(model, _peft_config(config["methods"], model)).to(ctx.device)
+    except ValueError as e:   # a method that cannot apply to this model (ConfigError is one too)
+        raise e if isinstance(e, ConfigError) else ConfigError(f"methods: {e}") from None
     peft.train()
     groups = peft.param_groups(lr=t["lr"], weight_decay=t["weight_decay"])
     for g in groups:
@@ -72,7 +75,9 @@ def train(config, task=None, model=None, callback=None, resume=False, overrides=
     total = t["max_steps"] or max(1, math.ceil(t["epochs"] * order.steps_per_epoch))
     warmup = t["warmup_steps"] or int(t["warmup_ratio"] * total)
     eval_every = order.steps_per_epoch if t["eval_every"] is None else t["eval_every"]
-    save_every = t["save_every"] or eval_every
+    save_every = t["save_every"] or eval_every or total   # eval_every 0: a checkpoint at the end only
+
+    _start_run_dir(ctx, run_dir, config, resume)
 
     state = {"step": 0, "best": None, "best_step": None, "last_validation": None}
     if resume and (last := checkpoint.latest(run_dir)) is not None:
@@ -199,8 +204,8 @@ def _peft_config(methods, model):
     return PeftConfig.from_dict({"methods": methods}, "methods")
 
 
-def _prepare_run_dir(ctx, run_dir, config, resume):
-    """Every process checks (so all raise the same error), then rank 0 writes config.yaml."""
+def _check_run_dir(run_dir, config, resume):
+    """Every process checks, so all raise the same error before anything is written."""
     saved = run_dir / CONFIG
     if resume:
         if not saved.is_file():
@@ -217,11 +222,15 @@ def _prepare_run_dir(ctx, run_dir, config, resume):
             what = "another run" if saved.exists() else "other files"
             raise ConfigError(f"output_dir: {run_dir} holds {what}; pass --resume to continue it or "
                               "choose a new output_dir")
-    distributed.barrier(ctx)
+
+
+def _start_run_dir(ctx, run_dir, config, resume):
+    """rank 0 writes config.yaml (once the task, model, methods and batch sizes were accepted)."""
+    distributed.barrier(ctx)   # every process has checked the directory before it changes
     if ctx.main and not resume:
         from ..io import atomic_path
         run_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_path(saved) as tmp:
+        with atomic_path(run_dir / CONFIG) as tmp:
             tmp.write_text(dump_config(config))
     distributed.barrier(ctx)
 
@@ -270,8 +279,8 @@ def _evaluate(ctx, peft, task, split, autocast):
         try:
             with torch.no_grad(), autocast:
                 metrics = {k: float(v) for k, v in task.evaluate(peft, split).items()}
-        except KeyError as e:
-            if e.args and e.args[0] != split:
+        except KeyError as e:   # the task has no such split; any other KeyError is a bug to show
+            if not e.args or e.args[0] != split:
                 raise
         finally:
             peft.train()
