@@ -119,6 +119,7 @@ def test_non_finite_loss_and_out_of_memory_fail_the_trial_and_the_search_goes_on
     assert len(finished(study)) == 4
     failed = [t for t in study.trials if t.state == TrialState.FAIL]
     assert failed and all({"D", "lora_out_proj"} & set(t.user_attrs["methods"]) for t in failed)
+    assert {t.user_attrs["failed"].split(":")[0] for t in failed} <= {"TrainingError", "OutOfMemoryError"}
     assert all(not {"D", "lora_out_proj"} & set(t.user_attrs["methods"])
                for t in study.trials if t.state == TrialState.COMPLETE)
 

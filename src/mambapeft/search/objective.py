@@ -143,9 +143,13 @@ def make_objective(workspace, suggest, n_trials):
             trial.set_user_attr("note", "no method chosen")
             raise optuna.TrialPruned("no method chosen")
         trial.set_user_attr("trainable", workspace.trainable(methods))
-        value = workspace.validation_score(trial, methods)
-        if not math.isfinite(value):
-            raise TrialFailed(f"validation score {value}")
+        try:
+            value = workspace.validation_score(trial, methods)
+            if not math.isfinite(value):
+                raise TrialFailed(f"validation score {value}")
+        except TrialFailed as e:
+            trial.set_user_attr("failed", str(e))   # for the report, and run_trials' limit on failures
+            raise
         return value
 
     return objective

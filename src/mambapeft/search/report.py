@@ -44,7 +44,7 @@ def trials_table(study):
     for t in study.get_trials(deepcopy=False):
         seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start \
             else None
-        note = t.user_attrs.get("note", "")
+        note = t.user_attrs.get("note", "") or t.user_attrs.get("failed", "")
         if "failed_trial" in t.system_attrs:
             note = (note + f" retry of trial {t.system_attrs['failed_trial']} (its worker died)").strip()
         if t.state == TrialState.PRUNED and t.intermediate_values and not note:

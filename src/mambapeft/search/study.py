@@ -73,7 +73,7 @@ def open_study(storage, name, s, direction):
     study = optuna.create_study(storage=storage, study_name=name, direction=direction, load_if_exists=True,
                                 sampler=TrialSeededTPE(seed=s["seed"]), pruner=make_pruner(s["pruner"]))
     if study.direction.name.lower() != direction:
-        raise ConfigError(f"study {name!r} in {s['storage']} was made to {study.direction.name.lower()}, "
+        raise ConfigError(f"study {name!r} in {redact(s['storage'])} was made to {study.direction.name.lower()}, "
                           f"but these tasks {direction}: use another --study name")
     return study
 
@@ -85,10 +85,15 @@ def run_trials(study, objective, n_trials, poll=None):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)   # a dead worker's trial: FAIL, and a retry queued
-        states = [t.state for t in study.get_trials(deepcopy=False)]
+        trials = study.get_trials(deepcopy=False)
+        states = [t.state for t in trials]
         done, running = sum(s in FINISHED for s in states), states.count(TrialState.RUNNING)
         if done >= n_trials:
             return
+        failed = sum("failed" in t.user_attrs for t in trials if t.state == TrialState.FAIL)
+        if failed > max(n_trials, 10):   # failures do not count towards n_trials: do not loop for ever
+            raise ConfigError(f"study {study.study_name!r}: {failed} trials failed (non-finite loss or out of "
+                              f"memory) against {done} finished; see their 'failed' notes in the report")
         if done + running >= n_trials:   # the rest is in other workers' hands (or will be retried)
             time.sleep(poll)
             continue
