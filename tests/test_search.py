@@ -112,7 +112,11 @@ def test_non_finite_loss_and_out_of_memory_fail_the_trial_and_the_search_goes_on
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return engine_runner(config, task, model, report)
 
-    cfg = load_search_config(write_config(tmp_path, trials=4, task={"nan_if": "D"}, pruner="none"))
+    cfg = load_search_config(write_config(tmp_path, trials=4, task={"nan_if": "D"}, pruner="none", max_failures=3))
+    cfg["training"]["max_steps"] = 4
+    with pytest.raises(ConfigError, match="3 trials failed"):   # a search whose trials keep failing ends
+        run_search(cfg, step="1", runner=runner)
+    cfg["search"]["max_failures"] = 100
     cfg["training"]["max_steps"] = 4
     run_search(cfg, step="1", runner=runner)
     study = optuna.load_study(study_name="search.step1", storage=cfg["search"]["storage"])

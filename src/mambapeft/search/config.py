@@ -16,6 +16,7 @@
       heartbeat_interval: 30          # seconds; a trial silent for grace_period is failed and retried
       grace_period: null              # default 2 x heartbeat_interval
       max_retry: 3                    # retries of a trial whose worker died
+      max_failures: null              # stop after this many failed trials (default: max(trials, 10))
       final_task: {}                  # merged into each task for the final run on its test split
       threads: null                   # torch CPU threads per worker (default: torch's choice); with
                                       # several workers on one machine, cores / workers
@@ -28,6 +29,7 @@ from .space import read_yaml
 
 SEARCH = {"space": None, "trials": {"step1": 100, "step2": 100}, "pruner": {"type": "median"}, "storage": None,
           "study": None, "seed": 0, "heartbeat_interval": 30, "grace_period": None, "max_retry": 3,
+          "max_failures": None,
           "final_task": {}, "threads": None}
 PRUNERS = {"median": {"startup_trials": 5, "warmup_steps": 0},
            "halving": {"min_resource": 1, "reduction_factor": 3},
@@ -72,9 +74,10 @@ def load_search_config(path, storage=None, study=None, trials=None):
     for key, low in (("heartbeat_interval", 1), ("max_retry", 0), ("seed", 0)):
         if not isinstance(s[key], int) or isinstance(s[key], bool) or s[key] < low:
             raise ConfigError(f"{src}: search.{key}: expected an integer >= {low}, got {s[key]!r}")
-    if s["threads"] is not None and (not isinstance(s["threads"], int) or isinstance(s["threads"], bool)
-                                     or s["threads"] < 1):
-        raise ConfigError(f"{src}: search.threads: expected an integer >= 1 or null, got {s['threads']!r}")
+    for key in ("max_failures", "threads"):
+        v = s[key]
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ConfigError(f"{src}: search.{key}: expected an integer >= 1 or null, got {v!r}")
     grace = s["grace_period"]
     if grace is not None and (not isinstance(grace, int) or grace <= s["heartbeat_interval"]):
         raise ConfigError(f"{src}: search.grace_period: expected an integer above heartbeat_interval, got {grace!r}")

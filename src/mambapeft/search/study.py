@@ -78,8 +78,9 @@ def open_study(storage, name, s, direction):
     return study
 
 
-def run_trials(study, objective, n_trials, poll=None):
+def run_trials(study, objective, n_trials, max_failures=None, poll=None):
     """Run trials until exactly `n_trials` are COMPLETE or PRUNED, with any number of workers."""
+    max_failures = max_failures or max(n_trials, 10)
     poll = poll or min(5.0, study._storage.get_heartbeat_interval() or 5.0)
     while True:
         with warnings.catch_warnings():
@@ -91,9 +92,10 @@ def run_trials(study, objective, n_trials, poll=None):
         if done >= n_trials:
             return
         failed = sum("failed" in t.user_attrs for t in trials if t.state == TrialState.FAIL)
-        if failed > max(n_trials, 10):   # failures do not count towards n_trials: do not loop for ever
+        if failed >= max_failures:   # failures do not count towards n_trials: do not loop for ever
             raise ConfigError(f"study {study.study_name!r}: {failed} trials failed (non-finite loss or out of "
-                              f"memory) against {done} finished; see their 'failed' notes in the report")
+                              f"memory) against {done} finished; see their 'failed' notes in the report "
+                              "(search.max_failures raises the limit)")
         if done + running >= n_trials:   # the rest is in other workers' hands (or will be retried)
             time.sleep(poll)
             continue
@@ -113,7 +115,8 @@ def best_trial(study):
 
 def step1(workspace, space, storage, s):
     study = open_study(storage, f"{s['study']}.step1", s, workspace.direction)
-    run_trials(study, make_objective(workspace, space.suggest_step1, s["trials"]["step1"]), s["trials"]["step1"])
+    run_trials(study, make_objective(workspace, space.suggest_step1, s["trials"]["step1"]), s["trials"]["step1"],
+               s["max_failures"])
     return study
 
 
@@ -134,7 +137,7 @@ def step2(workspace, space, storage, s):
     if not study.get_trials(deepcopy=False):
         study.enqueue_trial(_start_params(space, chosen), skip_if_exists=True)
     suggest = lambda trial: space.suggest_step2(trial, chosen)  # noqa: E731
-    run_trials(study, make_objective(workspace, suggest, s["trials"]["step2"]), s["trials"]["step2"])
+    run_trials(study, make_objective(workspace, suggest, s["trials"]["step2"]), s["trials"]["step2"], s["max_failures"])
     return study
 
 
