@@ -2,8 +2,9 @@
 
 overhead (default): tokens/s of LoRA_p(X) r64 trained through `mambapeft.training.train` against the
 bare step of bench/bench_gpu.py (forward with labels, backward, AdamW, zero_grad; nothing else),
-same process, same shape, random weights: bare, engine, bare again (drift shows as a gap between
-the two bare runs). On CUDA the bare step is bench_gpu.train itself.
+same process, same shape, random weights: bare, engine, bare, engine, ..., bare (--rounds engine
+runs, each compared with the bare runs on either side; the median is reported). On CUDA the bare
+step is bench_gpu.train itself.
 
 --ddp N: the engine with one process (micro-batches accumulated) against N processes launched by
 torchrun, the same effective batch (N x --batch sequences per step); tokens/s and the largest
@@ -109,15 +110,19 @@ def sync(device):
 
 
 def overhead(args, s, device):
+    """Rounds of bare, engine, ..., bare: each engine run sits between two bare ones, so a drift of
+    the machine shows as a gap between bare runs instead of as engine overhead."""
+    bare, eng = [bare_run(s, args.steps, args.warmup, device)["tokens_per_s"]], []
     with tempfile.TemporaryDirectory() as tmp:
-        bare1 = bare_run(s, args.steps, args.warmup, device)
-        eng = engine_run(s, args.steps, args.warmup, s["batch"], s["batch"], Path(tmp) / "run")
-        bare2 = bare_run(s, args.steps, args.warmup, device)
-    bare = (bare1["tokens_per_s"] + bare2["tokens_per_s"]) / 2
+        for i in range(args.rounds):
+            eng.append(engine_run(s, args.steps, args.warmup, s["batch"], s["batch"], Path(tmp) / f"run{i}")
+                       ["tokens_per_s"])
+            bare.append(bare_run(s, args.steps, args.warmup, device)["tokens_per_s"])
+    ratios = [e / ((a + b) / 2) for e, a, b in zip(eng, bare, bare[1:])]   # each against its neighbours
     return {"bench": "engine_overhead", "shape": args.shape, "device": device, "methods": METHODS,
-            "batch": s["batch"], "seqlen": s["seqlen"], "steps": args.steps,
-            "bare_tokens_per_s": [bare1["tokens_per_s"], bare2["tokens_per_s"]],
-            "engine_tokens_per_s": eng["tokens_per_s"], "engine_vs_bare": eng["tokens_per_s"] / bare}
+            "batch": s["batch"], "seqlen": s["seqlen"], "steps": args.steps, "rounds": args.rounds,
+            "bare_tokens_per_s": bare, "engine_tokens_per_s": eng, "engine_vs_bare_per_round": ratios,
+            "engine_vs_bare": sorted(ratios)[len(ratios) // 2]}
 
 
 def ddp(args, s):
@@ -153,6 +158,7 @@ def main():
     ap.add_argument("--shape", choices=SHAPES, default="130m")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3, help="engine runs, each between two bare runs")
     ap.add_argument("--ddp", type=int, default=0, help="compare 1 process with this many (torchrun)")
     ap.add_argument("--out", help="append the result to OUT/engine_bench.jsonl")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -103,6 +103,10 @@ def test_a_run_lowers_the_validation_loss_and_writes_adapters_that_load_and_merg
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, peft(ids).logits, rtol=1e-4, atol=1e-4)
     assert (tmp_path / "merged" / "tokenizer.json").is_file()
+    import transformers
+    hf = transformers.MambaForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, peft(ids).logits, rtol=1e-4, atol=1e-4)
 
 
 def test_resume_after_sigkill_gives_the_uninterrupted_loss_curve_bit_for_bit(tmp_path):
@@ -115,13 +119,18 @@ def test_resume_after_sigkill_gives_the_uninterrupted_loss_curve_bit_for_bit(tmp
     deadline = time.time() + 120
     while not list((tmp_path / "cut" / "checkpoints").glob("step-*")) and time.time() < deadline:
         time.sleep(0.01)
-    time.sleep(0.3)                    # somewhere after the first checkpoint, mid-step or mid-write
+    time.sleep(0.1)                    # somewhere after the first checkpoint, mid-step or mid-write
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     killed_at = len(losses(tmp_path / "cut"))
     assert killed_at < 20
+    # what a kill inside a write leaves: a half-written checkpoint directory, a cut log line
+    (tmp_path / "cut" / "checkpoints" / ".tmp-step-00000099").mkdir()
+    with open(tmp_path / "cut" / "log.jsonl", "a") as f:
+        f.write('{"step": 99, "lo')
     assert main(["train", str(cut), "--resume"]) == 0
+    assert not (tmp_path / "cut" / "checkpoints" / ".tmp-step-00000099").exists()
     assert main(["train", str(whole)]) == 0
     assert losses(tmp_path / "cut") == losses(tmp_path / "whole") and len(losses(tmp_path / "whole")) == 20
     from safetensors.torch import load_file

@@ -332,3 +332,51 @@ def test_other_checkpoint_layouts(tmp_path):
     torch.save({"model": {"a": 1}}, tmp_path / "junk.pth")
     with pytest.raises(ValueError, match="not a state dict"):
         VisionMamba.from_pretrained(tmp_path / "junk.pth")
+
+
+# ---- patch stride (the `*_stride8_*` Vim-*+ releases) -----------------------------------------
+def test_patch_stride_builds_overlapping_grid():
+    m = make(patch_stride=4)                                  # 32x32, 8x8 patches every 4 pixels
+    assert m.config.grid_size == 7 and m.pos_embed.shape == (1, 50, 32) and m.cls_index == 24
+    x = images()
+    with torch.no_grad():  # the patch embedding is the strided convolution, row-major over the grid
+        want = F.conv2d(x, m.patch_embed.proj.weight, m.patch_embed.proj.bias, stride=4)
+        torch.testing.assert_close(m.patch_embed(x), want.flatten(2).transpose(1, 2))
+    assert m(x).shape == (2, 10)
+    with pytest.raises(ValueError, match="stride 4"):
+        tiny(img_size=30, patch_stride=4)
+
+
+def test_stride8_release_layout_loads(tmp_path):
+    """A checkpoint shaped like vim_s+_midclstok_ft_*.pth (16x16 patches at stride 8, 224x224: a 27x27
+    grid, 730 tokens), narrow and one layer deep, with and without the training run's args."""
+    torch.manual_seed(9)
+    m = VisionMamba(VimConfig(hidden_size=16, num_hidden_layers=1, patch_stride=8, num_classes=3)).eval()
+    assert m.pos_embed.shape == (1, 730, 16) and m.cls_index == 364
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        want = m(x)
+    name = "vim_small_patch16_stride8_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2"
+    torch.save({"model": m.state_dict(), "epoch": 29,
+                "args": argparse.Namespace(model=name, input_size=224)}, tmp_path / "with_args.pth")
+    torch.save({"model": m.state_dict()}, tmp_path / "bare.pth")   # stride from the 224x224 grid
+    for f in ("with_args.pth", "bare.pth"):
+        loaded = VisionMamba.from_pretrained(tmp_path / f).eval()
+        assert (loaded.config.patch_stride, loaded.config.img_size) == (8, 224), f
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), want, rtol=0, atol=0)
+    # the args decide when the grid alone would mislead: 8x8 patches at stride 4 on 32x32 (7x7 grid)
+    s = make(seed=10, patch_stride=4)
+    torch.save({"model": s.state_dict(), "args": {"model": "vim_tiny_patch8_stride4_32", "input_size": 32}},
+               tmp_path / "small.pth")
+    loaded = VisionMamba.from_pretrained(tmp_path / "small.pth").eval()
+    assert (loaded.config.patch_stride, loaded.config.img_size) == (4, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images()), s(images()))
+    # a new input size keeps the stride and resizes the 27x27 grid (240: 29x29)
+    big = VisionMamba.from_pretrained(tmp_path / "bare.pth", img_size=240)
+    assert big.config.grid_size == 29 and big.pos_embed.shape == (1, 842, 16)
+    torch.testing.assert_close(big.pos_embed[0, 420], m.pos_embed[0, 364])
+    # save_pretrained keeps the stride in config.json
+    m.save_pretrained(tmp_path / "out")
+    assert VisionMamba.from_pretrained(tmp_path / "out").config.patch_stride == 8

@@ -38,8 +38,12 @@ def run(args):
     model = peft.merge_and_unload()
     model.save_pretrained(out)
     from . import DEFAULT_MODEL
-    src = Path(config["model"].get("path") or DEFAULT_MODEL)
+    from ..io import CheckpointError, resolve_dir
+    try:   # the base model's directory (a hub id: its local cache), for the tokenizer files
+        src = resolve_dir(config["model"].get("path") or DEFAULT_MODEL)
+    except CheckpointError:
+        src = None
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):   # keep it usable alone
-        if src.is_dir() and (src / name).is_file():
+        if src is not None and (src / name).is_file():
             shutil.copy(src / name, out / name)
     print(f"merged {', '.join(peft.peft_config.methods)} from {adapter} into {out}")

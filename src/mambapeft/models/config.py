@@ -116,6 +116,7 @@ class VimConfig:
     """Vision Mamba (Vim) with a middle CLS token, as in hustvl/Vim-*-midclstok."""
     img_size: int = 224
     patch_size: int = 16
+    patch_stride: int | None = None  # None: equal to patch_size; 8 in the `*_stride8_*` (Vim-*+) releases
     in_chans: int = 3
     hidden_size: int = 384
     num_hidden_layers: int = 24
@@ -140,16 +141,24 @@ class VimConfig:
     def __post_init__(self):
         if self.time_step_rank == "auto":
             self.time_step_rank = math.ceil(self.hidden_size / 16)
-        if self.img_size % self.patch_size:
-            raise ValueError(f"VimConfig.img_size={self.img_size} is not a multiple of patch_size={self.patch_size}")
+        if self.patch_stride is None:
+            self.patch_stride = self.patch_size
+        if self.img_size < self.patch_size or (self.img_size - self.patch_size) % self.patch_stride:
+            raise ValueError(f"VimConfig: img_size={self.img_size} does not fit a whole number of patches of "
+                             f"size {self.patch_size} at stride {self.patch_stride}")
 
     @property
     def intermediate_size(self):
         return self.expand * self.hidden_size
 
     @property
+    def grid_size(self):
+        """Patches per side: (img - patch) / stride + 1, as hustvl/Vim's PatchEmbed."""
+        return (self.img_size - self.patch_size) // self.patch_stride + 1
+
+    @property
     def num_patches(self):
-        return (self.img_size // self.patch_size) ** 2
+        return self.grid_size ** 2
 
     @classmethod
     def preset(cls, name, **overrides):

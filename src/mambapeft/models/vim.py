@@ -15,6 +15,7 @@ Checkpoints: `VisionMamba.from_pretrained` reads the `.pth` files of hustvl/Vim-
 import argparse
 import math
 import os
+import re
 import warnings
 from dataclasses import asdict, fields, replace
 
@@ -32,14 +33,16 @@ WEIGHTS_NAME = "model.safetensors"
 
 
 class PatchEmbed(nn.Module):
-    """(b, C, H, W) -> (b, (H/p)(W/p), D), row-major over the patch grid (as timm / Vim)."""
+    """(b, C, H, W) -> (b, G*G, D), row-major over the patch grid (as timm / Vim); G = (H - p) / stride + 1,
+    so stride 8 with 16x16 patches (the `*_stride8_*` releases) gives 27 x 27 overlapping patches at 224."""
 
-    def __init__(self, img_size, patch_size, in_chans, embed_dim):
+    def __init__(self, img_size, patch_size, in_chans, embed_dim, stride=None):
         super().__init__()
+        stride = stride or patch_size
         self.img_size, self.patch_size = img_size, patch_size
-        self.grid_size = img_size // patch_size
+        self.grid_size = (img_size - patch_size) // stride + 1
         self.num_patches = self.grid_size ** 2
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=stride)
 
     def forward(self, images):
         if images.dim() != 4 or images.shape[-2:] != (self.img_size, self.img_size):
@@ -54,7 +57,7 @@ class VisionMamba(nn.Module):
         super().__init__()
         self.config = c = config
         D = c.hidden_size
-        self.patch_embed = PatchEmbed(c.img_size, c.patch_size, c.in_chans, D)
+        self.patch_embed = PatchEmbed(c.img_size, c.patch_size, c.in_chans, D, c.patch_stride)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed = nn.Parameter(torch.zeros(1, c.num_patches + 1, D))
         dpr = torch.linspace(0, c.drop_path_rate, c.num_hidden_layers, device="cpu").tolist()
@@ -166,8 +169,9 @@ class VisionMamba(nn.Module):
             `model.safetensors` or exactly one `.pth`, or a Hugging Face hub id such as
             "hustvl/Vim-small-midclstok" (fetched with huggingface_hub; the hub cache is used offline).
         config: the VimConfig to build; by default read from config.json or inferred from the shapes
-            (the patch stride is taken equal to the patch size and if_divide_out=True, as in every
-            released midclstok model).
+            (if_divide_out=True, as in every released midclstok model; the patch stride comes from the
+            model name and input size in a hustvl training checkpoint's "args" when it has them, else the
+            stride that fits the grid at 224x224, else the patch size).
         num_classes: a new head size; a head of another size in the checkpoint is re-initialised
             (with a warning).
         img_size: a new input size; the position embedding of the patch grid is resized with bicubic
@@ -177,10 +181,10 @@ class VisionMamba(nn.Module):
         a checkpoint ("model_ema", "optimizer", "lr_scheduler", "scaler", "epoch", "args") are training
         state and are skipped.
         """
-        sd, file_config, source = _read_checkpoint(path_or_file)
+        sd, file_config, source, hints = _read_checkpoint(path_or_file)
         ckpt_config = config if config is not None else file_config
         if ckpt_config is None:
-            ckpt_config = infer_vim_config(sd, source)
+            ckpt_config = infer_vim_config(sd, source, **hints)
         overrides = {}
         if num_classes is not None:
             overrides["num_classes"] = num_classes
@@ -228,8 +232,11 @@ def resize_pos_embed(pos_embed, new_grid, source="pos_embed"):
     return torch.cat([grid[:, :new_mid], cls, grid[:, new_mid:]], dim=1)
 
 
-def infer_vim_config(sd, source="checkpoint"):
-    """A VimConfig from the shapes of a Vim state dict."""
+def infer_vim_config(sd, source="checkpoint", patch_stride=None, img_size=None):
+    """A VimConfig from the shapes of a Vim state dict. The shapes hold the kernel size and the grid,
+    not the stride: `patch_stride` / `img_size` give it (a checkpoint's training arguments), else
+    the input is taken to be 224x224 (every release) when a stride up to the kernel size fits that,
+    else the stride is the kernel size."""
     need = ["patch_embed.proj.weight", "pos_embed", "layers.0.mixer.in_proj.weight", "layers.0.mixer.A_log",
             "layers.0.mixer.dt_proj.weight", "layers.0.mixer.conv1d.weight"]
     missing = [k for k in need if k not in sd]
@@ -242,6 +249,11 @@ def infer_vim_config(sd, source="checkpoint"):
     grid = math.isqrt(n)
     if grid * grid != n:
         raise ValueError(f"{source}: pos_embed has {n} patch positions, not a square grid")
+    if patch_stride is None and img_size is not None and grid > 1 and (img_size - patch) % (grid - 1) == 0:
+        patch_stride = (img_size - patch) // (grid - 1)
+    if patch_stride is None and grid > 1 and (224 - patch) % (grid - 1) == 0 and (224 - patch) // (grid - 1) <= patch:
+        patch_stride = (224 - patch) // (grid - 1)
+    patch_stride = patch_stride or patch
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("layers."))
     E = sd["layers.0.mixer.in_proj.weight"].shape[0] // 2
     if E % D:
@@ -251,7 +263,8 @@ def infer_vim_config(sd, source="checkpoint"):
                          "'bimamba v2' Vim models are supported")
     head = sd.get("head.weight")
     return VimConfig(
-        img_size=grid * patch, patch_size=patch, in_chans=in_chans, hidden_size=D, num_hidden_layers=depth,
+        img_size=(grid - 1) * patch_stride + patch, patch_size=patch, patch_stride=patch_stride, in_chans=in_chans,
+        hidden_size=D, num_hidden_layers=depth,
         state_size=sd["layers.0.mixer.A_log"].shape[1], expand=E // D,
         conv_kernel=sd["layers.0.mixer.conv1d.weight"].shape[-1],
         time_step_rank=sd["layers.0.mixer.dt_proj.weight"].shape[1],
@@ -279,14 +292,16 @@ def _load_strict(model, sd, source):
 
 def _short(c):
     return (f"hidden_size={c.hidden_size}, layers={c.num_hidden_layers}, state_size={c.state_size}, "
-            f"img_size={c.img_size}, patch_size={c.patch_size}, num_classes={c.num_classes}")
+            f"img_size={c.img_size}, patch_size={c.patch_size}, patch_stride={c.patch_stride}, "
+            f"num_classes={c.num_classes}")
 
 
 def _read_checkpoint(path):
-    """-> (state dict, VimConfig or None, a name for messages)."""
+    """-> (state dict, VimConfig or None, a name for messages, hints for infer_vim_config)."""
     path = os.fspath(path)
     if os.path.isfile(path):
-        return _read_file(path), None, path
+        sd, hints = _read_file(path)
+        return sd, None, path, hints
     if path.endswith((".pth", ".pt", ".bin", ".safetensors")):
         raise CheckpointError(f"{path}: no such checkpoint file")
     return _read_directory(str(resolve_dir(path, patterns=("*.pth", CONFIG_NAME, WEIGHTS_NAME))), label=path)
@@ -303,19 +318,35 @@ def _read_directory(directory, label=None):
                 raise CheckpointError(f"{cfg_file}: model_type={d['model_type']!r}, expected 'vim'")
             known = {f.name for f in fields(VimConfig)}
             config = VimConfig(**{k: v for k, v in d.items() if k in known})
-        return _read_file(weights), config, weights
+        return _read_file(weights)[0], config, weights, {}
     pths = sorted(f for f in os.listdir(directory) if f.endswith((".pth", ".pt")))
     if len(pths) != 1:
         found = ", ".join(pths) if pths else "none"
         raise CheckpointError(f"{label}: expected {WEIGHTS_NAME} or exactly one .pth checkpoint in "
                               f"{directory}, found {found}; pass the file's path instead")
     f = os.path.join(directory, pths[0])
-    return _read_file(f), None, f
+    sd, hints = _read_file(f)
+    return sd, None, f, hints
 
 
 def _read_file(path):
+    """-> (state dict, {"patch_stride", "img_size"} known from a hustvl training checkpoint's args)."""
     # hustvl/Vim training checkpoints store the run's arguments as an argparse.Namespace under "args"
-    return _state_dict_of(read_weights(path, allowed_globals=[argparse.Namespace]), path)
+    obj = read_weights(path, allowed_globals=[argparse.Namespace])
+    return _state_dict_of(obj, path), _hints(obj.get("args") if isinstance(obj, dict) else None)
+
+
+def _hints(args):
+    """The stride and input size of the run that wrote the checkpoint: its `--model` name says
+    `..._patch16_stride8_224_...` for the Vim-*+ releases, and `--input-size` the image size."""
+    args = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else {}
+    hints = {}
+    found = re.search(r"_stride(\d+)_", str(args.get("model", "")))
+    if found:
+        hints["patch_stride"] = int(found.group(1))
+    if isinstance(args.get("input_size"), int):
+        hints["img_size"] = args["input_size"]
+    return hints
 
 
 def _state_dict_of(obj, path):

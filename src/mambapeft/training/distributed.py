@@ -41,26 +41,25 @@ def setup(device="auto"):
 
 def reduce_step(ctx, params, loss_sum, count):
     """Sum gradients, loss and count over processes; divide the gradients by the global count.
-    Returns (global loss sum, global count) as Python numbers."""
-    stats = torch.stack([loss_sum.detach().double().reshape(()).cpu(),
-                         torch.as_tensor(count).double().reshape(()).cpu()])
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    Returns the global (loss sum, count) as a float64 tensor on the device: reading it is the
+    caller's one host synchronisation of the step."""
+    stats = torch.stack([loss_sum.detach().double().reshape(()),
+                         torch.as_tensor(count, dtype=torch.float64, device=loss_sum.device).reshape(())])
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
     if ctx.world > 1:
-        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        flat = torch.cat([p.grad.reshape(-1).float() for p in params])
         stats = stats.to(flat.device)
         dist.all_reduce(flat)
         dist.all_reduce(stats)
         offset = 0
-        for p, g in zip(params, grads):
-            n = g.numel()
+        for p in params:
+            n = p.grad.numel()
             p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
             offset += n
-    total, n = stats.tolist()
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        p.grad.div_(max(n, 1.0))
-    return total, n
+    torch._foreach_div_([p.grad for p in params], stats[1].clamp_min(1.0))
+    return stats
 
 
 def broadcast(ctx, obj):

@@ -67,7 +67,8 @@ def train(config, task=None, model=None, callback=None, resume=False, overrides=
         g["base_lr"] = g["lr"]
     params = [p for g in groups for p in g["params"]]
     distributed.broadcast_params(ctx, params)
-    optimizer = torch.optim.AdamW(groups, lr=t["lr"], betas=tuple(t["betas"]), eps=t["eps"])
+    optimizer = torch.optim.AdamW(groups, lr=t["lr"], betas=tuple(t["betas"]), eps=t["eps"],
+                                  fused=ctx.device.type == "cuda")   # one kernel per group, not one per tensor
     if ctx.rank > 0:
         _seed_all(t["seed"] * 1000 + ctx.rank)   # dropout differs between processes
 
@@ -92,6 +93,7 @@ def train(config, task=None, model=None, callback=None, resume=False, overrides=
     # its own generator: creating the iterator would otherwise draw from the global RNG just restored
     loader = iter(torch.utils.data.DataLoader(task.train_set(), batch_sampler=order.micro_batches(start, total),
                                               collate_fn=task.collate, num_workers=t["num_workers"],
+                                              pin_memory=ctx.device.type == "cuda",   # a truly asynchronous copy
                                               generator=torch.Generator().manual_seed(t["seed"] + start)))
     has_validation = True
     try:
@@ -109,25 +111,26 @@ def train(config, task=None, model=None, callback=None, resume=False, overrides=
                 s.backward()   # the sum; divided by the global count once all are in
                 loss_sum += s.detach().float()
                 count += c
-            total_loss, units = distributed.reduce_step(ctx, params, loss_sum, count)
+            stats = distributed.reduce_step(ctx, params, loss_sum, count)
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])   # finite iff every gradient is
+            # the step's one host synchronisation: each more one leaves the GPU idle while Python catches up
+            total_loss, units, grad_norm = torch.cat([stats, norm.double().reshape(1)]).tolist()
             loss = total_loss / max(units, 1.0)
-            bad = _non_finite_groups(groups)
-            if not math.isfinite(loss) or bad:
+            if not math.isfinite(loss) or not math.isfinite(grad_norm):
                 last = checkpoint.latest(run_dir)
                 raise TrainingError(
                     f"step {step + 1}: non-finite loss ({loss}); non-finite gradients in "
-                    f"{', '.join(bad) or 'no method group'}. Stopped; the last good checkpoint is "
-                    f"{last if last else 'none (no checkpoint was written yet)'}")
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, t["grad_clip"]) if t["grad_clip"] > 0 else None
+                    f"{', '.join(_non_finite_groups(groups)) or 'no method group'}. Stopped; the last good "
+                    f"checkpoint is {last if last else 'none (no checkpoint was written yet)'}")
+            if t["grad_clip"] > 0:
+                torch.nn.utils.clip_grads_with_norm_(params, t["grad_clip"], norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             now = time.perf_counter()
             record = {"step": step, "epoch": step / order.steps_per_epoch, "loss": loss, "lr": t["lr"] * factor,
                       "units": units, f"{task.unit}_per_s": units / (now - t_prev), "step_s": now - t_prev,
-                      "time": time.time()}
-            if grad_norm is not None:
-                record["grad_norm"] = float(grad_norm)
+                      "grad_norm": float(grad_norm), "time": time.time()}
             log.write(record)
             bar.update(1)
             if step % t["log_every"] == 0 or step == total:
