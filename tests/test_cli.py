@@ -10,7 +10,8 @@ def test_methods_lists_every_method_with_defaults(capsys):
     out = capsys.readouterr().out
     for name in METHODS:
         assert f"\n{name} " in "\n" + out
-    assert "r=8, scale=0.1, dropout=0.1, dora=False" in out and "states=6" in out and "wd_mult=100.0" in out
+    assert "r=8 (int): rank" in out and "dora=False (bool): DoRA" in out and "wd_mult=100.0 (number)" in out
+    assert "position='prefix' (prefix|infix|outer): prefix: before conv1d" in out and "states=6 (int)" in out
 
 
 def test_methods_counts_on_a_model_shape(capsys):

@@ -210,10 +210,24 @@ def test_adapter_files_hold_only_trained_tensors(tmp_path):
     ({"affix": {"position": "suffix"}}, "position='suffix' does not exist; expected one of prefix, infix, outer"),
     ({"additional_scan": {"states": -1}}, "states must be an integer >= 1"),
     ({"lora_X": {"dropout": 1.5}}, r"dropout must be in \[0, 1\)"),
+    ({"lora_X": {"dora": "false"}}, r"lora_X.dora must be true or false, got 'false'"),
+    ({"lora_X": {"scale": "0.1"}}, r"lora_X.scale must be a number, got '0.1'"),
+    ({"lora_X": {"r": 2.0}}, r"lora_X.r must be an integer >= 1, got 2.0"),
+    ({"lora_X": 4}, r"methods.lora_X: expected an object of settings"),
+    ({"prompt": {"hidden": 0}}, r"prompt.hidden must be an integer >= 1"),
+    ({"additional_scan": {"init": "zeros"}}, "init='zeros' does not exist; expected one of copy_first, s4d"),
+    ({"A": {"wd_mult": -1}}, r"A.wd_mult must be a number >= 0"),
 ])
 def test_config_errors_say_what_is_allowed(bad, message):
     with pytest.raises(ConfigError, match=message):
         PeftConfig(bad)
+
+
+def test_settings_as_a_list_or_number_are_refused():
+    with pytest.raises(ConfigError, match="methods: expected an object mapping method names"):
+        PeftConfig(4)
+    with pytest.raises(ConfigError, match="cfg.json: expected an object with a 'methods' object"):
+        PeftConfig.from_dict({"methods": 3}, "cfg.json")
 
 
 def test_config_model_applicability_and_json():

@@ -228,11 +228,11 @@ def test_save_pretrained_roundtrip(tmp_path):
     x = images()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), m(x), rtol=0, atol=0)
-    # adapters are not written
+    # attached adapters would be lost: refused, nothing written
     m.peft["hooks"] = _Hooks()
-    with pytest.warns(UserWarning, match="base weights only"):
+    with pytest.raises(ValueError, match="still carries PEFT modules \\(hooks\\)"):
         m.save_pretrained(tmp_path / "out2")
-    VisionMamba.from_pretrained(tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()
 
 
 def test_resize_pos_embed_keeps_cls(tmp_path):

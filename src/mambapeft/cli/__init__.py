@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 DEFAULT_MODEL = str(Path(__file__).parent.parent / "assets" / "tiny-mamba")
-COMMANDS = ["methods", "generate", "train", "merge", "vtab", "search"]   # modules of this package, in --help order
+COMMANDS = ["methods", "generate", "train", "merge", "eval", "lm_eval", "vtab", "search"]   # in --help order
 
 
 class UsageError(ValueError):
@@ -32,7 +32,7 @@ def main(argv=None):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides += extra
     try:
-        return modules[args.command].run(args) or 0
+        return modules[args.command.replace("-", "_")].run(args) or 0   # "lm-eval" is module lm_eval
     except user_errors() as e:
         print(f"mambapeft: error: {e}", file=sys.stderr)
         return 2

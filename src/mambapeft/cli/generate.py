@@ -1,5 +1,5 @@
 """`mambapeft generate`: load a Mamba language model (and an adapter) and generate."""
-from . import DEFAULT_MODEL
+from . import DEFAULT_MODEL, UsageError
 
 
 def add_parser(sub):
@@ -17,10 +17,25 @@ def add_parser(sub):
     g.add_argument("--seed", type=int, default=0)
 
 
+def check(args):
+    """The arguments' mistakes, before any model is loaded."""
+    if not args.prompt or any(not p for p in args.prompt):
+        raise UsageError("an empty prompt: give at least one character to continue")
+    if args.max_new_tokens < 0:
+        raise UsageError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.top_k < 0:
+        raise UsageError(f"--top-k must be >= 0 (0: no top-k filtering), got {args.top_k}")
+    if not 0 < args.top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.sample and not args.temperature > 0:
+        raise UsageError(f"--temperature must be > 0 when sampling, got {args.temperature}")
+
+
 def run(args):
     import torch
     from ..models import MambaForCausalLM
     from ..models.checkpoint import load_tokenizer
+    check(args)
     torch.manual_seed(args.seed)
     model = MambaForCausalLM.from_pretrained(args.model).eval()
     if args.adapter:
@@ -31,6 +46,8 @@ def run(args):
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     batch = tokenizer(args.prompt, return_tensors="pt", padding=True)
+    if batch["input_ids"].shape[1] == 0:
+        raise UsageError("the prompt encodes to no tokens with this tokenizer")
     out = model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=args.max_new_tokens,
                          do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)

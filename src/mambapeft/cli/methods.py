@@ -1,13 +1,12 @@
-"""`mambapeft methods`: every PEFT method with its settings and defaults; with --model, how many
-parameters each method and each language preset trains on that model's shape."""
-from dataclasses import fields
+"""`mambapeft methods`: every PEFT method with its settings (type, default, help); with --model, how
+many parameters each method and each language preset trains on that model's shape."""
 
 from . import UsageError
 
 
 def add_parser(sub):
     from ..models.config import LM_SHAPES
-    p = sub.add_parser("methods", help="list every PEFT method with its settings and defaults")
+    p = sub.add_parser("methods", help="list every PEFT method with its settings, defaults and help")
     p.add_argument("--model", metavar="SHAPE", help="also count the trainable parameters of each method "
                    f"(default settings) and language preset on this shape: {', '.join(LM_SHAPES)}")
 
@@ -32,6 +31,7 @@ def run(args):
     from ..peft import PeftConfig
     from ..peft.config import METHODS
     from ..peft.presets import LM_SIZES, preset, preset_names
+    from ..peft.settings import describe
     counts = {}
     if args.model is not None:
         if args.model not in LM_SHAPES:
@@ -47,8 +47,8 @@ def run(args):
         models = "+".join("language" if m == "lm" else "Vim" for m in spec.models)
         count = f"{counts[name]:>14,} " if name in counts else (" " * 15 if counts else "")
         print(f"{name:<17} {count}{spec.family:<17} {models:<13} {spec.help}")
-        settings = [f"{f.name}={spec.defaults.get(f.name, f.default)!r}" for f in fields(spec.settings)]
-        print(f"{'':<17} {' ' * len(count)}settings: {', '.join(settings)}")
+        for field, kind, default, text in describe(spec.settings, spec.defaults):
+            print(f"{'':<4}{field}={default!r} ({kind}): {text}")
     print(f"\nlanguage presets: {', '.join(preset_names('lm'))}\nVim presets: {', '.join(preset_names('vim'))}")
     if counts:
         print(f"\nlanguage presets on {args.model}, trainable parameters:")

@@ -20,10 +20,13 @@ def read_state_dict(directory):
             continue
         if name.endswith(".index.json"):
             index = read_json(path)
-            if not isinstance(index.get("weight_map"), dict):
+            if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
                 raise CheckpointError(f"{path}: expected a 'weight_map' object mapping names to shard files")
             state = {}
             for shard in sorted(set(index["weight_map"].values())):
+                inside = isinstance(shard, str) and (directory / shard).resolve().parent == directory.resolve()
+                if not inside:   # a shard name must not reach files elsewhere on the machine
+                    raise CheckpointError(f"{path}: shard {shard!r} is not a file name in {directory}")
                 state.update(read_weights(directory / shard))
             return state
         return read_weights(path)
@@ -63,10 +66,17 @@ def load_into(model, state, source):
 def load_pretrained(cls, name_or_path, dtype=None):
     directory = resolve_dir(name_or_path)
     config_path = directory / "config.json"
-    config = MambaConfig.from_dict(read_json(config_path), source=str(config_path))
+    try:
+        config = MambaConfig.from_dict(read_json(config_path), source=str(config_path))
+    except ValueError as e:   # a user's file: one line for the command line
+        raise CheckpointError(str(e)) from None
+    if isinstance(dtype, str):   # "float16" as transformers accepts it
+        if not isinstance(getattr(torch, dtype, None), torch.dtype) or dtype == "auto":
+            raise ValueError(f"dtype={dtype!r}: expected a torch.dtype or one of float32, float16, bfloat16")
+        dtype = getattr(torch, dtype)
     model = build_in_dtype(cls, config, dtype)
     load_into(model, to_hf_names(read_state_dict(directory)), str(directory))
-    return model
+    return model.eval()   # as transformers: identical forwards give identical outputs until .train()
 
 
 def build_in_dtype(cls, config, dtype=None):
@@ -91,10 +101,16 @@ def save_pretrained(model, directory):
     write_json(directory / "config.json", model.config.to_hf_dict())
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
 def load_tokenizer(name_or_path):
     """The tokenizer saved beside a model, through transformers.AutoTokenizer."""
     from transformers import AutoTokenizer
     directory = resolve_dir(name_or_path)
+    if not any((directory / f).exists() for f in TOKENIZER_FILES):   # else transformers may return an empty one
+        raise CheckpointError(f"{directory}: no usable tokenizer files (expected one of {', '.join(TOKENIZER_FILES)}); "
+                              "the original state-spaces/mamba models use EleutherAI/gpt-neox-20b's tokenizer")
     try:
         return AutoTokenizer.from_pretrained(str(directory))
     except (OSError, ValueError) as e:

@@ -2,6 +2,30 @@
 import math
 from dataclasses import asdict, dataclass, field, fields
 
+POSITIVE_INTS = ("vocab_size", "hidden_size", "state_size", "expand", "conv_kernel",
+                 "time_step_rank", "img_size", "patch_size", "patch_stride", "in_chans", "num_classes")
+POSITIVE_FLOATS = ("layer_norm_epsilon", "time_step_min", "time_step_max", "time_step_floor", "time_step_scale")
+
+
+def check_fields(config):
+    """Types and ranges of a model config's fields: a string where a boolean or number belongs (read
+    from JSON) would be read wrongly or fail at the first forward, a negative epsilon gives NaN."""
+    name = type(config).__name__
+    for f in fields(config):
+        v = getattr(config, f.name)
+        low = getattr(config, "min_layers", 1) if f.name == "num_hidden_layers" else 1
+        ints = POSITIVE_INTS + ("num_hidden_layers",)
+        if f.name in ints and (not isinstance(v, int) or isinstance(v, bool) or v < low):
+            raise ValueError(f"{name}.{f.name} must be {'a positive' if low else 'a non-negative'} integer, got {v!r}")
+        if f.name in POSITIVE_FLOATS and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0
+                                          or not math.isfinite(v)):
+            raise ValueError(f"{name}.{f.name} must be a number > 0, got {v!r}")
+        if f.type in (bool, "bool") and not isinstance(v, bool):
+            raise ValueError(f"{name}.{f.name} must be true or false, got {v!r}")
+    rate = getattr(config, "drop_path_rate", 0.0)
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+        raise ValueError(f"{name}.drop_path_rate must be a number in [0, 1), got {rate!r}")
+
 
 @dataclass
 class MambaConfig:
@@ -30,13 +54,9 @@ class MambaConfig:
     mixer_rms_eps: float | None = None
 
     def __post_init__(self):
-        if self.time_step_rank == "auto":
+        if self.time_step_rank == "auto" and isinstance(self.hidden_size, int):
             self.time_step_rank = math.ceil(self.hidden_size / 16)
-        for name in ("vocab_size", "hidden_size", "state_size", "num_hidden_layers", "expand",
-                     "conv_kernel", "time_step_rank"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"MambaConfig.{name} must be a positive integer, got {value!r}")
+        check_fields(self)
 
     @property
     def intermediate_size(self):
@@ -56,12 +76,16 @@ class MambaConfig:
     @classmethod
     def from_dict(cls, d, source="config"):
         """Read a Hugging Face MambaConfig dict or an original state-spaces/mamba config dict."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
         d = dict(d)
         if "d_model" in d:  # original state-spaces/mamba format
             missing = [k for k in ("d_model", "n_layer", "vocab_size") if k not in d]
             if missing:
                 raise ValueError(f"{source}: original-format config lacks {', '.join(missing)}")
             ssm = d.get("ssm_cfg") or {}
+            if not isinstance(ssm, dict):
+                raise ValueError(f"{source}: ssm_cfg must be an object, got {ssm!r}")
             if ssm.get("layer", "Mamba1") not in ("Mamba1", "Mamba"):
                 raise ValueError(f"{source}: ssm_cfg.layer={ssm['layer']!r}; only Mamba-1 is supported")
             vocab, mult = d["vocab_size"], d.get("pad_vocab_size_multiple", 1)
@@ -87,7 +111,10 @@ class MambaConfig:
         else:
             raise ValueError(f"{source}: model_type={model_type!r}; expected 'mamba' (Mamba-1) or 'falcon_mamba'")
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        try:
+            return cls(**{k: v for k, v in d.items() if k in known})
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
 
     def to_hf_dict(self):
         d = asdict(self)
@@ -114,6 +141,7 @@ LM_SHAPES = {   # state-spaces/mamba-*-hf and tiiuae/falcon-mamba-7b (N=16, expa
 @dataclass
 class VimConfig:
     """Vision Mamba (Vim) with a middle CLS token, as in hustvl/Vim-*-midclstok."""
+    min_layers = 0   # no layers is a valid (test) model: norm_f of the CLS token
     img_size: int = 224
     patch_size: int = 16
     patch_stride: int | None = None  # None: equal to patch_size; 8 in the `*_stride8_*` (Vim-*+) releases
@@ -139,10 +167,11 @@ class VimConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.time_step_rank == "auto":
+        if self.time_step_rank == "auto" and isinstance(self.hidden_size, int):
             self.time_step_rank = math.ceil(self.hidden_size / 16)
         if self.patch_stride is None:
             self.patch_stride = self.patch_size
+        check_fields(self)
         if self.img_size < self.patch_size or (self.img_size - self.patch_size) % self.patch_stride:
             raise ValueError(f"VimConfig: img_size={self.img_size} does not fit a whole number of patches of "
                              f"size {self.patch_size} at stride {self.patch_stride}")

@@ -6,6 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.cross_entropy import linear_cross_entropy
+from .adapter import active, refuse_attached
 from .block import MambaBlock, prompt_tokens
 from .cache import MambaCache
 from .config import MambaConfig
@@ -36,10 +37,10 @@ class MambaModel(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, cache=None):
         h = self.embeddings(input_ids)
-        for a in self.peft.values():
+        for a in active(self.peft):
             h = a.adapt_embed(input_ids, h)
         mask = attention_mask
-        prompt = prompt_tokens(self.peft.values()) if cache is None or cache.is_fresh else None
+        prompt = prompt_tokens(active(self.peft)) if cache is None or cache.is_fresh else None
         if prompt is not None:
             h, mask, keep = insert_tokens_at(h, prompt, attention_mask, 1)
         for i, layer in enumerate(self.layers):
@@ -85,6 +86,7 @@ class MambaForCausalLM(nn.Module):
 
     def save_pretrained(self, directory):
         from .checkpoint import save_pretrained
+        refuse_attached(self, directory)
         save_pretrained(self, directory)
 
     @property
@@ -94,6 +96,7 @@ class MambaForCausalLM(nn.Module):
     def forward(self, input_ids, attention_mask=None, labels=None, cache=None, return_logits=None):
         """With labels, the loss comes from a chunked head + cross-entropy that never holds the whole
         (b, T, vocab) logits, and `logits` is None unless return_logits=True."""
+        check_inputs(input_ids, attention_mask, labels, self.config.vocab_size)
         h = self.backbone(input_ids, attention_mask, cache)
         if labels is not None and not return_logits:
             shifted = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)  # token t predicts labels[t + 1]
@@ -113,7 +116,9 @@ class MambaForCausalLM(nn.Module):
         """Recurrent decoding. Pad batches on the left. Returns prompt and new tokens, (b, T + new).
         On CUDA with the kernels, the steps after the first replay one captured CUDA graph."""
         from . import cuda_graph
-        if max_new_tokens < 1:
+        check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p)
+        check_inputs(input_ids, attention_mask, None, self.config.vocab_size, values=True)
+        if max_new_tokens == 0:
             return input_ids
         if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
             raise ValueError("generate() needs left padding: attention_mask has a 0 in its last column")
@@ -138,6 +143,42 @@ class MambaForCausalLM(nn.Module):
                 logits = (graph(token[:, None]) if graph is not None else
                           self(token[:, None], cache=cache).logits)[:, -1]
         return torch.cat(out, 1)
+
+
+def check_inputs(ids, mask, labels, vocab, values=None):
+    """One-line errors for inputs that would fail deep inside or, worse, give a silent wrong result
+    (labels of another shape flatten to a misaligned loss). Values are checked on the CPU (and by
+    generate()); on CUDA that would cost a device sync every step, so there only shapes are."""
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must be an integer tensor (batch, length), got "
+                         f"{tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__}"
+                         f"{' of ' + str(ids.dtype) if isinstance(ids, torch.Tensor) else ''}")
+    if ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise ValueError(f"input_ids of shape {tuple(ids.shape)}: expected at least one sequence of at least one token")
+    for name, t in (("attention_mask", mask), ("labels", labels)):
+        if t is not None and tuple(t.shape) != tuple(ids.shape):
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected input_ids' shape {tuple(ids.shape)}")
+    if values is None:
+        values = not ids.is_cuda and not torch.compiler.is_compiling()
+    if not values:
+        return
+    if bool(((ids < 0) | (ids >= vocab)).any()):
+        raise ValueError(f"input_ids hold {int(ids.min())}..{int(ids.max())}; expected token ids in 0..{vocab - 1}")
+    if mask is not None and bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
+    if labels is not None and bool((((labels < 0) & (labels != -100)) | (labels >= vocab)).any()):
+        raise ValueError(f"labels must be token ids in 0..{vocab - 1} or -100 (ignored)")
+
+
+def check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p):
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0: no top-k filtering), got {top_k!r}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if do_sample and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
 
 
 def sample(logits, do_sample=False, temperature=1.0, top_k=0, top_p=1.0, generator=None):

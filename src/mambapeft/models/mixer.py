@@ -5,12 +5,14 @@ All scan backends read only what it returns, so no backend can silently skip an 
 """
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.scan import resolve_backend, selective_scan
+from .adapter import active
 from .tokens import infix_offsets, insert_tokens_at, take_positions
 
 
@@ -49,6 +51,16 @@ class Composed:
     affix_h: torch.Tensor | None = None       # (n, D) "outer" affix tokens, before in_proj
 
 
+@dataclass
+class LowRankRows:
+    """An adapter that adds scale * up @ down(h) to rows start..stop of in_proj's output."""
+    start: int
+    stop: int
+    down: Callable              # h (bT, D) -> (bT, r), dropout included
+    up: torch.Tensor            # (stop - start, r)
+    scale: float
+
+
 def weightless_rms_norm(x, eps):
     """FalconMamba's norm without weight, in fp32 and cast back, as transformers' WeightlessRMSNorm."""
     return F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
@@ -77,15 +89,30 @@ class MixerAdapter(nn.Module):
     """Base of per-layer PEFT methods. Override any hook; `order` sorts weight edits."""
     order = 0
     mergeable = True   # False when merge_and_unload cannot fold the method into the base weights
+    active = True      # False while another adapter is selected or adapters are disabled
 
     def compose(self, c: Composed, mixer, merge=False) -> None:
-        """Edit c in place. With merge=True, activation-form methods fold their weight delta in too."""
+        """Edit c in place (the weight edits the scan reads)."""
+
+    def fold(self, c: Composed, mixer) -> None:
+        """Merging only: add an activation-form method's weight delta to c. Called after every
+        adapter's compose(), since in the forward it acts on the output of the composed weight."""
 
     def adapt_xz(self, h, xz):                           # activation form on in_proj's output
         return xz
 
     def adapt_out(self, g, out):                         # activation form on out_proj's output
         return out
+
+    # What the fused CUDA path (mixer_cuda.py) needs to keep an activation-form adapter inside its
+    # kernels. [] = the adapter does not act there; None = it does, in a form the path cannot lay out
+    # (then the unfused route runs). Overriding adapt_xz / adapt_out without these means None.
+    def in_proj_rows(self) -> list[LowRankRows] | None:
+        return [] if type(self).adapt_xz is MixerAdapter.adapt_xz else None
+
+    def out_proj_taps(self) -> list | None:
+        """[(down weight V (r, E), finish(V g, out) -> out)]: V's rows are appended to out_proj's."""
+        return [] if type(self).adapt_out is MixerAdapter.adapt_out else None
 
 
 class MambaMixer(nn.Module):
@@ -131,7 +158,7 @@ class MambaMixer(nn.Module):
             dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
     def adapters(self):
-        return sorted(self.peft.values(), key=lambda a: a.order)
+        return sorted(active(self.peft), key=lambda a: a.order)
 
     def compose(self, merge=False, adapters=None) -> Composed:
         c = Composed(self.in_proj.weight, self.in_proj.bias, self.out_proj.weight, self.out_proj.bias)
@@ -141,8 +168,11 @@ class MambaMixer(nn.Module):
                 conv_w=conv.weight[:, 0], conv_b=conv.bias, x_proj=getattr(self, "x_proj" + s).weight,
                 dt_w=dt.weight, dt_b=dt.bias, A_log=getattr(self, self.a_name(s)),
                 D=getattr(self, "D" + s), rms_eps=self.rms_eps, rms_cols=(0, self.d_state)))
-        for a in self.adapters() if adapters is None else adapters:
+        adapters = self.adapters() if adapters is None else adapters
+        for a in adapters:
             a.compose(c, self, merge)
+        for a in adapters if merge else ():
+            a.fold(c, self)
         return c
 
     def project_in(self, h, c):

@@ -30,7 +30,7 @@ no method is skipped. Three routes:
 import torch
 import torch.nn.functional as F
 
-from .mixer import MixerAdapter, ssm_inputs
+from .mixer import ssm_inputs
 
 try:
     from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
@@ -73,54 +73,29 @@ def forward(m, c, h, mask=None, state=None):
 
 def _project_in_channels_first(m, c, h):
     """xz as W_in @ h^T, like mamba_ssm's own Mamba: (2E, bT) memory viewed as (b, 2E, T), so neither
-    xz nor its gradient is transposed and copied around the fused kernel. Activation-form in_proj
-    LoRA adds its rows in the same layout."""
-    from ..peft.lora import MixerLoRA
+    xz nor its gradient is transposed and copied around the fused kernel. Adapters that add low-rank
+    rows to in_proj's output (MixerAdapter.in_proj_rows) add them in the same layout."""
     b, T, _ = h.shape
     h2 = h.reshape(b * T, -1)
+    rows = [a.in_proj_rows() for a in m.adapters()]
+    if any(r is None for r in rows):           # an adapter we cannot lay out here
+        return m.project_in(h, c).transpose(1, 2)
     xz = c.in_proj @ h2.t()
     if c.in_bias is not None:
         xz = xz + c.in_bias[:, None].to(xz.dtype)
-    for a in m.adapters():
-        if type(a).adapt_xz is MixerAdapter.adapt_xz or (isinstance(a, MixerLoRA) and not a.activation_form):
-            continue
-        if not (isinstance(a, MixerLoRA) and a.target == "in_proj"):  # an adapter we cannot lay out here
-            return m.project_in(h, c).transpose(1, 2)
-        lora = a.lora
-        p = lora.dropout(lora.down(h2)).t().to(xz.dtype)                             # (r, bT)
+    for low in (low for r in rows for low in r):
+        p = low.down(h2).t().to(xz.dtype)                                             # (r, bT)
         # accumulate into the adapter's rows in place: no full-size delta, pad or add
-        xz[a.start:a.stop].addmm_(lora.up.weight.to(xz.dtype), p, alpha=lora.scale)
+        xz[low.start:low.stop].addmm_(low.up.to(xz.dtype), p, alpha=low.scale)
     return xz.view(-1, b, T).transpose(0, 1)
 
 
 # ---- output adapters as extra out_proj rows ---------------------------------------------------
 def _output_taps(m):
     """[(down weight (r, E), finish(p, out) -> out)] for every adapter that reads g, or None when
-    one of them is of a kind this module does not know (then the unfused route runs)."""
-    from ..peft.lora import MixerLoRA
-    from ..peft.parallel_adapter import ParallelAdapter
-    taps = []
-    for a in m.adapters():
-        if type(a).adapt_out is MixerAdapter.adapt_out:
-            continue
-        if isinstance(a, MixerLoRA):
-            if a.activation_form and a.target == "out_proj":
-                taps.append((a.lora.down.weight, _lora_finish(a)))
-        elif isinstance(a, ParallelAdapter):
-            taps.append((a.down.weight, _adapter_finish(a)))
-        else:
-            return None
-    return taps
-
-
-def _lora_finish(a):
-    return lambda p, out: a.add_rows(a.lora.finish(p), out)
-
-
-def _adapter_finish(a):
-    def finish(p, out):
-        return out + (a.up(a.dropout(p.relu())) * a.scale).to(out.dtype)
-    return finish
+    one of them cannot be laid out (then the unfused route runs)."""
+    taps = [a.out_proj_taps() for a in m.adapters()]
+    return None if any(t is None for t in taps) else [tap for t in taps for tap in t]
 
 
 def _fused(m, c, xz, affix):

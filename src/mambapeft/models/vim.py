@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..io import CheckpointError, read_json, read_weights, resolve_dir, write_json, write_safetensors
+from .adapter import active, refuse_attached
 from .block import MambaBlock, prompt_tokens
 from .config import VimConfig
 from .norm import RMSNorm
@@ -116,7 +117,7 @@ class VisionMamba(nn.Module):
         """Patch embeddings with CLS and position embedding, and prompt tokens around them.
 
         Returns the sequence (b, T, D) and the index of the CLS token in it."""
-        adapters = list(self.peft.values())
+        adapters = active(self.peft)
         x = self.patch_embed(images.to(self.patch_embed.proj.weight.dtype))   # (b, P, D)
         for a in adapters:
             x = a.adapt_embed(images, x)
@@ -154,9 +155,7 @@ class VisionMamba(nn.Module):
     def save_pretrained(self, save_directory):
         """Write `config.json` and `model.safetensors` (base weights only: adapters are saved by the
         PEFT wrapper; merge them first to keep them in the base weights)."""
-        if any(len(m.peft) for m in self.modules() if isinstance(getattr(m, "peft", None), nn.ModuleDict)):
-            warnings.warn("save_pretrained writes the base weights only; the attached PEFT modules are not "
-                          "saved (save them with the PEFT wrapper, or merge them first)")
+        refuse_attached(self, save_directory)
         write_json(os.path.join(save_directory, CONFIG_NAME), {**asdict(self.config), "model_type": "vim"})
         write_safetensors(os.path.join(save_directory, WEIGHTS_NAME), self.base_state_dict(),
                           metadata={"format": "pt"})
@@ -207,7 +206,7 @@ class VisionMamba(nn.Module):
                 and pe.shape[2] == model.pos_embed.shape[2]:
             sd["pos_embed"] = resize_pos_embed(pe, model.patch_embed.grid_size, source)
         _load_strict(model, sd, source)
-        return model
+        return model.eval()   # as transformers: no drop-path until .train()
 
 
 # -------------------------------------------------------------------- helpers
@@ -314,10 +313,15 @@ def _read_directory(directory, label=None):
         config = None
         if os.path.isfile(cfg_file):
             d = read_json(cfg_file)
+            if not isinstance(d, dict):
+                raise CheckpointError(f"{cfg_file}: expected a JSON object, got {type(d).__name__}")
             if d.get("model_type", "vim") != "vim":
                 raise CheckpointError(f"{cfg_file}: model_type={d['model_type']!r}, expected 'vim'")
             known = {f.name for f in fields(VimConfig)}
-            config = VimConfig(**{k: v for k, v in d.items() if k in known})
+            try:
+                config = VimConfig(**{k: v for k, v in d.items() if k in known})
+            except ValueError as e:
+                raise CheckpointError(f"{cfg_file}: {e}") from None
         return _read_file(weights)[0], config, weights, {}
     pths = sorted(f for f in os.listdir(directory) if f.endswith((".pth", ".pt")))
     if len(pths) != 1:

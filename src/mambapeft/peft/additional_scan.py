@@ -4,10 +4,23 @@ A_new = -exp(A_log_addi) (E x n'), and 2n' extra x_proj rows give the new B and 
 original states evolve exactly as before; y gains sum_j C_t[j] s_t[j] over the new states.
 On FalconMamba the norms on B and C cover the model's own N columns only (ScanTensors.rms_cols):
 the added columns stay raw, so the promise above holds there too (README: FalconMamba)."""
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 import torch.nn as nn
 
 from ..models.mixer import MixerAdapter
+from .registry import register
+from .settings import Common, at_least_one, setting
+
+
+@dataclass
+class AdditionalScanSettings(Common):
+    states: int = setting(6, "n', the extra state dimensions", at_least_one)
+    init: Literal["copy_first", "s4d"] = setting(
+        "copy_first", "copy_first: every new A column = A's first column; s4d: continue the ladder N+1..N+n'")
+    position: Literal["prefix", "suffix"] = setting("prefix", "new states first (prefix) or last (suffix)")
 
 
 class AdditionalScan(MixerAdapter):
@@ -40,3 +53,7 @@ class AdditionalScan(MixerAdapter):
         else:
             s.x_proj = torch.cat([dt, B, new_B, C, new_C], 0)
             s.A_log = torch.cat([s.A_log, A_new], 1)
+
+
+register("additional_scan", AdditionalScanSettings, "Additional-scan", "extra learnable SSM state dimensions",
+         lambda site, name, s: site.per_direction(name, lambda m, d: AdditionalScan(m, s.states, s.init, s.position, d)))

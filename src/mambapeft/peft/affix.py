@@ -8,12 +8,30 @@ prefill, when decoding); "outer" puts width-D prefix tokens before in_proj inste
 module holds every layer's tokens (the projection spans all layers); each mixer gets a small
 `AffixLayer` view that reads its slice.
 """
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 import torch.nn as nn
 
 from ..models.adapter import ModelAdapter
 from ..models.mixer import MixerAdapter
 from .prompt import Reparam
+from .registry import register
+from .settings import Common, at_least_one, setting
+
+
+@dataclass
+class AffixSettings(Common):
+    tokens: int = setting(3, "affix tokens per layer", at_least_one)
+    projection: bool = setting(False, "reparameterise: Embedding -> Linear -> Tanh -> Linear over all layers")
+    hidden: int | None = setting(None, "projection width (default: the token width, as the reference)",
+                                 at_least_one)
+    position: Literal["prefix", "infix", "outer"] = setting(
+        "prefix", "prefix: before conv1d; infix: between equal chunks of the sequence; outer: width-D tokens "
+                  "before in_proj")
+    dual: bool = setting(True, "Vim: each scan direction gets its own tokens")
+    store_z: bool = setting(False, "keep the paper's 2E layout (the z half never gets gradient)")
 
 
 class AffixTokens(ModelAdapter):
@@ -66,3 +84,17 @@ class AffixLayer(MixerAdapter):
             if self.store_z:
                 c.dirs[d].affix_z = t[:, E:].t()
             c.dirs[d].affix_infix = self.position == "infix"
+
+
+def _attach(site, name, s):
+    m0 = site.mixers[0]
+    width = m0.d_model if s.position == "outer" else m0.d_inner * (2 if s.store_z else 1)
+    per_layer = 2 if site.kind == "vim" and s.dual and s.position != "outer" else 1
+    tokens = AffixTokens(s.tokens, len(site.mixers), per_layer, width, s.projection, s.hidden)
+    site.put(site.backbone.peft, name, tokens, m0.in_proj.weight)
+    site.per_mixer(name, lambda m: {name: AffixLayer(tokens, site.mixers.index(m), s.position, per_layer == 2,
+                                                     s.store_z)})
+
+
+register("affix", AffixSettings, "Affix tuning", "learned tokens prefixed to every mixer's sequence before conv1d",
+         _attach)

@@ -5,12 +5,32 @@ form W + s*U V on x_proj (whole, d, B or C rows) and dt_proj, which sit inside t
 always uses the merged form, with the norm taken per output row (as Hugging Face peft does) over
 the rows the adapter touches: W_new = m * W'' / ||W''||, the norm detached, m = ||W|| at start.
 """
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models.adapter import ModelAdapter
-from ..models.mixer import MixerAdapter
+from ..models.mixer import LowRankRows, MixerAdapter
+from .registry import register
+from .settings import Common, at_least_one, probability, setting
+
+
+@dataclass
+class LoRASettings(Common):
+    r: int = setting(8, "rank", at_least_one)
+    scale: float = setting(0.1, "plain scale s of the update (no alpha / r)")
+    dropout: float = setting(0.1, "dropout on the activation form (in_proj, X, Z, out_proj); merged forms "
+                                  "have none", probability)
+    dora: bool = setting(False, "DoRA: a learned magnitude per output row; always the merged form")
+
+
+@dataclass
+class EmbedLoRASettings(Common):
+    r: int = setting(8, "rank", at_least_one)
+    scale: float = setting(0.1, "plain scale s of the update (no alpha / r)")
+    dora: bool = setting(False, "DoRA per token row (LM) or per output channel of the patch kernel (Vim)")
 
 
 class LowRank(nn.Module):
@@ -25,11 +45,11 @@ class LowRank(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
-        return self.finish(self.down(x))
+        return self.finish(self.down(x.to(self.down.weight.dtype)))  # fp32 factors on a half base
 
     def finish(self, p):
         """From the down projection p = V x on: s * U(Dropout(p))."""
-        return self.up(self.dropout(p)) * self.scale
+        return self.up(self.dropout(p.to(self.up.weight.dtype))) * self.scale
 
     def delta_weight(self):
         return (self.up.weight @ self.down.weight) * self.scale
@@ -68,8 +88,14 @@ class MixerLoRA(MixerAdapter):
         self.magnitude = nn.Parameter(w[self.start:self.stop].detach().float().norm(dim=1)) if dora else None
 
     def compose(self, c, mixer, merge=False):
-        if self.activation_form and not merge:
-            return
+        if not self.activation_form:
+            self._add_delta(c)
+
+    def fold(self, c, mixer):
+        if self.activation_form:
+            self._add_delta(c)
+
+    def _add_delta(self, c):
         w = get_weight(c, self.target, self.direction)
         rows = w[self.start:self.stop] + self.lora.delta_weight().to(w.dtype)
         if self.magnitude is not None:
@@ -91,6 +117,18 @@ class MixerLoRA(MixerAdapter):
 
     def adapt_out(self, g, out):
         return self._add(g, out) if self.activation_form and self.target == "out_proj" else out
+
+    def in_proj_rows(self):
+        if not (self.activation_form and self.target == "in_proj"):
+            return []
+        lora = self.lora
+        return [LowRankRows(self.start, self.stop, lambda h: lora.dropout(lora.down(h.to(lora.down.weight.dtype))),
+                            lora.up.weight, lora.scale)]
+
+    def out_proj_taps(self):
+        if not (self.activation_form and self.target == "out_proj"):
+            return []
+        return [(self.lora.down.weight, lambda p, out: self.add_rows(self.lora.finish(p), out))]
 
 
 def dora_rows(w, magnitude):
@@ -122,6 +160,14 @@ class TokenEmbeddingLoRA(ModelAdapter):
         w2 = w + ((self.A @ self.B) * self.scale).to(w.dtype)
         return w2 if self.magnitude is None else dora_rows(w2, self.magnitude)
 
+    def merge_into(self, model):
+        if model.config.tie_word_embeddings:  # the LoRA changes inputs only: the head keeps the old weight
+            model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone(),
+                                                requires_grad=model.lm_head.weight.requires_grad)
+            model.config.tie_word_embeddings = False
+        w = model.backbone.embeddings.weight
+        w.copy_(self.merged_weight(w))
+
 
 class PatchEmbeddingLoRA(ModelAdapter):
     """Vim: a LoRA of the patch-embedding convolution (k x k stride k down, 1 x 1 up). With DoRA the
@@ -139,7 +185,7 @@ class PatchEmbeddingLoRA(ModelAdapter):
 
     def adapt_embed(self, images, emb):
         if self.magnitude is None:
-            return emb + (self.up(self.down(images)).flatten(2).transpose(1, 2) * self.scale).to(emb.dtype)
+            return emb + (self.up(self.down(images.to(self.down.weight.dtype))).flatten(2).transpose(1, 2) * self.scale).to(emb.dtype)
         proj = self._proj[0]
         w = self.merged_weight(proj.weight)
         return F.conv2d(images.to(w.dtype), w, proj.bias, proj.stride).flatten(2).transpose(1, 2).to(emb.dtype)
@@ -148,3 +194,67 @@ class PatchEmbeddingLoRA(ModelAdapter):
         delta = torch.einsum("or,rikl->oikl", self.up.weight[:, :, 0, 0], self.down.weight) * self.scale
         w2 = w + delta.to(w.dtype)
         return w2 if self.magnitude is None else dora_rows(w2, self.magnitude)
+
+    def merge_into(self, model):
+        w = model.patch_embed.proj.weight
+        w.copy_(self.merged_weight(w))
+
+
+# ---- registry ------------------------------------------------------------------------------------
+def _mixer_lora(target, rows, activation_form):
+    """attach() of a LoRA on `target`, on rows(mixer) = (start, stop) of it or on all of it."""
+    def make(s, m, d):
+        return MixerLoRA(m, target, rows(m) if rows else None, s.r, s.scale, s.dropout, s.dora, d, activation_form)
+
+    def attach(site, name, s):
+        if target in ("in_proj", "out_proj"):   # shared by both scan directions
+            site.per_mixer(name, lambda m: {name: make(s, m, 0)})
+        else:
+            site.per_direction(name, lambda m, d: make(s, m, d))
+    return attach
+
+
+def _attach_embedding(site, name, s):
+    if site.kind == "lm":
+        emb = site.backbone.embeddings
+        site.put(site.backbone.peft, name, TokenEmbeddingLoRA(emb, s.r, s.scale, s.dora), emb.weight)
+    else:
+        proj = site.model.patch_embed.proj
+        site.put(site.backbone.peft, name, PatchEmbeddingLoRA(proj, s.r, s.scale, s.dora), proj.weight)
+
+
+def _x_rows(m):
+    return 0, m.d_inner
+
+
+def _z_rows(m):
+    return m.d_inner, 2 * m.d_inner
+
+
+def _d_rows(m):
+    return 0, m.dt_rank
+
+
+def _b_rows(m):
+    return m.dt_rank, m.dt_rank + m.d_state
+
+
+def _c_rows(m):
+    return m.dt_rank + m.d_state, m.dt_rank + 2 * m.d_state
+
+
+for _name, _target, _rows, _act, _help in [
+        ("lora_in_proj", "in_proj", None, True, "LoRA on the whole in_proj (activation form)"),
+        ("lora_out_proj", "out_proj", None, True, "LoRA on out_proj (activation form)"),
+        ("lora_x_proj", "x_proj", None, False, "LoRA on the whole x_proj (merged form; per direction in Vim)"),
+        ("lora_dt", "dt_proj", None, False, "LoRA on the dt_proj weight (merged form; per direction in Vim)")]:
+    register(_name, LoRASettings, "LoRA", _help, _mixer_lora(_target, _rows, _act))
+register("lora_embed", EmbedLoRASettings, "LoRA", "LoRA on the token embedding (LM) or the patch embedding (Vim)",
+         _attach_embedding)
+for _name, _target, _rows, _act, _help in [
+        ("lora_X", "in_proj", _x_rows, True, "LoRA on in_proj rows 0..E-1 (the x branch)"),
+        ("lora_Z", "in_proj", _z_rows, True, "LoRA on in_proj rows E..2E-1 (the z gate)"),
+        ("lora_d", "x_proj", _d_rows, False, "LoRA on the delta rows of x_proj"),
+        ("lora_B", "x_proj", _b_rows, False, "LoRA on the B rows of x_proj"),
+        ("lora_C", "x_proj", _c_rows, False, "LoRA on the C rows of x_proj")]:
+    register(_name, LoRASettings, "Partial LoRA", _help, _mixer_lora(_target, _rows, _act))

@@ -3,10 +3,21 @@
 Without projection the tokens are parameters; with projection they come from
 Embedding(n, D) -> Linear(D, D) -> Tanh -> Linear(D, D). `collapse()` turns a trained
 projection into plain tokens."""
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
 from ..models.adapter import ModelAdapter
+from .registry import register
+from .settings import Common, at_least_one, setting
+
+
+@dataclass
+class PromptSettings(Common):
+    tokens: int = setting(8, "number of prompt tokens", at_least_one)
+    projection: bool = setting(False, "reparameterise: Embedding -> Linear -> Tanh -> Linear")
+    hidden: int | None = setting(None, "projection width (default: the model width D)", at_least_one)
 
 
 class Reparam(nn.Module):
@@ -45,3 +56,11 @@ class PromptTuning(ModelAdapter):
         if self.proj is not None:
             self.tokens = nn.Parameter(self.proj().detach().clone())
             self.proj = None
+
+
+def _attach(site, name, s):
+    m0 = site.mixers[0]
+    site.put(site.backbone.peft, name, PromptTuning(m0.d_model, s.tokens, s.projection, s.hidden), m0.in_proj.weight)
+
+
+register("prompt", PromptSettings, "Prompt tuning", "learned tokens in the residual stream", _attach)

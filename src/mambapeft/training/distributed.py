@@ -1,12 +1,13 @@
 """Data parallelism over torch.distributed, as torchrun (or accelerate launch) starts it.
 
-Every process holds the whole model and trains on its share of each effective batch; after the
-backward passes of a step the gradients of the trainable tensors alone (one flat buffer, the
-frozen base weights never travel) and the step's loss sum and unit count are summed over
-processes, so every process takes the same optimizer step. We reduce once per optimizer step
-rather than wrapping the model in DistributedDataParallel: a task calls the model as it likes
-(Task.loss), processes may run different numbers of micro-batches, and the engine normalises by
-the global unit count, which is only known after the forward passes. Rank 0 alone writes files."""
+Every process holds the whole model and trains on its share of each effective batch; during the
+last backward pass of a step the gradients of the trainable tensors alone (the frozen base weights
+never travel) are summed over processes, then the step's loss sum and unit count, so every process
+takes the same optimizer step. We do not wrap the model in DistributedDataParallel: a task calls
+the model as it likes (Task.loss), processes may run different numbers of micro-batches, and the
+engine normalises by the global unit count, which is only known after the forward passes; the
+gradient hooks of GradSync overlap the traffic with the backward pass as DDP would. Rank 0 alone
+writes files."""
 import os
 from dataclasses import dataclass
 
@@ -39,27 +40,50 @@ def setup(device="auto"):
     return Context(rank, world, local, dev)
 
 
-def reduce_step(ctx, params, loss_sum, count):
-    """Sum gradients, loss and count over processes; divide the gradients by the global count.
-    Returns the global (loss sum, count) as a float64 tensor on the device: reading it is the
-    caller's one host synchronisation of the step."""
-    stats = torch.stack([loss_sum.detach().double().reshape(()),
-                         torch.as_tensor(count, dtype=torch.float64, device=loss_sum.device).reshape(())])
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    if ctx.world > 1:
-        flat = torch.cat([p.grad.reshape(-1).float() for p in params])
-        stats = stats.to(flat.device)
-        dist.all_reduce(flat)
-        dist.all_reduce(stats)
-        offset = 0
-        for p in params:
-            n = p.grad.numel()
-            p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
-            offset += n
-    torch._foreach_div_([p.grad for p in params], stats[1].clamp_min(1.0))
-    return stats
+class GradSync:
+    """Sums the trainable tensors' gradients over processes. Each gradient's all-reduce starts as
+    soon as the step's last backward pass has produced it (as DistributedDataParallel does), so
+    the traffic overlaps the rest of that backward; `finish` waits for them, sums the step's loss
+    and unit count, and divides the gradients by the global count. Every process must produce the
+    same gradients in the same order, which one model with one graph does."""
+
+    def __init__(self, ctx, params):
+        self.ctx, self.params, self.armed, self.pending = ctx, params, False, []
+        if ctx.world > 1:
+            for p in params:
+                p.register_post_accumulate_grad_hook(self._ready)
+
+    def _ready(self, p):
+        if self.armed:
+            self.pending.append((p, dist.all_reduce(p.grad, async_op=True)))
+
+    def arm(self):
+        """Call before the step's last backward pass."""
+        self.armed = True
+
+    def finish(self, loss_sum, count):
+        """Returns the global (loss sum, count) as a float64 tensor on the device: reading it is
+        the caller's one host synchronisation of the step."""
+        self.armed = False
+        stats = torch.stack([loss_sum.detach().double().reshape(()),
+                             torch.as_tensor(count, dtype=torch.float64, device=loss_sum.device).reshape(())])
+        if self.ctx.world > 1:
+            done = set()
+            for p, handle in self.pending:
+                handle.wait()
+                done.add(p)
+            self.pending = []
+            for p in self.params:   # a tensor the graph did not reach: zeros, summed all the same
+                if p not in done:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    dist.all_reduce(p.grad)
+            dist.all_reduce(stats)
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        torch._foreach_div_([p.grad for p in self.params], stats[1].clamp_min(1.0))
+        return stats
 
 
 def broadcast(ctx, obj):

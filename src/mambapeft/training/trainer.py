@@ -67,6 +67,7 @@ def train(config, task=None, model=None, callback=None, resume=False, overrides=
         g["base_lr"] = g["lr"]
     params = [p for g in groups for p in g["params"]]
     distributed.broadcast_params(ctx, params)
+    grad_sync = distributed.GradSync(ctx, params)
     optimizer = torch.optim.AdamW(groups, lr=t["lr"], betas=tuple(t["betas"]), eps=t["eps"],
                                   fused=ctx.device.type == "cuda")   # one kernel per group, not one per tensor
     if ctx.rank > 0:
@@ -104,14 +105,17 @@ def train(config, task=None, model=None, callback=None, resume=False, overrides=
             for g in optimizer.param_groups:
                 g["lr"] = g["base_lr"] * factor
             loss_sum, count = torch.zeros((), device=ctx.device), 0
-            for _ in range(order.micro_count(step)):
+            micro = order.micro_count(step)
+            for i in range(micro):
                 batch = {k: v.to(ctx.device, non_blocking=True) for k, v in next(loader).items()}
                 with autocast:
                     s, c = task.loss(peft, batch)
+                if i == micro - 1:
+                    grad_sync.arm()
                 s.backward()   # the sum; divided by the global count once all are in
                 loss_sum += s.detach().float()
                 count += c
-            stats = distributed.reduce_step(ctx, params, loss_sum, count)
+            stats = grad_sync.finish(loss_sum, count)
             norm = torch.nn.utils.get_total_norm([p.grad for p in params])   # finite iff every gradient is
             # the step's one host synchronisation: each more one leaves the GPU idle while Python catches up
             total_loss, units, grad_norm = torch.cat([stats, norm.double().reshape(1)]).tolist()
