@@ -52,11 +52,14 @@ def train(config, task=None, model=None, callback=None, resume=False, overrides=
     run_dir = Path(config["output_dir"])
     _check_run_dir(run_dir, config, resume)
 
-    _seed_all(t["seed"])   # the same adapter initialisation on every process
+    _seed_all(t["seed"])
     task = task if task is not None else build_task(config["task"], "task")
     if model is None:
         model = task.load_model(config["model"])
     model.to(ctx.device)   # adapters are created on the base model's device
+    # again after loading, which may draw random numbers (a new head): the same adapter
+    # initialisation on every process, and whether the base model was passed in or loaded here
+    _seed_all(t["seed"])
     try:
         peft = get_peft_model(model, _peft_config(config["methods"], model)).to(ctx.device)
     except ValueError as e:   # a method that cannot apply to this model (ConfigError is one too)
