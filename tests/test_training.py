@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -283,3 +284,15 @@ def test_a_cuda_run_in_bf16_autocast_lowers_the_validation_loss(tmp_path):
     result = train({**TOY, "output_dir": str(tmp_path / "run")}, task=task, model=model)
     assert next(model.parameters()).is_cuda
     assert result["best"] < 0.7 * before
+
+
+def test_the_readme_main_job_runs_as_shipped_and_beats_the_base_model(tmp_path, capsys):
+    config = Path(__file__).parent.parent / "examples" / "train_toy.yaml"
+    out = tmp_path / "toy"
+    assert main(["train", str(config), f"output_dir={out}", "training.progress=false"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    task = ToyTask(yaml.safe_load(config.read_text())["task"])
+    with torch.no_grad():
+        before = task.evaluate(task.load_model({}).eval(), "test")["acc"]
+    assert result["test"]["acc"] > before + 0.3
+    assert (out / "curves.png").is_file() and (out / "best" / "adapter_model.safetensors").is_file()
