@@ -54,7 +54,7 @@ def load_search_config(path, storage=None, study=None, trials=None):
         raise ConfigError(f"{src}: tasks: expected a non-empty list of mappings, each with a 'type'")
     model = raw.get("model")
     model = {"path": model} if isinstance(model, str) else model
-    if not isinstance(model, dict) or not model:
+    if not isinstance(model, dict):   # {}: the task's own default model, as in mambapeft train
         raise ConfigError(f"{src}: model: expected a path, hub id or mapping")
     training = raw.get("training") or {}
     if not isinstance(training, dict):
