@@ -49,9 +49,7 @@ class GradSync:
 
     def __init__(self, ctx, params):
         self.ctx, self.params, self.armed, self.pending = ctx, params, False, []
-        if ctx.world > 1:
-            for p in params:
-                p.register_post_accumulate_grad_hook(self._ready)
+        self.hooks = [p.register_post_accumulate_grad_hook(self._ready) for p in params] if ctx.world > 1 else []
 
     def _ready(self, p):
         if self.armed:
@@ -60,6 +58,12 @@ class GradSync:
     def arm(self):
         """Call before the step's last backward pass."""
         self.armed = True
+
+    def close(self):
+        """Remove the hooks: the base model may be trained again (the search re-wraps it per trial)."""
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
 
     def finish(self, loss_sum, count):
         """Returns the global (loss sum, count) as a float64 tensor on the device: reading it is

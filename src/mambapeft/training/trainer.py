@@ -167,6 +167,7 @@ def train(config, task=None, model=None, callback=None, resume=False, overrides=
             t_prev = time.perf_counter()   # evaluation and saving do not count against throughput
         result = _finish(ctx, run_dir, peft, task, state, has_validation, autocast)
     finally:
+        grad_sync.close()
         bar.close()
         log.close()
     if ctx.main:
