@@ -210,3 +210,10 @@ def test_the_real_installed_sources(tmp_path):
     assert summary["text_corpus"]["documents"] > 100_000 and summary["text_corpus"]["left_out"] >= 20
     assert summary["image_corpus"]["fashion_mnist"]["images"] + 10 <= 70_000
     assert corpora.leaks(tmp_path) == []
+
+
+def test_asking_for_more_items_than_a_source_has_is_one_line(built, tmp_path, capsys):
+    assert main(["build-corpora", str(tmp_path / "out"), *built[1], "--train", "100", "--test", "5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the suite needs 300 (100 train + 200 test)" in err[0], err
+    assert "fortune_topic: the source gives" in err[0] and "lower --train or --test-language" in err[0], err

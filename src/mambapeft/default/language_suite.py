@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 from ..io import atomic_path
+from .sources import SourceError
 
 TOPICS = ["art", "computers", "food", "law", "love", "medicine", "politics", "science", "sports", "work"]
 YAML = """task: {name}
@@ -105,8 +106,9 @@ def count(rng, n):
 def instruction(item):
     """An item in the commonsense_170k format: the options named answer1..answerN."""
     names = [f"answer{i + 1}" for i in range(len(item["choices"]))]
+    question = item["query"].rsplit("\n", 1)[0]   # without the trailing "Answer:" / "Topic:" / "Word:"
     options = " ".join(f"Answer{i + 1}: {c}" for i, c in enumerate(item["choices"]))
-    return {"instruction": f"{item['query'].rsplit(chr(10), 1)[0]}\n\n{options}\n\nAnswer format: {'/'.join(names)}",
+    return {"instruction": f"{question}\n\n{options}\n\nAnswer format: {'/'.join(names)}",
             "input": "", "output": f"the correct answer is {names[item['label']]}", "answer": names[item["label"]]}
 
 
@@ -119,9 +121,8 @@ def make_tasks(fortunes, glosses, n_train, n_test, seed):
     out = {}
     for name, items in tasks.items():
         if len(items) < n:
-            from .sources import SourceError
             raise SourceError(f"{name}: the source gives {len(items)} usable items, the suite needs {n} "
-                              f"({n_train} train + {n_test} test)")
+                              f"({n_train} train + {n_test} test); lower --train or --test-language")
         out[name] = (items[n_test:], items[:n_test])
     return out
 

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..io import atomic_path
+from .sources import SourceError
 
 GROUPS = {"digits": "natural", "clothing": "natural", "noise": "specialized", "texture": "specialized",
           "count": "structured", "position": "structured", "orientation": "structured"}
@@ -118,8 +119,8 @@ def make_tasks(digits, fashion, n_train, n_test, seed):
         order = list(range(len(digits[1])))
         rng.shuffle(order)
         if len(order) < n_train + n_test:
-            from .sources import SourceError
-            raise SourceError(f"digits: {len(order)} images, the suite needs {n_train + n_test}")
+            raise SourceError(f"digits: {len(order)} images, the suite needs {n_train + n_test} "
+                              f"({n_train} train + {n_test} test); lower --train or --test")
         tasks["digits"] = (_sample(*digits, order[n_test:n_test + n_train]), _sample(*digits, order[:n_test]))
     if fashion is not None:
         tr = rng.sample(range(len(fashion["train"][1])), n_train)
