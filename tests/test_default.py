@@ -128,6 +128,9 @@ def test_vision_suite_loads_in_the_vtab_layout(built):
         assert image.shape == (3, 16, 16) and torch.isfinite(image).all()
         train = {s.path for s in data.split("train800val200")}
         assert not train & {s.path for s in data.split("test")}
+    from mambapeft.training.task import build_task
+    task = build_task({"type": "vision", "data": str(suite / "count"), "image_size": 16, "num_workers": 0}, "task")
+    assert task.train_split == "train800val200" and task.splits == {"validation": None, "test": "test"}
 
 
 def test_the_corpora_hold_no_test_item_and_the_check_catches_an_injected_one(built, tmp_path):
