@@ -116,5 +116,6 @@ def read_digits(path=None):
     """(images (N, 8, 8) uint8 in 0..255, labels (N,)) from scikit-learn's digits.csv.gz: 64 pixel
     values in 0..16 and the label per row."""
     f = source_path("digits", path)
-    rows = np.loadtxt(gzip.open(f, "rt"), delimiter=",", dtype=np.int64, ndmin=2)
+    with gzip.open(f, "rt") as text:
+        rows = np.loadtxt(text, delimiter=",", dtype=np.int64, ndmin=2)
     return (np.clip(rows[:, :64] * 16, 0, 255).astype(np.uint8).reshape(-1, 8, 8), rows[:, 64])
