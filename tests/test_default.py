@@ -202,6 +202,28 @@ def test_a_source_folder_missing_one_file_names_it(built, tmp_path, capsys):
     assert f"wordnet source {wn}/data.adv not found: install the Debian package wordnet-base" in capsys.readouterr().err
 
 
+
+@pytest.mark.parametrize("damage", ["truncated", "not_gzip"])
+def test_a_damaged_source_file_is_one_line(built, tmp_path, capsys, damage):
+    import shutil
+    opts = list(built[1])
+    for option, name in (("--fashion-mnist", "train-labels-idx1-ubyte.gz"), ("--digits", None)):
+        src = Path(opts[opts.index(option) + 1])
+        copy = tmp_path / option.strip("-")
+        if name is None:
+            shutil.copy(src, copy)
+            target = copy
+        else:
+            shutil.copytree(src, copy)
+            target = copy / name
+        data = target.read_bytes()
+        target.write_bytes(data[:len(data) // 2] if damage == "truncated" else b"plain text, not gzip")
+        bad = list(opts)
+        bad[bad.index(option) + 1] = str(copy)
+        assert main(["build-corpora", str(tmp_path / f"out-{option}"), *bad, *SMALL]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"mambapeft: error: {target}: ") and err.count("\n") == 1, err
+
 INSTALLED = all(p.exists() for p in (sources.DEFAULTS["fortunes"][0], sources.DEFAULTS["wordnet"][0],
                                      sources.DEFAULTS["fashion_mnist"][0], sources._sklearn_digits()))
 

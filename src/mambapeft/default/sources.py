@@ -1,6 +1,7 @@
 """Readers for the installed source data. Each source is a path inside a package; a missing one is a
 one-line error naming the package to install. SOURCES.md records what each is and its licence."""
 import gzip
+import io
 import importlib.util
 import struct
 from pathlib import Path
@@ -83,15 +84,28 @@ def read_wordnet(path=None, pos=("noun", "verb", "adj", "adv")):
 
 
 # ---- images -----------------------------------------------------------------------------------
+def _gunzip(path):
+    """The bytes of a gzip file; a damaged one is a one-line error (the package wants reinstalling)."""
+    try:
+        with gzip.open(path, "rb") as f:
+            return f.read()
+    except (OSError, EOFError) as e:
+        raise SourceError(f"{path}: not a readable gzip file ({e}); reinstall the package that ships it") from None
+
+
 def _idx(path):
     """An IDX array (the MNIST format): magic 0 0 dtype ndim, big-endian sizes, then the data."""
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
+    raw = _gunzip(path)
+    if len(raw) < 4:
+        raise SourceError(f"{path}: expected IDX data, got {len(raw)} bytes")
     _, _, dtype, ndim = raw[:4]
     if dtype != 0x08:
         raise SourceError(f"{path}: expected unsigned byte IDX data (type 0x08), got 0x{dtype:02x}")
-    shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    try:
+        shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+        return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    except (struct.error, ValueError):
+        raise SourceError(f"{path}: IDX data cut short (header for {ndim} dimensions, {len(raw)} bytes)") from None
 
 
 FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
@@ -116,6 +130,8 @@ def read_digits(path=None):
     """(images (N, 8, 8) uint8 in 0..255, labels (N,)) from scikit-learn's digits.csv.gz: 64 pixel
     values in 0..16 and the label per row."""
     f = source_path("digits", path)
-    with gzip.open(f, "rt") as text:
-        rows = np.loadtxt(text, delimiter=",", dtype=np.int64, ndmin=2)
+    try:
+        rows = np.loadtxt(io.StringIO(_gunzip(f).decode()), delimiter=",", dtype=np.int64, ndmin=2)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SourceError(f"{f}: expected rows of 64 pixel values and a label ({e})") from None
     return (np.clip(rows[:, :64] * 16, 0, 255).astype(np.uint8).reshape(-1, 8, 8), rows[:, 64])
