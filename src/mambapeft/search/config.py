@@ -25,7 +25,7 @@ import copy
 from pathlib import Path
 
 from ..peft.config import ConfigError
-from .space import read_yaml
+from ..training.config import read_yaml
 
 SEARCH = {"space": None, "trials": {"step1": 100, "step2": 100}, "pruner": {"type": "median"}, "storage": None,
           "study": None, "seed": 0, "heartbeat_interval": 30, "grace_period": None, "max_retry": 3,

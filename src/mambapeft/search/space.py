@@ -4,23 +4,11 @@ import copy
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-import yaml
-
 from ..peft.config import METHODS, ConfigError, PeftConfig
+from ..training.config import read_yaml
 
 DEFAULT_SPACE = Path(__file__).with_name("space.yaml")
 NONE = "none"   # the "drop" choice that keeps every method
-
-
-def read_yaml(path):
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    return {} if data is None else data
 
 
 def _merge(base, over):

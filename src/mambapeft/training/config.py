@@ -52,18 +52,23 @@ def _expect(cond, source, key, what):
         raise ConfigError(f"{source}: {key}: expected {what}")
 
 
-def load_config(path, overrides=()):
-    """Read a YAML config, apply `key=value` overrides (values typed by YAML), validate."""
+def read_yaml(path):
+    """A YAML file's contents ({} for an empty file); a missing or malformed file is one line."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         first = str(e).replace("\n", " ")
         raise ConfigError(f"{path}: not valid YAML ({first})") from None
-    if raw is None:
-        raw = {}
+    return {} if data is None else data
+
+
+def load_config(path, overrides=()):
+    """Read a YAML config, apply `key=value` overrides (values typed by YAML), validate."""
+    path = Path(path)
+    raw = read_yaml(path)
     _expect(isinstance(raw, dict), str(path), "top level", "a mapping of model, methods, task, training, output_dir")
     raw = apply_overrides(raw, overrides)
     return validate(raw, str(path))

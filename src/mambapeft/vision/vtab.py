@@ -11,7 +11,6 @@ import traceback
 from pathlib import Path
 
 import torch
-import yaml
 
 from ..io import read_weights, write_json
 from ..peft.config import ConfigError, PeftConfig
@@ -43,13 +42,8 @@ def _merge(base, over):
 
 
 def read_yaml(path):
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    from ..training.config import read_yaml as read_file
+    data = read_file(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of model, methods, task, training, output_dir")
     return data
