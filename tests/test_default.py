@@ -165,6 +165,21 @@ def test_the_corpora_hold_no_test_item_and_the_check_catches_an_injected_one(bui
         [(True, f"{out}/corpus/images.safetensors:fashion_mnist[{len(arrays['fashion_mnist']) - 1}]")]
 
 
+def test_the_image_corpus_labels_stay_aligned_with_the_images(built):
+    from safetensors.numpy import load_file
+    root = built[0]
+    arrays = load_file(str(root / "out" / "corpus" / "images.safetensors"))
+    assert sorted(arrays) == ["digits", "digits_labels", "fashion_mnist", "fashion_mnist_labels"]
+    fashion = sources.read_fashion_mnist(root / "fashion")
+    given = {"fashion_mnist": [np.concatenate([fashion["train"][i], fashion["test"][i]]) for i in (0, 1)],
+             "digits": sources.read_digits(root / "digits.csv.gz")}
+    for name, (images, labels) in given.items():
+        label_of = {images[i].tobytes(): int(labels[i]) for i in range(len(images))}   # random images: unique
+        kept, kept_labels = arrays[name], arrays[name + corpora.LABELS]
+        assert kept_labels.dtype == np.int64 and len(kept) == len(kept_labels) < len(images)   # test images left out
+        assert kept_labels.tolist() == [label_of[a.tobytes()] for a in kept]
+
+
 def test_the_text_corpus_leaves_out_a_document_that_quotes_a_test_item():
     passages = corpora.Passages([("t.jsonl:1", "one two three four five six seven")])
     docs = [{"text": "zero ONE two, three four five six! eight", "source": "a"},   # a 6-word window of it

@@ -2,7 +2,8 @@
 test item of a suite is in a corpus.
 
 OUT/corpus/text.jsonl        {"text", "source"} per document: fortunes, then "word: gloss" lines of WordNet
-OUT/corpus/images.safetensors  uint8 images per source: fashion_mnist (N, 28, 28), digits (N, 8, 8)
+OUT/corpus/images.safetensors  uint8 images per source: fashion_mnist (N, 28, 28), digits (N, 8, 8), and
+                             their int64 class labels (0-9), row for row: fashion_mnist_labels, digits_labels
 OUT/language/                the language suite (language_suite.py)
 OUT/vision/                  the vision suite (vision_suite.py)
 
@@ -99,12 +100,22 @@ def test_images(suite_dir):
     return out
 
 
+LABELS = "_labels"   # the labels of source NAME are stored under NAME + LABELS
+
+
+def image_sources(arrays):
+    """The image arrays of a corpus file's {name: array}, without the label arrays beside them."""
+    return {k: v for k, v in arrays.items() if not k.endswith(LABELS)}
+
+
 def write_image_corpus(path, arrays, test_keys):
-    """arrays: {source: (N, H, W) uint8}; rows equal to a test image are left out. Returns counts."""
+    """arrays: {source: ((N, H, W) uint8 images, (N,) labels)}; rows equal to a test image are left
+    out of both, so the labels stay aligned with the images. Returns counts."""
     kept, counts = {}, {}
-    for name, a in arrays.items():
+    for name, (a, labels) in arrays.items():
         keep = [i for i in range(len(a)) if _key("L", (a.shape[2], a.shape[1]), a[i].tobytes()) not in test_keys]
         kept[name] = torch.from_numpy(np.ascontiguousarray(a[keep]))
+        kept[name + LABELS] = torch.from_numpy(np.asarray(labels, dtype=np.int64)[keep])
         counts[name] = (len(keep), len(a) - len(keep))
     write_safetensors(path, kept)
     return counts
@@ -127,7 +138,7 @@ def leaks(out_dir):
     if images.is_file() and vis.is_dir():
         from safetensors.numpy import load_file
         keys = test_images(vis)
-        for name, a in load_file(str(images)).items():
+        for name, a in image_sources(load_file(str(images))).items():
             for i in range(len(a)):
                 at = keys.get(_key("L", (a.shape[2], a.shape[1]), a[i].tobytes()))
                 if at:
@@ -157,8 +168,9 @@ def build(out_dir, paths=None, n_train=1000, n_test=500, n_test_language=200, se
     passages = Passages(language_suite.test_passages(out_dir / "language"))
     kept, dropped = write_text_corpus(out_dir / "corpus" / "text.jsonl", text_documents(fortunes, glosses), passages)
     counts = write_image_corpus(out_dir / "corpus" / "images.safetensors",
-                                {"fashion_mnist": np.concatenate([fashion["train"][0], fashion["test"][0]]),
-                                 "digits": digits[0]}, test_images(out_dir / "vision"))
+                                {"fashion_mnist": tuple(np.concatenate([fashion["train"][i], fashion["test"][i]])
+                                                        for i in (0, 1)),
+                                 "digits": digits}, test_images(out_dir / "vision"))
     check(out_dir)
     summary = {"seed": seed, "language_tasks": {k: {"train": len(a), "test": len(b)} for k, (a, b) in lang.items()},
                "text_corpus": {"documents": kept, "left_out": dropped},

@@ -38,15 +38,28 @@ class Sample:
     where: str   # "list.txt:12" or the image path: what an error message names
 
 
+def rgb_pixels(im: Image.Image, size: int) -> torch.Tensor:
+    """(3, size, size) uint8: RGB, bicubic resize (PIL's, with its antialiasing). The protocol's
+    transform before scaling; also used on images held in arrays (mambapeft.pretrain.images)."""
+    im = im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+    return torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
+
+
+def normalise(pixels: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """uint8 (..., 3, H, W) -> float32 scaled to [0, 1] and normalised per channel, on pixels' device."""
+    mean = torch.tensor(mean, device=pixels.device).view(3, 1, 1)
+    std = torch.tensor(std, device=pixels.device).view(3, 1, 1)
+    return (pixels.float().div_(255) - mean) / std
+
+
 def load_image(sample: Sample, size: int) -> torch.Tensor:
     """(3, size, size) float32 in [0, 1]: RGB, bicubic resize (PIL's, with its antialiasing)."""
     try:
         with Image.open(sample.path) as im:
-            im = im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+            pixels = rgb_pixels(im, size)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"{sample.where}: cannot decode image {sample.path} ({e})") from None
-    pixels = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-    return pixels.view(size, size, 3).permute(2, 0, 1).float().div_(255)
+    return pixels.float().div_(255)
 
 
 class ImageDataset(torch.utils.data.Dataset):
