@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 DEFAULT_MODEL = str(Path(__file__).parent.parent / "assets" / "tiny-mamba")
-COMMANDS = ["methods", "generate", "train", "merge", "eval", "lm_eval", "vtab", "search", "build_corpora"]   # in --help order
+COMMANDS = ["methods", "generate", "train", "merge", "eval", "lm_eval", "vtab", "search", "build_corpora", "pretrain"]   # in --help order
 
 
 class UsageError(ValueError):
