@@ -166,3 +166,11 @@ def test_a_used_output_folder_is_refused(tmp_path, capsys):
     (tmp_path / "out" / "x").write_text("")
     assert main(["pretrain", "lm", str(text_corpus(tmp_path / "c")), str(tmp_path / "out")]) == 2
     assert "must be new or empty" in capsys.readouterr().err
+
+
+def test_the_tokenizer_is_the_same_on_each_run():
+    from mambapeft.pretrain.tokenizer import train_tokenizer
+    rng = random.Random(1)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(200)]
+    a, b = (train_tokenizer(texts, 320).backend_tokenizer.to_str() for _ in range(2))
+    assert a == b and 257 < len(train_tokenizer(texts, 320)) <= 320   # bytes, EOS and merges up to the size asked
