@@ -174,3 +174,18 @@ def test_the_tokenizer_is_the_same_on_each_run():
     texts = [" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(200)]
     a, b = (train_tokenizer(texts, 320).backend_tokenizer.to_str() for _ in range(2))
     assert a == b and 257 < len(train_tokenizer(texts, 320)) <= 320   # bytes, EOS and merges up to the size asked
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["lm", "vim"])
+def test_pretrain_on_cuda_in_bf16(tmp_path, kind):
+    """The run the lead makes on the GPU, at a tiny scale: bf16 autocast, the CUDA kernels, saved on CPU."""
+    corpus = text_corpus(tmp_path / "c") if kind == "lm" else image_corpus(tmp_path / "c")
+    tiny = [a if a != "cpu" else "cuda" for a in (TINY_LM if kind == "lm" else TINY_VIM)]
+    assert main(["pretrain", kind, str(corpus), str(tmp_path / "out"), "--steps", "20", "--eval-every", "10",
+                 "--lr", "1e-2", *tiny]) == 0
+    summary = json.loads((tmp_path / "out" / "pretrain.json").read_text())
+    assert summary["device"] != "cpu" and summary["result"]["steps"] == 20
+    train = [r["loss"] for r in logs.read(tmp_path / "out" / "run" / "log.jsonl") if "split" not in r]
+    assert np.isfinite(train).all() and np.mean(train[-5:]) < np.mean(train[:5])
