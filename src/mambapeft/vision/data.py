@@ -45,11 +45,16 @@ def rgb_pixels(im: Image.Image, size: int) -> torch.Tensor:
     return torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
 
 
+_CONSTANTS = {}   # (device, mean, std) -> tensors: a copy to the GPU in every step would wait for it
+
+
 def normalise(pixels: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """uint8 (..., 3, H, W) -> float32 scaled to [0, 1] and normalised per channel, on pixels' device."""
-    mean = torch.tensor(mean, device=pixels.device).view(3, 1, 1)
-    std = torch.tensor(std, device=pixels.device).view(3, 1, 1)
-    return (pixels.float().div_(255) - mean) / std
+    key = (pixels.device, tuple(mean), tuple(std))
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = tuple(torch.tensor(v, device=pixels.device).view(3, 1, 1) for v in (mean, std))
+    m, s = _CONSTANTS[key]
+    return (pixels.float().div_(255) - m) / s
 
 
 def load_image(sample: Sample, size: int) -> torch.Tensor:
