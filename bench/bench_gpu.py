@@ -103,11 +103,14 @@ def hf_model(lora=True, dtype=torch.float32):
     return model
 
 
+DEFAULT_INNER = os.environ.get("MAMBAPEFT_INNER", "ours")
+
+
 class inner_env:
-    """MAMBAPEFT_INNER for one run ("mamba_ssm" for runs named *_mamba_inner)."""
+    """MAMBAPEFT_INNER for one run: "mamba_ssm" for runs named *_mamba_inner, else the process's."""
 
     def __init__(self, name):
-        self.value = "mamba_ssm" if name.endswith("_mamba_inner") else "ours"
+        self.value = "mamba_ssm" if name.endswith("_mamba_inner") else DEFAULT_INNER
 
     def __enter__(self):
         self.old = os.environ.get("MAMBAPEFT_INNER")
@@ -300,7 +303,7 @@ def profile(name, build, batch, seqlen, path, graphed=False):
             opt.zero_grad(set_to_none=True)
         run = eager
         if graphed:
-            graph = _capture(step, opt, 3)
+            graph, _ = _capture(step, opt, 3)
             run = graph.replay
         else:
             _timed(run, 2)
@@ -336,13 +339,14 @@ def _capture(step, opt, warmup):
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        graph.loss = step()
-    return graph
+        loss = step()
+    return graph, loss
 
 
 def graphs(name, build, batch, seqlen, steps, warmup, lr=1e-4):
     """Eager against one captured CUDA graph of the whole step, same initial weights and data:
     tokens/s of both; the losses of every step and the final weight updates must agree."""
+    warmup = max(warmup, 1)   # the optimizer's state must exist before capture
     gc.collect()
     torch.cuda.empty_cache()
     torch.manual_seed(0)
@@ -372,7 +376,7 @@ def graphs(name, build, batch, seqlen, steps, warmup, lr=1e-4):
                    eager_tokens_per_s=batch * seqlen / sorted(eager_times[warmup:])[steps // 2],
                    eager_losses=eager_losses)
         try:
-            graph = _capture(step, opt, warmup)
+            graph, static_loss = _capture(step, opt, warmup)
         except Exception as e:  # noqa: BLE001
             row["graph_error"] = f"{type(e).__name__}: {e}"[:400]
             print(f"{name}: CUDA graph capture failed, the step stays eager: {row['graph_error']}", flush=True)
@@ -386,7 +390,7 @@ def graphs(name, build, batch, seqlen, steps, warmup, lr=1e-4):
             graph.replay()
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
-            losses.append(graph.loss.item())
+            losses.append(static_loss.item())
         delta = [p.detach() - p0 for p, p0 in zip(params, init)]
     num = sum((a - b).float().norm() ** 2 for a, b in zip(delta, eager_delta)) ** 0.5
     den = sum(b.float().norm() ** 2 for b in eager_delta) ** 0.5
@@ -399,7 +403,7 @@ def graphs(name, build, batch, seqlen, steps, warmup, lr=1e-4):
     print(f"{name}: CUDA graph {row['graphed_tokens_per_s']:.0f} tok/s vs eager {row['eager_tokens_per_s']:.0f} "
           f"({row['speedup']:.2f}x); losses within {loss_err:.2g} (rel), weight updates within {update_err:.2g}: "
           f"{row['check']}", flush=True)
-    del graph, model, opt, params, init, delta, eager_delta
+    del graph, static_loss, model, opt, params, init, delta, eager_delta
     return row
 
 
@@ -419,7 +423,9 @@ def main():
     ap.add_argument("--batch", type=int, default=None, help="default: the shape's")
     ap.add_argument("--seqlen", type=int, default=None, help="default: the shape's")
     ap.add_argument("--new-tokens", type=int, default=256)
-    ap.add_argument("--only", default="train,hf,generate,torch")
+    ap.add_argument("--only", default="train,hf,generate,torch",
+                    help="parts to run: train (ours), hf (transformers+peft LoRA and full) or hf_lora (LoRA only), "
+                         "generate, torch (no kernels)")
     ap.add_argument("--runs", default=",".join(list(OURS) + ["lora_X_r64_mamba_inner"]),
                     help="our training runs (names of OURS, or NAME_mamba_inner for mamba_ssm's inner function)")
     ap.add_argument("--interleave", default="",
@@ -462,14 +468,22 @@ def main():
         print(json.dumps(row), flush=True)
 
     runs = []
+    if "hf" in only or "hf_lora" in only:   # hf_lora: only the LoRA(in_proj) baseline, not full fine-tuning
+        runs.append(("hf_lora_in_proj_r8", hf_model, True))
     if "hf" in only:
-        runs += [("hf_lora_in_proj_r8", hf_model, True), ("hf_full", lambda: hf_model(lora=False), True)]
+        runs.append(("hf_full", lambda: hf_model(lora=False), True))
     if "train" in only:
         runs += [(name, lambda m=methods_of(name): ours_model(m), False) for name in names]
     pooled = {}
     for _ in range(args.rounds):  # interleaved rounds: drifts of the machine hit every run alike
         for name, build, hf in runs:
-            row = train(name, build, args.batch, args.seqlen, args.steps, args.warmup, hf=hf)
+            try:
+                row = train(name, build, args.batch, args.seqlen, args.steps, args.warmup, hf=hf)
+            except Exception as e:  # noqa: BLE001 - one failed run must not lose the others
+                print(f"RUN FAILED {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                gc.collect()
+                torch.cuda.empty_cache()
+                continue
             print(json.dumps(row), flush=True)
             pooled.setdefault(name, []).append(row)
     for name, parts in pooled.items():
@@ -479,7 +493,7 @@ def main():
                      "tokens_per_s": args.batch * args.seqlen / med,
                      "round_tokens_per_s": [round(r["tokens_per_s"]) for r in parts],
                      "peak_mem_gib": max(r["peak_mem_gib"] for r in parts)})
-    chosen = [r for r in runs if r[0] in args.interleave.split(",")]
+    chosen = [r for r in runs if r[0] in args.interleave.split(",") and r[0] in pooled]
     if chosen:
         tps = train_interleaved(chosen, args.batch, args.seqlen, 3 * args.steps, args.warmup)
         for row in rows:
@@ -487,8 +501,11 @@ def main():
                 row["interleaved_tokens_per_s"] = tps[row["run"]]
         print(json.dumps({"interleaved_tokens_per_s": tps}), flush=True)
     for name in filter(None, args.graphs.split(",")):
-        emit(graphs(name, lambda m=methods_of(name): ours_model(m), args.batch, args.seqlen, args.steps,
-                    args.warmup))
+        try:
+            emit(graphs(name, lambda m=methods_of(name): ours_model(m), args.batch, args.seqlen, args.steps,
+                        args.warmup))
+        except Exception as e:  # noqa: BLE001
+            print(f"RUN FAILED graphs {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
     if "generate" in only:
         for b in (1, 32):
             emit(generate(f"gen_hf_b{b}", b, args.new_tokens, hf=True))
