@@ -344,14 +344,17 @@ def _capture(step, opt, warmup):
 
 
 def graphs(name, build, batch, seqlen, steps, warmup, lr=1e-4):
-    """Eager against one captured CUDA graph of the whole step, same initial weights and data:
-    tokens/s of both; the losses of every step and the final weight updates must agree."""
+    """Eager against one captured CUDA graph of the whole step, same initial weights and data, dropout
+    off: tokens/s of both; the losses of every step and the final weight updates must agree."""
     warmup = max(warmup, 1)   # the optimizer's state must exist before capture
     gc.collect()
     torch.cuda.empty_cache()
     torch.manual_seed(0)
     with inner_env(name):
         model = build().train()
+        for m in model.modules():   # dropout off: both runs must see the same function (its masks would differ)
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
         params = [p for p in model.parameters() if p.requires_grad]
         init = [p.detach().clone() for p in params]
         ids = torch.randint(0, V, (batch, seqlen), device="cuda")
@@ -396,7 +399,7 @@ def graphs(name, build, batch, seqlen, steps, warmup, lr=1e-4):
     den = sum(b.float().norm() ** 2 for b in eager_delta) ** 0.5
     loss_err = max(abs(a - b) / abs(b) for a, b in zip(losses, eager_losses[warmup:]))
     update_err = (num / den).item() if den > 0 else float("inf")
-    ok = loss_err <= 1e-2 and update_err <= 0.1
+    ok = loss_err <= 1e-2 and update_err <= 0.25   # an optimizer step left out of the graph gives >= 0.5
     row.update(graphed_tokens_per_s=batch * seqlen / sorted(times)[steps // 2], graphed_losses=losses,
                max_rel_loss_diff=loss_err, rel_update_diff=update_err, check="PASS" if ok else "FAIL")
     row["speedup"] = row["graphed_tokens_per_s"] / row["eager_tokens_per_s"]

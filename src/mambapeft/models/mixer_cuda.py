@@ -135,7 +135,9 @@ def _fused(m, c, xz, affix):
     for d, s in enumerate(c.dirs):
         xz_d = xz if d == 0 else xz.flip(-1)
         drop = None
-        if affix[d] is not None:  # x and z halves of the tokens become extra xz columns
+        if affix[d] is not None and ours and not s.affix_infix:   # one copy, straight into the flat layout
+            xz_d, drop = _prefix_flat(xz_d, affix[d])
+        elif affix[d] is not None:  # x and z halves of the tokens become extra xz columns
             x, z = xz_d.chunk(2, dim=1)
             x, z, _, drop = m.insert_affix(x, z, s, affix[d], None)
             xz_d = torch.cat([x, z], 1)
@@ -158,6 +160,19 @@ def _fused(m, c, xz, affix):
         res = finish(out[..., off:off + w.shape[0]], res)
         off += w.shape[0]
     return res
+
+
+def _prefix_flat(xz, affix):
+    """Affix tokens (x half, z half), each (E, n), in front of every sequence of xz (b, 2E, T), built
+    in one copy in the layout ops/mamba_inner.py takes ((2E, b*(n+T)) memory). Returns it and `drop`,
+    which takes the tokens' rows out of the (b, n+T, D) output."""
+    b, E2, T = xz.shape
+    E, n = E2 // 2, affix[0].shape[1]
+    buf = xz.new_empty(E2, b, n + T)
+    buf[:, :, n:] = xz.transpose(0, 1)
+    buf[:E, :, :n] = affix[0].to(xz.dtype)[:, None, :]
+    buf[E:, :, :n] = affix[1].to(xz.dtype)[:, None, :]
+    return buf.transpose(0, 1), lambda y: y.narrow(-1, n, T)
 
 
 # ---- unfused: conv kernel + scan kernel, returning g -----------------------------------------
