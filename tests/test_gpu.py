@@ -321,7 +321,8 @@ def _inner_tensors(frozen=()):
     w = dict(conv_w=torch.randn(E, k, generator=g) * 0.3, conv_b=torch.randn(E, generator=g) * 0.1,
              x_proj_w=torch.randn(R + 2 * N, E, generator=g) * 0.1, dt_w=torch.randn(E, R, generator=g) * 0.3,
              out_w=torch.randn(D, E, generator=g) * 0.1, out_b=torch.randn(D, generator=g) * 0.1,
-             A=-torch.rand(E, N, generator=g) - 0.5, D=torch.randn(E, generator=g), dt_b=torch.randn(E, generator=g) - 3)
+             A=-torch.rand(E, N, generator=g) - 0.5, D=torch.randn(E, generator=g),
+             dt_b=torch.randn(E, generator=g) - 3)
     xz = xz.cuda().requires_grad_()
     w = {n: t.cuda().requires_grad_(n not in frozen) for n, t in w.items()}
     return xz, w

@@ -118,16 +118,15 @@ class MambaInner(torch.autograd.Function):
             delta = _3d(wdt @ x_dbl[:R], b)                       # (b, E, L), flat
             N = (x_dbl.shape[0] - R) // 2
             B, C = _bc(x_dbl[R:R + N], b), _bc(x_dbl[R + N:], b)
-            Df, dtbf = D.float().contiguous(), dt_b.float().contiguous()
-            out_z, saved = SCAN.forward(u, delta, A.contiguous(), B, C, Df, z, dtbf)
+            Ac, Df, dtbf = A.contiguous(), D.float().contiguous(), dt_b.float().contiguous()
+            out_z, saved = SCAN.forward(u, delta, Ac, B, C, Df, z, dtbf)
             y = _2d(out_z).t()                                    # (bL, E)
             if bo is not None:
                 bias = bo if out_extra is None else torch.cat([bo, bo.new_zeros(out_extra.shape[0])])
                 out = torch.addmm(bias, y, wo.t())
             else:
                 out = y @ wo.t()
-        ctx.save_for_backward(xz, cw, cb, x_dbl, wx, wdt, wo, A, Df, dtbf, *saved)
-        ctx.n_saved = len(saved)
+        ctx.save_for_backward(xz, cw, cb, x_dbl, wx, wdt, wo, Ac, Df, dtbf, *saved)
         ctx.D_out = out_w.shape[0]
         ctx.dtypes = [t.dtype if t is not None else None for t in (conv_w, conv_b, x_proj_w, dt_w, out_w, out_b,
                                                                    A, D, dt_b, out_extra)]
