@@ -22,7 +22,11 @@ the adapter's small GEMM.
 
 The scan is called through `SCAN` (a forward and a backward function, see ScanKernel): the seam
 where a scan of our own (ops/scan_triton.py, which also takes an initial state) can be dropped in
-later, e.g. to run affix tokens as a prefill state instead of extra positions.
+(`mamba_inner.SCAN = ScanKernel(fwd, bwd)`). Affix tokens as a prefill would then take one more
+input here: the state after the tokens (b, E, N) fp32, passed to SCAN.forward as `initial_state`, its
+gradient returned by SCAN.backward and from this function, and the tokens' x halves as the conv's
+k-1 initial columns; mamba_ssm's kernel takes no initial state, which is why the tokens are extra
+positions today (mixer_cuda._prefix_flat).
 """
 from dataclasses import dataclass
 from typing import Callable
