@@ -8,6 +8,19 @@ transformers' generate (use_cache=True), and the pure-torch paths (no kernels) o
 
     PYTHONPATH=src python bench/bench_gpu.py --out bench/results
 Writes gpu_bench.jsonl (one line per run) and gpu_bench.txt (the table) under --out.
+
+--shape 1.4b: the mamba-1.4b shape (D=2048, 48 layers), batch 4 x 2048 by default: the same 8192
+tokens a step as the 130m runs, and it fits both us and transformers + peft (about 35 GB estimated for
+theirs) with room to spare, while a step stays near a second, so a round takes about a minute. Its
+files get a _1.4b suffix.
+Runs named NAME_mamba_inner train NAME with MAMBAPEFT_INNER=mamba_ssm (mamba_ssm's mamba_inner_fn
+in place of ours), so both inner functions are compared in one process.
+--graphs RUNS: each run trained eagerly and as one captured CUDA graph of the whole step (forward,
+backward, AdamW) from the same initial weights; tokens/s of both, and the losses and weight updates
+must agree (PASS/FAIL); a capture that fails is reported and the run stays eager.
+--profile RUNS: a torch profile of one step per run (with --graphs also of the graphed step),
+written with the GPU busy fraction (union of GPU kernel and copy intervals / wall time of an
+unprofiled step) to gpu_profile.txt. The end of the table checks issue 13's targets (met/missed).
 """
 import argparse
 import gc
@@ -24,6 +37,9 @@ if "--no-kernels" in sys.argv:  # make the kernel packages unimportable, before 
 
 import torch  # noqa: E402
 
+SHAPES = {"130m": dict(V=50280, D=768, L=24, batch=8, seqlen=1024),
+          "1.4b": dict(V=50280, D=2048, L=48, batch=4, seqlen=2048)}
+TARGET_VS_HF = {"130m": 2.0, "1.4b": 1.5}   # issue 13: LoRA_p(X) r64 tokens/s over hf LoRA(in_proj) r8
 V, D, L = 50280, 768, 24
 LM_METHODS = ["lora_in_proj", "lora_out_proj", "lora_x_proj", "lora_dt", "lora_embed", "lora_X", "lora_Z", "lora_d",
               "lora_B", "lora_C", "A", "D", "conv1d", "bias", "prompt", "affix", "additional_scan",
@@ -87,7 +103,36 @@ def hf_model(lora=True, dtype=torch.float32):
     return model
 
 
+DEFAULT_INNER = os.environ.get("MAMBAPEFT_INNER", "ours")
+
+
+class inner_env:
+    """MAMBAPEFT_INNER for one run: "mamba_ssm" for runs named *_mamba_inner, else the process's."""
+
+    def __init__(self, name):
+        self.value = "mamba_ssm" if name.endswith("_mamba_inner") else DEFAULT_INNER
+
+    def __enter__(self):
+        self.old = os.environ.get("MAMBAPEFT_INNER")
+        os.environ["MAMBAPEFT_INNER"] = self.value
+
+    def __exit__(self, *exc):
+        if self.old is None:
+            os.environ.pop("MAMBAPEFT_INNER", None)
+        else:
+            os.environ["MAMBAPEFT_INNER"] = self.old
+
+
+def methods_of(name):
+    return OURS[name.removesuffix("_mamba_inner")]
+
+
 def train(name, build, batch, seqlen, steps, warmup, hf=False, backend=None):
+    with inner_env(name):
+        return _train(name, build, batch, seqlen, steps, warmup, hf, backend)
+
+
+def _train(name, build, batch, seqlen, steps, warmup, hf=False, backend=None):
     from mambapeft.ops.scan import scan_backend
     gc.collect()
     torch.cuda.empty_cache()
@@ -116,6 +161,7 @@ def train(name, build, batch, seqlen, steps, warmup, hf=False, backend=None):
             del out
     med = sorted(times)[len(times) // 2]
     row = dict(run=name, kind="train", impl="transformers+peft" if hf else "mambapeft", backend=backend or "auto",
+               inner=None if hf else inner_env(name).value,
                batch=batch, seqlen=seqlen, steps=steps, median_step_s=med, tokens_per_s=batch * seqlen / med,
                peak_mem_gib=torch.cuda.max_memory_allocated() / 2 ** 30,
                trainable=sum(p.numel() for p in params), scan_kernel_calls_per_forward=counter.calls,
@@ -140,9 +186,9 @@ def train_interleaved(runs, batch, seqlen, steps, warmup):
             for name, model, opt, times in live:
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                with torch.autocast("cuda", torch.bfloat16):
+                with torch.autocast("cuda", torch.bfloat16), inner_env(name):
                     loss = model(input_ids=ids, labels=ids).loss
-                loss.backward()
+                    loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 torch.cuda.synchronize()
@@ -201,32 +247,170 @@ def generate(name, batch, new_tokens, hf=False):
     return row
 
 
-def profile(build, batch, seqlen, path, backend=None):
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as prof
-
-    from mambapeft.ops.scan import scan_backend
-    model = build()
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    ids = torch.randint(0, V, (batch, seqlen), device="cuda")
-
+def _step_fn(model, opt, ids):
+    """One training step; autocast's weight cache off, as CUDA-graph capture wants."""
     def step():
-        with torch.autocast("cuda", torch.bfloat16):
+        with torch.autocast("cuda", torch.bfloat16, cache_enabled=False):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
-        opt.zero_grad(set_to_none=True)
-    with scan_backend(backend or "auto"):
-        for _ in range(2):
-            step()
+        return loss
+    return step
+
+
+def _timed(fn, n):
+    times = []
+    for _ in range(n):
         torch.cuda.synchronize()
-        with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def gpu_busy(p):
+    """From a profile, in seconds: the union of the GPU's activity intervals (kernels, copies, sets),
+    their plain sum (the same unless streams overlap), and first GPU start to last GPU end."""
+    spans = sorted((e.start_ns(), e.end_ns()) for e in p.profiler.kineto_results.events()
+                   if e.device_type() == torch.autograd.DeviceType.CUDA and e.end_ns() > e.start_ns())
+    busy, end = 0, None
+    for a, b in spans:
+        if end is None or a > end:
+            busy += b - a
+            end = b
+        elif b > end:
+            busy += b - end
+            end = b
+    total = sum(b - a for a, b in spans)
+    return busy / 1e9, total / 1e9, ((spans[-1][1] - spans[0][0]) / 1e9 if spans else 0.0)
+
+
+def profile(name, build, batch, seqlen, path, graphed=False):
+    """Profile one step of `name` (eager, or replayed as a CUDA graph) and append the op table and
+    the GPU busy fraction to `path`. Returns a row."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.manual_seed(0)
+    with inner_env(name):
+        model = build().train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, capturable=graphed)
+        ids = torch.randint(0, V, (batch, seqlen), device="cuda")
+        step = _step_fn(model, opt, ids)
+
+        def eager():
             step()
+            opt.zero_grad(set_to_none=True)
+        run = eager
+        if graphed:
+            graph, _ = _capture(step, opt, 3)
+            run = graph.replay
+        else:
+            _timed(run, 2)
+        wall = sorted(_timed(run, 5))[2]
+        with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+            t0 = time.perf_counter()
+            run()
             torch.cuda.synchronize()
+            wall_profiled = time.perf_counter() - t0
+    busy, kernel_sum, span = gpu_busy(p)
+    row = dict(run=name, kind="profile", graphed=graphed, batch=batch, seqlen=seqlen, step_wall_s=wall,
+               step_wall_profiled_s=wall_profiled, gpu_busy_s=busy, gpu_kernel_sum_s=kernel_sum, gpu_span_s=span,
+               gpu_busy_fraction=busy / wall)
     with open(path, "a") as f:
-        f.write(f"==== {path} batch {batch}x{seqlen}\n")
-        f.write(p.key_averages().table(sort_by="cuda_time_total", row_limit=30))
+        f.write(f"==== {name}{' (CUDA graph)' if graphed else ''} batch {batch}x{seqlen}: step {wall * 1e3:.1f} ms "
+                f"wall (unprofiled median of 5), GPU busy {busy * 1e3:.1f} ms = {100 * busy / wall:.0f}% of it "
+                f"(sum of GPU activity {kernel_sum * 1e3:.1f} ms, GPU span {span * 1e3:.1f} ms, profiled step "
+                f"{wall_profiled * 1e3:.1f} ms)\n")
+        f.write(p.key_averages().table(sort_by="cuda_time_total", row_limit=30) + "\n")
+    del model, opt
+    return row
+
+
+def _capture(step, opt, warmup):
+    """Warm up on a side stream, then capture the whole step in one CUDA graph (the recipe of
+    torch.cuda.graph's docs: grads None before capture, so backward allocates them in the graph's
+    pool and every replay rewrites them in place)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+            opt.zero_grad(set_to_none=True)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = step()
+    return graph, loss
+
+
+def graphs(name, build, batch, seqlen, steps, warmup, lr=1e-4):
+    """Eager against one captured CUDA graph of the whole step, same initial weights and data, dropout
+    off: tokens/s of both; the losses of every step and the final weight updates must agree."""
+    warmup = max(warmup, 1)   # the optimizer's state must exist before capture
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.manual_seed(0)
+    with inner_env(name):
+        model = build().train()
+        for m in model.modules():   # dropout off: both runs must see the same function (its masks would differ)
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        params = [p for p in model.parameters() if p.requires_grad]
+        init = [p.detach().clone() for p in params]
+        ids = torch.randint(0, V, (batch, seqlen), device="cuda")
+        opt = torch.optim.AdamW(params, lr=lr, capturable=True)
+        step = _step_fn(model, opt, ids)
+        eager_losses, eager_times = [], []
+        for _ in range(warmup + steps):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            loss = step()
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            eager_times.append(time.perf_counter() - t0)
+            eager_losses.append(loss.item())
+        eager_delta = [p.detach() - p0 for p, p0 in zip(params, init)]
+        with torch.no_grad():
+            for p, p0 in zip(params, init):
+                p.copy_(p0)
+        opt = torch.optim.AdamW(params, lr=lr, capturable=True)
+        step = _step_fn(model, opt, ids)
+        row = dict(run=name, kind="graphs", batch=batch, seqlen=seqlen, steps=steps, warmup=warmup, lr=lr,
+                   eager_tokens_per_s=batch * seqlen / sorted(eager_times[warmup:])[steps // 2],
+                   eager_losses=eager_losses)
+        try:
+            graph, static_loss = _capture(step, opt, warmup)
+        except Exception as e:  # noqa: BLE001
+            row["graph_error"] = f"{type(e).__name__}: {e}"[:400]
+            print(f"{name}: CUDA graph capture failed, the step stays eager: {row['graph_error']}", flush=True)
+            torch.cuda.synchronize()
+            return row
+        # capture records without running, so the replays are steps warmup + 1, ... as in eager
+        losses, times = [], []
+        for _ in range(steps):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            graph.replay()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+            losses.append(static_loss.item())
+        delta = [p.detach() - p0 for p, p0 in zip(params, init)]
+    num = sum((a - b).float().norm() ** 2 for a, b in zip(delta, eager_delta)) ** 0.5
+    den = sum(b.float().norm() ** 2 for b in eager_delta) ** 0.5
+    loss_err = max(abs(a - b) / abs(b) for a, b in zip(losses, eager_losses[warmup:]))
+    update_err = (num / den).item() if den > 0 else float("inf")
+    ok = loss_err <= 1e-2 and update_err <= 0.25   # an optimizer step left out of the graph gives >= 0.5
+    row.update(graphed_tokens_per_s=batch * seqlen / sorted(times)[steps // 2], graphed_losses=losses,
+               max_rel_loss_diff=loss_err, rel_update_diff=update_err, check="PASS" if ok else "FAIL")
+    row["speedup"] = row["graphed_tokens_per_s"] / row["eager_tokens_per_s"]
+    print(f"{name}: CUDA graph {row['graphed_tokens_per_s']:.0f} tok/s vs eager {row['eager_tokens_per_s']:.0f} "
+          f"({row['speedup']:.2f}x); losses within {loss_err:.2g} (rel), weight updates within {update_err:.2g}: "
+          f"{row['check']}", flush=True)
+    del graph, static_loss, model, opt, params, init, delta, eager_delta
+    return row
 
 
 def torch_backend():
@@ -235,24 +419,46 @@ def torch_backend():
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    global V, D, L
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="130m",
+                    help="model shape: 130m (D=768, 24 layers, 8x1024) or 1.4b (D=2048, 48 layers, 4x2048)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seqlen", type=int, default=1024)
+    ap.add_argument("--batch", type=int, default=None, help="default: the shape's")
+    ap.add_argument("--seqlen", type=int, default=None, help="default: the shape's")
     ap.add_argument("--new-tokens", type=int, default=256)
-    ap.add_argument("--only", default="train,hf,generate,torch")
+    ap.add_argument("--only", default="train,hf,generate,torch",
+                    help="parts to run: train (ours), hf (transformers+peft LoRA and full) or hf_lora (LoRA only), "
+                         "generate, torch (no kernels)")
+    ap.add_argument("--runs", default=",".join(list(OURS) + ["lora_X_r64_mamba_inner"]),
+                    help="our training runs (names of OURS, or NAME_mamba_inner for mamba_ssm's inner function)")
     ap.add_argument("--interleave", default="",
                     help="comma list of training runs to also time step by step in turn (e.g. "
                          "hf_lora_in_proj_r8,lora_X_r64,affix_3,additional_scan_6)")
     ap.add_argument("--rounds", type=int, default=1,
-                    help="repeat the 8x1024 training runs this many times, interleaved, and pool their steps")
+                    help="repeat the training runs this many times, interleaved, and pool their steps")
+    ap.add_argument("--graphs", default="", help="comma list of our runs to also train as one captured CUDA graph "
+                                                 "(e.g. lora_X_r64,affix_3,additional_scan_6)")
     ap.add_argument("--profile", default="", help="comma list of runs to profile (e.g. lora_X_r64,hf_lora)")
     ap.add_argument("--torch-shape", default="1x256", help="batch x seqlen of the pure-torch runs (no kernels)")
     ap.add_argument("--torch-steps", type=int, default=2, help="timed steps of the pure-torch runs (after 1 warm-up)")
     ap.add_argument("--no-kernels", action="store_true", help="(internal) transformers without the kernels")
     args = ap.parse_args()
+    shape = SHAPES[args.shape]
+    V, D, L = shape["V"], shape["D"], shape["L"]
+    args.batch, args.seqlen = args.batch or shape["batch"], args.seqlen or shape["seqlen"]
+    names = [n for n in args.runs.split(",") if n]
+    for n in names + [n for n in args.graphs.split(",") if n]:
+        if n.removesuffix("_mamba_inner") not in OURS:
+            ap.error(f"unknown run {n!r}; expected one of {', '.join(OURS)} (optionally with _mamba_inner)")
+    for n in filter(None, args.profile.split(",")):
+        if n != "hf_lora" and n.removesuffix("_mamba_inner") not in OURS:
+            ap.error(f"unknown run to profile {n!r}; expected hf_lora or one of {', '.join(OURS)}")
+    if not torch.cuda.is_available():
+        ap.error("needs a CUDA device")
+    tag = "" if args.shape == "130m" else f"_{args.shape}"
     os.makedirs(args.out, exist_ok=True)
     rows, only = [], set(args.only.split(","))
     tb, tl = map(int, args.torch_shape.split("x"))
@@ -268,14 +474,22 @@ def main():
         print(json.dumps(row), flush=True)
 
     runs = []
+    if "hf" in only or "hf_lora" in only:   # hf_lora: only the LoRA(in_proj) baseline, not full fine-tuning
+        runs.append(("hf_lora_in_proj_r8", hf_model, True))
     if "hf" in only:
-        runs += [("hf_lora_in_proj_r8", hf_model, True), ("hf_full", lambda: hf_model(lora=False), True)]
+        runs.append(("hf_full", lambda: hf_model(lora=False), True))
     if "train" in only:
-        runs += [(name, lambda m=methods: ours_model(m), False) for name, methods in OURS.items()]
+        runs += [(name, lambda m=methods_of(name): ours_model(m), False) for name in names]
     pooled = {}
     for _ in range(args.rounds):  # interleaved rounds: drifts of the machine hit every run alike
         for name, build, hf in runs:
-            row = train(name, build, args.batch, args.seqlen, args.steps, args.warmup, hf=hf)
+            try:
+                row = train(name, build, args.batch, args.seqlen, args.steps, args.warmup, hf=hf)
+            except Exception as e:  # noqa: BLE001 - one failed run must not lose the others
+                print(f"RUN FAILED {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                gc.collect()
+                torch.cuda.empty_cache()
+                continue
             print(json.dumps(row), flush=True)
             pooled.setdefault(name, []).append(row)
     for name, parts in pooled.items():
@@ -285,13 +499,19 @@ def main():
                      "tokens_per_s": args.batch * args.seqlen / med,
                      "round_tokens_per_s": [round(r["tokens_per_s"]) for r in parts],
                      "peak_mem_gib": max(r["peak_mem_gib"] for r in parts)})
-    chosen = [r for r in runs if r[0] in args.interleave.split(",")]
+    chosen = [r for r in runs if r[0] in args.interleave.split(",") and r[0] in pooled]
     if chosen:
         tps = train_interleaved(chosen, args.batch, args.seqlen, 3 * args.steps, args.warmup)
         for row in rows:
             if row["run"] in tps:
                 row["interleaved_tokens_per_s"] = tps[row["run"]]
         print(json.dumps({"interleaved_tokens_per_s": tps}), flush=True)
+    for name in filter(None, args.graphs.split(",")):
+        try:
+            emit(graphs(name, lambda m=methods_of(name): ours_model(m), args.batch, args.seqlen, args.steps,
+                        args.warmup))
+        except Exception as e:  # noqa: BLE001
+            print(f"RUN FAILED graphs {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
     if "generate" in only:
         for b in (1, 32):
             emit(generate(f"gen_hf_b{b}", b, args.new_tokens, hf=True))
@@ -310,20 +530,80 @@ def main():
             emit(json.loads(line[-1]))
         else:
             print("no-kernel transformers run failed:\n", child.stdout[-3000:], child.stderr[-3000:])
+    prof_path = os.path.join(args.out, f"gpu_profile{tag}.txt")
     for name in filter(None, args.profile.split(",")):
-        build = hf_model if name == "hf_lora" else (lambda m=OURS[name]: ours_model(m))
-        profile(build, args.batch, args.seqlen, os.path.join(args.out, "gpu_profile.txt"))
+        build = hf_model if name == "hf_lora" else (lambda m=methods_of(name): ours_model(m))
+        modes = [False] + ([True] if name in args.graphs.split(",") else [])
+        for graphed in modes:
+            try:
+                emit(profile(name, build, args.batch, args.seqlen, prof_path, graphed))
+            except Exception as e:  # noqa: BLE001 - a failed profile must not lose the table
+                print(f"profile of {name}{' (graphed)' if graphed else ''} failed: {type(e).__name__}: {e}")
 
-    table = report(rows)
+    table = report(rows) + "\n" + targets(rows, args.shape)
     print(table)
-    with open(os.path.join(args.out, "gpu_bench.jsonl"), "w") as f:
+    with open(os.path.join(args.out, f"gpu_bench{tag}.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    with open(os.path.join(args.out, "gpu_bench.txt"), "w") as f:
+    with open(os.path.join(args.out, f"gpu_bench{tag}.txt"), "w") as f:
         f.write(table + "\n")
 
 
+def targets(rows, shape):
+    """Issue 13's targets as measured in this run: one line each, met or missed."""
+    by = {r["run"] + ("/" + r["kind"] if r["kind"] in ("graphs", "profile") else ""): r for r in rows}
+    prof = {(r["run"], r["graphed"]): r for r in rows if r["kind"] == "profile"}
+
+    def ratio(a, b):   # tokens/s of run a over run b: interleaved where both were (fairer), else pooled
+        ra, rb = by.get(a), by.get(b)
+        if ra is None or rb is None:
+            return None
+        key = "interleaved_tokens_per_s" if "interleaved_tokens_per_s" in ra and "interleaved_tokens_per_s" in rb \
+            else "tokens_per_s"
+        return ra[key] / rb[key]
+    lines = [f"issue 13 targets ({shape} shape):", f"  {'target':58s} {'measured':>9s}  {'goal':>6s}  result"]
+
+    def line(what, value, goal, higher=True):
+        if value is None:
+            lines.append(f"  {what:58s} {'-':>9s}  {goal:6.2f}  not measured")
+            return
+        met = value >= goal if higher else value <= goal
+        lines.append(f"  {what:58s} {value:9.2f}  {('>=' if higher else '<=') + format(goal, '.2f'):>6s}  "
+                     f"{'met' if met else 'MISSED'}")
+    goal = TARGET_VS_HF[shape]
+    line("LoRA_p(X) r64 tokens/s / hf+peft LoRA(in_proj) r8", ratio("lora_X_r64", "hf_lora_in_proj_r8"), goal)
+    g, hf = by.get("lora_X_r64/graphs"), by.get("hf_lora_in_proj_r8")
+    if g and hf and "graphed_tokens_per_s" in g:
+        line("  same, LoRA_p(X) as a CUDA graph (vs their eager step)", g["graphed_tokens_per_s"] / hf["tokens_per_s"],
+             goal)
+    mh, mx = by.get("hf_lora_in_proj_r8"), by.get("lora_X_r64")
+    line("LoRA_p(X) r64 peak memory / hf+peft's", mx["peak_mem_gib"] / mh["peak_mem_gib"] if mh and mx else None,
+         0.5, higher=False)
+    for n, what in (("affix_3", "Affix (3 tokens)"), ("additional_scan_6", "Additional-scan (n'=6)")):
+        line(f"{what} tokens/s / LoRA_p(X)'s", ratio(n, "lora_X_r64"), 0.95)
+        gn = by.get(f"{n}/graphs")
+        if g and gn and "graphed_tokens_per_s" in g and "graphed_tokens_per_s" in gn:
+            line("  same, both as CUDA graphs", gn["graphed_tokens_per_s"] / g["graphed_tokens_per_s"], 0.95)
+    for graphed in (False, True):
+        p = prof.get(("lora_X_r64", graphed))
+        if p or not graphed:
+            line(f"GPU busy fraction of a LoRA_p(X) step{' (CUDA graph)' if graphed else ' (eager)'}",
+                 p["gpu_busy_fraction"] if p else None, 0.9)
+    inner = ratio("lora_X_r64", "lora_X_r64_mamba_inner")
+    if inner:
+        lines.append(f"  (our inner function / mamba_inner_fn, LoRA_p(X) r64 tokens/s: {inner:.2f})")
+    for b in (1, 32):
+        h, o = by.get(f"gen_hf_b{b}"), by.get(f"gen_ours_b{b}")
+        if h and o:
+            line(f"generation tokens/s / transformers' generate, batch {b}", o["tokens_per_s"] / h["tokens_per_s"], 10)
+    for r in rows:
+        if r["kind"] == "graphs":
+            result = r.get("check") or f"capture failed ({r['graph_error']})"
+            lines.append(f"  CUDA graph check {r['run']}: {result}")
+    return "\n".join(lines)
+
+
 def report(rows):
-    by = {r["run"]: r for r in rows}
+    by = {r["run"]: r for r in rows if r["kind"] not in ("graphs", "profile")}
     base = by.get("hf_lora_in_proj_r8")
     lines = [f"{'run':34s} {'impl':18s} {'batch':>9s} {'tok/s':>10s} {'x hf+peft':>9s} {'peak GiB':>9s} "
              f"{'x hf+peft':>9s} {'kernel calls':>12s}"]

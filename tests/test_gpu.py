@@ -7,7 +7,10 @@ tensor's largest value); under bf16 autocast, where both paths round matmul inpu
 bf16 in different places, the kernel path's error against the fp32 reference (in norm) is at most
 twice the bf16 reference path's error plus 5e-2 of the tensor's norm. Decoding on CUDA equals the full forward, its
 states equal the reference's and CPU-path and CUDA steps can alternate; padded batches equal
-unpadded ones. Skipped without CUDA or the kernels (CI); run by hand on a GPU machine.
+unpadded ones. Our fused inner function (ops/mamba_inner.py, the default fused route) equals mamba_ssm's
+mamba_inner_fn (MAMBAPEFT_INNER=mamba_ssm) and the reference for the main methods on the LM and Vim,
+and skips the weight-gradient GEMMs of frozen weights. Skipped without CUDA or the kernels (CI); run by
+hand on a GPU machine.
 """
 import pytest
 import torch
@@ -77,8 +80,9 @@ def forward_backward(peft, x, backend, autocast=False):
         out = out_of(peft, x).float()
     weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).cuda()
     (out * weights).sum().backward()
+    model = getattr(peft, "base_model", peft)      # a PeftModel, or a bare model trained in full
     grads = {n: p.grad.clone() if p.grad is not None else None
-             for n, p in peft.base_model.named_parameters() if p.requires_grad}
+             for n, p in model.named_parameters() if p.requires_grad}
     return out.detach(), grads
 
 
@@ -95,14 +99,18 @@ def assert_close(a, b, tol, what):
 
 
 def count_fused(monkeypatch):
+    """Calls of the fused inner function, ours (ops/mamba_inner.py) or mamba_ssm's mamba_inner_fn."""
     from mambapeft.models import mixer_cuda
+    from mambapeft.ops import mamba_inner
     calls = [0]
-    inner = mixer_cuda.mamba_inner_fn
 
-    def counting(*a, **k):
-        calls[0] += 1
-        return inner(*a, **k)
-    monkeypatch.setattr(mixer_cuda, "mamba_inner_fn", counting)
+    def counting(fn):
+        def wrapped(*a, **k):
+            calls[0] += 1
+            return fn(*a, **k)
+        return wrapped
+    monkeypatch.setattr(mixer_cuda, "mamba_inner_fn", counting(mixer_cuda.mamba_inner_fn))
+    monkeypatch.setattr(mamba_inner, "mamba_inner", counting(mamba_inner.mamba_inner))
     return calls
 
 
@@ -116,9 +124,9 @@ def test_kernels_match_reference(kind, methods, autocast, monkeypatch):
     calls = count_fused(monkeypatch)
     out, grads = forward_backward(peft, x, "auto", autocast)
     if kind == "falcon":   # mamba_inner_fn's own norms differ from FalconMamba's (see mixer_cuda.py)
-        assert calls[0] == 0, "FalconMamba took the fused mamba_inner_fn route"
+        assert calls[0] == 0, "FalconMamba took the fused route"
     else:
-        assert calls[0] > 0, "the fused mamba_inner_fn route was not taken"
+        assert calls[0] > 0, "the fused route was not taken"
     assert grads.keys() == ref_grads.keys()
     if not autocast:
         assert_close(out, ref_out, FP32_TOL, "output")
@@ -253,6 +261,115 @@ def test_loss_with_labels_on_kernels(autocast):
     assert_close(results[1][0], results[0][0], tol, "loss")
     for n in results[0][1]:
         assert_close(results[1][1][n], results[0][1][n], tol, f"grad of {n}")
+
+
+# ---- our fused inner function (ops/mamba_inner.py) against mamba_ssm's mamba_inner_fn ----------
+INNER_METHODS = {"lora_X": {"lora_X": {}}, "lora_out_proj": {"lora_out_proj": {}}, "affix": {"affix": {}},
+                 "additional_scan": {"additional_scan": {}}, "parallel_adapter": {"parallel_adapter": {}},
+                 "full": None}
+
+
+def build_or_full(kind, methods):
+    if methods is not None:
+        return build(kind, methods)
+    torch.manual_seed(0)
+    model = make(kind)
+    no_dropout(model)
+    return model.cuda().train(), inputs(kind).cuda()
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("method", list(INNER_METHODS))
+@pytest.mark.parametrize("kind", ["lm", "vim"])
+def test_our_inner_matches_mamba_inner_fn_and_reference(kind, method, autocast, monkeypatch):
+    from mambapeft.ops import mamba_inner
+    model, x = build_or_full(kind, INNER_METHODS[method])
+    ours_calls = [0]
+    inner = mamba_inner.mamba_inner
+
+    def counting(*a, **k):
+        ours_calls[0] += 1
+        return inner(*a, **k)
+    monkeypatch.setattr(mamba_inner, "mamba_inner", counting)
+    monkeypatch.setenv("MAMBAPEFT_INNER", "mamba_ssm")
+    theirs_out, theirs = forward_backward(model, x, "auto", autocast)
+    assert ours_calls[0] == 0
+    monkeypatch.setenv("MAMBAPEFT_INNER", "ours")
+    ours_out, ours = forward_backward(model, x, "auto", autocast)
+    assert ours_calls[0] > 0, "our inner function was not called"
+    true_out, truth = forward_backward(model, x, "reference", False)
+    assert ours.keys() == theirs.keys() == truth.keys()
+    pairs = [("output", ours_out, theirs_out, true_out)] + [
+        (f"grad of {n}", ours[n], theirs[n], truth[n]) for n in ours]
+    for what, a, r, t in pairs:
+        if not autocast:
+            assert_close(a, r, FP32_TOL, what + " (ours vs mamba_inner_fn)")
+            assert_close(a, t, FP32_TOL, what + " (ours vs reference)")
+        elif t is None or not t.any():
+            assert_close(a, r, BF16_TOL, what)
+        else:   # as close to the fp32 truth as mamba_inner_fn under bf16 (or within BF16_TOL of it)
+            err_o, err_t = (a.float() - t).norm().item(), (r.float() - t).norm().item()
+            assert err_o <= 2 * err_t + BF16_TOL * t.norm().item(), \
+                f"{what}: bf16 error {err_o:.3g} with ours vs {err_t:.3g} with mamba_inner_fn"
+    assert all(g is not None and g.any() for g in ours.values() if g is not None)
+    assert any(g is not None and g.any() for g in ours.values()), "no trainable tensor got a gradient"
+
+
+def _inner_tensors(frozen=()):
+    g = torch.Generator().manual_seed(0)
+    b, E, L, N, R, D, k = 2, 64, 37, 16, 4, 32, 4
+    xz = torch.randn(2 * E, b * L, generator=g).view(2 * E, b, L).transpose(0, 1)   # mixer_cuda's layout
+    w = dict(conv_w=torch.randn(E, k, generator=g) * 0.3, conv_b=torch.randn(E, generator=g) * 0.1,
+             x_proj_w=torch.randn(R + 2 * N, E, generator=g) * 0.1, dt_w=torch.randn(E, R, generator=g) * 0.3,
+             out_w=torch.randn(D, E, generator=g) * 0.1, out_b=torch.randn(D, generator=g) * 0.1,
+             A=-torch.rand(E, N, generator=g) - 0.5, D=torch.randn(E, generator=g),
+             dt_b=torch.randn(E, generator=g) - 3)
+    xz = xz.cuda().requires_grad_()
+    w = {n: t.cuda().requires_grad_(n not in frozen) for n, t in w.items()}
+    return xz, w
+
+
+@gpu
+@pytest.mark.gpu
+def test_our_inner_on_kernels_equals_mamba_inner_fn_and_skips_frozen_gemms():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mambapeft.models.mixer_cuda import mamba_inner_fn
+    from mambapeft.ops.mamba_inner import is_flat, mamba_inner
+
+    class CountMatmuls(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+                self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    names = ["conv_w", "conv_b", "x_proj_w", "dt_w", "out_w", "out_b", "A", "D", "dt_b"]
+    counts = {}
+    for frozen in ((), tuple(names)):
+        xz, w = _inner_tensors(frozen)
+        out = mamba_inner(xz, *w.values())
+        dout = torch.randn_like(out)
+        with CountMatmuls() as c:
+            out.backward(dout)
+        counts[len(frozen)] = c.n
+        assert is_flat(xz.grad)
+        for n in names:
+            assert (w[n].grad is None) == (n in frozen), n
+        if not frozen:
+            xz2, w2 = _inner_tensors()
+            ref = mamba_inner_fn(xz2.contiguous(), w2["conv_w"][:, None], w2["conv_b"], w2["x_proj_w"], w2["dt_w"],
+                                 w2["out_w"], w2["out_b"], w2["A"], None, None, w2["D"], delta_bias=w2["dt_b"],
+                                 delta_softplus=True)
+            ref.backward(dout)
+            assert_close(out, ref, FP32_TOL, "output")
+            assert_close(xz.grad, xz2.grad, FP32_TOL, "grad of xz")
+            for n in names:
+                assert_close(w[n].grad, w2[n].grad, FP32_TOL, f"grad of {n}")
+    assert counts[len(names)] == counts[0] - 3, counts   # out_proj, x_proj and dt_proj weight GEMMs skipped
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=gpu)])

@@ -3,8 +3,10 @@
 It reads the same `Composed` tensors as the readable path in mixer.py (`MambaMixer.compose()`), so
 no method is skipped. Three routes:
 
-- training / plain forward (no padding mask, no decoding state): `mamba_inner_fn`, the fused
-  conv -> x_proj -> dt_proj -> scan -> gate -> out_proj kernel with its memory-saving backward.
+- training / plain forward (no padding mask, no decoding state): the fused
+  conv -> x_proj -> dt_proj -> scan -> gate -> out_proj function with a memory-saving backward:
+  ours (ops/mamba_inner.py: no gradient for frozen weights, no layout copies) or, with
+  MAMBAPEFT_INNER=mamba_ssm, mamba_ssm's `mamba_inner_fn`.
   * activation-form in_proj / X / Z LoRA act on xz before it (`project_in`), so they stay in
     activation form (and keep their dropout);
   * affix tokens become extra xz columns in front (x half = token, z half = its stored z half or 0);
@@ -13,7 +15,8 @@ no method is skipped. Three routes:
   * adapters that read the gated output g (activation-form out_proj LoRA, the parallel adapter)
     only need V g for their down projection V. Since out_proj is linear, their V's rows are
     appended to the out_proj weight handed to the kernel: it returns [W_out g | V g], exactly, with
-    gradients for V through the kernel's out_proj weight gradient. Dropout and ReLU then act
+    gradients for V through the kernel's out_proj weight gradient (ours takes V apart, so that a
+    frozen W_out gets none). Dropout and ReLU then act
     on V g outside the kernel, as in the readable path;
   * Vim: out_proj is linear, so each direction calls the kernel with W_out/2 (divide_out) and the
     outputs add (the backward one flipped back in time).
@@ -27,9 +30,12 @@ no method is skipped. Three routes:
   time, in place on the cache's tensors (conv (b, E, k-1) in the input dtype, ssm (b, E, N') fp32);
   they hold exactly what `scan_direction` would store, so CPU and CUDA steps can alternate.
 """
+import os
+
 import torch
 import torch.nn.functional as F
 
+from ..ops import mamba_inner
 from .mixer import ssm_inputs
 
 try:
@@ -98,31 +104,51 @@ def _output_taps(m):
     return None if any(t is None for t in taps) else [tap for t in taps for tap in t]
 
 
+def inner_impl():
+    """"ours" (ops/mamba_inner.py, the default) or "mamba_ssm" (its mamba_inner_fn), from the
+    environment variable MAMBAPEFT_INNER, read at each call so one process can compare both."""
+    name = os.environ.get("MAMBAPEFT_INNER", "ours")
+    if name not in ("ours", "mamba_ssm"):
+        raise ValueError(f"MAMBAPEFT_INNER={name!r}: expected 'ours' or 'mamba_ssm'")
+    return name
+
+
 def _fused(m, c, xz, affix):
     taps = _output_taps(m)
     if taps is None:
         return None
+    # ours calls the same wheels' lower-level entry points; where those do not import, mamba_inner_fn
+    ours = inner_impl() == "ours" and None not in (mamba_inner.selective_scan_cuda, mamba_inner.conv_fwd)
     D = c.out_proj.shape[0]
     W, bias = c.out_proj, c.out_bias
-    if taps:
-        W = torch.cat([W] + [w.to(W.dtype) for w, _ in taps], 0)
+    ws = [w.to(W.dtype) for w, _ in taps]
+    extra = (ws[0] if len(ws) == 1 else torch.cat(ws, 0)) if ws else None
+    if not ours and extra is not None:   # mamba_inner_fn: one out_proj weight, one gradient for all rows
+        W, extra = torch.cat([W, extra], 0), None
         if bias is not None:
             bias = F.pad(bias, (0, W.shape[0] - D))
     if m.bidirectional and m.divide_out:
         W = W / 2
-    if bias is not None and torch.is_autocast_enabled("cuda"):
+        extra = extra / 2 if extra is not None else None
+    if not ours and bias is not None and torch.is_autocast_enabled("cuda"):
         bias = bias.float()
     out = None
     for d, s in enumerate(c.dirs):
         xz_d = xz if d == 0 else xz.flip(-1)
         drop = None
-        if affix[d] is not None:  # x and z halves of the tokens become extra xz columns
+        if affix[d] is not None and ours and not s.affix_infix:   # one copy, straight into the flat layout
+            xz_d, drop = _prefix_flat(xz_d, affix[d])
+        elif affix[d] is not None:  # x and z halves of the tokens become extra xz columns
             x, z = xz_d.chunk(2, dim=1)
             x, z, _, drop = m.insert_affix(x, z, s, affix[d], None)
             xz_d = torch.cat([x, z], 1)
-        o = mamba_inner_fn(xz_d.contiguous(), s.conv_w[:, None], s.conv_b, s.x_proj, s.dt_w, W,
-                           bias if d == 0 else None, s.A, None, None, s.D.float(),
-                           delta_bias=s.dt_b.float(), delta_softplus=True)
+        if ours:   # xz stays in the layout _project_in_channels_first made; frozen weights get no gradient
+            o = mamba_inner.mamba_inner(xz_d, s.conv_w, s.conv_b, s.x_proj, s.dt_w, W,
+                                        bias if d == 0 else None, s.A, s.D, s.dt_b, extra)
+        else:
+            o = mamba_inner_fn(xz_d.contiguous(), s.conv_w[:, None], s.conv_b, s.x_proj, s.dt_w, W,
+                               bias if d == 0 else None, s.A, None, None, s.D.float(),
+                               delta_bias=s.dt_b.float(), delta_softplus=True)
         if drop:
             o = drop(o.transpose(1, 2)).transpose(1, 2)
         if d == 1:
@@ -135,6 +161,19 @@ def _fused(m, c, xz, affix):
         res = finish(out[..., off:off + w.shape[0]], res)
         off += w.shape[0]
     return res
+
+
+def _prefix_flat(xz, affix):
+    """Affix tokens (x half, z half), each (E, n), in front of every sequence of xz (b, 2E, T), built
+    in one copy in the layout ops/mamba_inner.py takes ((2E, b*(n+T)) memory). Returns it and `drop`,
+    which takes the tokens' rows out of the (b, n+T, D) output."""
+    b, E2, T = xz.shape
+    E, n = E2 // 2, affix[0].shape[1]
+    buf = xz.new_empty(E2, b, n + T)
+    buf[:, :, n:] = xz.transpose(0, 1)
+    buf[:E, :, :n] = affix[0].to(xz.dtype)[:, None, :]
+    buf[E:, :, :n] = affix[1].to(xz.dtype)[:, None, :]
+    return buf.transpose(0, 1), lambda y: y.narrow(-1, n, T)
 
 
 # ---- unfused: conv kernel + scan kernel, returning g -----------------------------------------

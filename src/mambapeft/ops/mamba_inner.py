@@ -1,0 +1,187 @@
+"""Our fused Mamba-1 inner function: conv -> x_proj -> dt_proj -> scan -> gate -> out_proj.
+
+The same computation and the same memory-saving backward as mamba_ssm's `mamba_inner_fn` (the
+conv output and delta are recomputed in backward, the gated output too), on the same kernels
+(causal_conv1d's fwd/bwd, mamba_ssm's `selective_scan_cuda`), with two differences that the
+GPU profile of a LoRA_p(X) step asked for:
+
+- a weight gradient is computed only when that weight needs one (`ctx.needs_input_grad`): with
+  LoRA_p(X), affix or Additional-scan's frozen parts, the out_proj, x_proj and dt_proj
+  weight-gradient GEMMs and the bias / D / A reductions are skipped (the kernels still fill their
+  own small dA, dD and conv weight sums, which cost nothing extra);
+- no layout copies: xz is taken in the layout `MambaMixer`'s CUDA path produces, (2E, b*L) memory
+  viewed as (b, 2E, L) ("flat": strides (L, b*L, 1)). In that layout every projection is one plain
+  2-D GEMM on views: conv output u (E, bL) -> x_proj gives [dt; B; C] as (R + 2N, bL) rows, B and
+  C are row blocks handed to the scan kernel as (b, 1, N, L) views (it reads strides), delta =
+  W_dt @ dt is (E, bL) again, and the gradients come back in the same layout. Any other layout is
+  copied into it once at the start (correct, just not free).
+
+Extra rows of out_proj (`out_extra`, e.g. the down projection of an output adapter, see
+mixer_cuda.py) get their own gradient, so a frozen out_proj next to a trainable adapter costs only
+the adapter's small GEMM.
+
+The scan is called through `SCAN` (a forward and a backward function, see ScanKernel): the seam
+where a scan of our own (ops/scan_triton.py, which also takes an initial state) can be dropped in
+(`mamba_inner.SCAN = ScanKernel(fwd, bwd)`). Affix tokens as a prefill would then take one more
+input here: the state after the tokens (b, E, N) fp32, passed to SCAN.forward as `initial_state`, its
+gradient returned by SCAN.backward and from this function, and the tokens' x halves as the conv's
+k-1 initial columns; mamba_ssm's kernel takes no initial state, which is why the tokens are extra
+positions today (mixer_cuda._prefix_flat).
+"""
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+try:  # the wheels may be absent, or built for another torch / CUDA
+    import selective_scan_cuda
+    from causal_conv1d.cpp_functions import causal_conv1d_bwd_function as conv_bwd
+    from causal_conv1d.cpp_functions import causal_conv1d_fwd_function as conv_fwd
+except Exception:  # noqa: BLE001
+    selective_scan_cuda = conv_fwd = conv_bwd = None
+
+
+def available():
+    return selective_scan_cuda is not None and conv_fwd is not None and torch.cuda.is_available()
+
+
+# ---- the scan seam ----------------------------------------------------------------------------
+@dataclass
+class ScanKernel:
+    """forward(u, delta, A, B, C, D, z, delta_bias) -> (out_z, saved): u, delta, z (b, E, L) in
+    one dtype with time contiguous, A (E, N) fp32, B, C (b, 1, N, L) views with time contiguous,
+    D and delta_bias (E,) fp32, softplus on delta; out_z = (scan + D u) * silu(z); `saved` is what
+    backward needs besides the inputs (recomputed ones are passed again).
+    backward(u, delta, A, B, C, D, z, delta_bias, saved, dout, dz) -> (du, ddelta, dA, dB, dC, dD,
+    ddelta_bias, out_z): dz is a preallocated (b, E, L) view to write z's gradient into, out_z the
+    recomputed gated output (for out_proj's weight gradient)."""
+    forward: Callable
+    backward: Callable
+
+
+def _mamba_ssm_fwd(u, delta, A, B, C, D, z, delta_bias):
+    out, states, out_z = selective_scan_cuda.fwd(u, delta, A, B, C, D, z, delta_bias, True)
+    return out_z, (states, out)
+
+
+def _mamba_ssm_bwd(u, delta, A, B, C, D, z, delta_bias, saved, dout, dz):
+    states, out = saved
+    du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z = selective_scan_cuda.bwd(
+        u, delta, A, B, C, D, z, delta_bias, dout, states, out, dz, True, True)
+    return du, ddelta, dA, dB, dC, dD, ddelta_bias, out_z
+
+
+SCAN = ScanKernel(_mamba_ssm_fwd, _mamba_ssm_bwd)
+
+
+# ---- layout helpers ---------------------------------------------------------------------------
+def is_flat(t):
+    """(b, C, L) with (C, b*L) memory: strides (L, b*L, 1)."""
+    b, _, L = t.shape
+    return t.stride(2) == 1 and (t.shape[1] == 1 or t.stride(1) == b * L) and (b == 1 or t.stride(0) == L)
+
+
+def flat(t):
+    """t (b, C, L) in the flat layout: itself when it already is, else one copy."""
+    if is_flat(t):
+        return t
+    return t.permute(1, 0, 2).contiguous().permute(1, 0, 2)
+
+
+def _2d(t):
+    """A flat (b, C, L) tensor as its (C, b*L) memory."""
+    b, C, L = t.shape
+    return t.permute(1, 0, 2).reshape(C, b * L)   # a view for flat tensors
+
+
+def _3d(t2, b):
+    """(C, b*L) -> (b, C, L) view (flat)."""
+    return t2.view(t2.shape[0], b, -1).permute(1, 0, 2)
+
+
+def _bc(rows, b):
+    """(N, b*L) rows of x_proj's output -> the scan's (b, 1, N, L) view."""
+    return _3d(rows, b).unsqueeze(1)
+
+
+class MambaInner(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, xz, conv_w, conv_b, x_proj_w, dt_w, out_w, out_b, A, D, dt_b, out_extra):
+        with torch.autocast(xz.device.type, enabled=False):
+            xz = flat(xz)
+            dtype, b = xz.dtype, xz.shape[0]
+            E, R = dt_w.shape
+            cw = conv_w.contiguous()
+            cb = conv_b.to(cw.dtype).contiguous() if conv_b is not None else None
+            wx, wdt = x_proj_w.to(dtype), dt_w.to(dtype)
+            wo = out_w.to(dtype) if out_extra is None else torch.cat([out_w.to(dtype), out_extra.to(dtype)])
+            bo = out_b.to(dtype) if out_b is not None else None
+            x, z = xz[:, :E], xz[:, E:]
+            u = flat(conv_fwd(x, cw, cb, None, None, None, True))
+            x_dbl = wx @ _2d(u)                                   # (R + 2N, bL)
+            delta = _3d(wdt @ x_dbl[:R], b)                       # (b, E, L), flat
+            N = (x_dbl.shape[0] - R) // 2
+            B, C = _bc(x_dbl[R:R + N], b), _bc(x_dbl[R + N:], b)
+            Ac, Df, dtbf = A.contiguous(), D.float().contiguous(), dt_b.float().contiguous()
+            out_z, saved = SCAN.forward(u, delta, Ac, B, C, Df, z, dtbf)
+            y = _2d(out_z).t()                                    # (bL, E)
+            if bo is not None:
+                bias = bo if out_extra is None else torch.cat([bo, bo.new_zeros(out_extra.shape[0])])
+                out = torch.addmm(bias, y, wo.t())
+            else:
+                out = y @ wo.t()
+        ctx.save_for_backward(xz, cw, cb, x_dbl, wx, wdt, wo, Ac, Df, dtbf, *saved)
+        ctx.D_out = out_w.shape[0]
+        ctx.dtypes = [t.dtype if t is not None else None for t in (conv_w, conv_b, x_proj_w, dt_w, out_w, out_b,
+                                                                   A, D, dt_b, out_extra)]
+        return out.view(b, -1, out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dout):
+        xz, cw, cb, x_dbl, wx, wdt, wo, A, Df, dtbf, *saved = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        with torch.autocast(xz.device.type, enabled=False):
+            b, E, R = xz.shape[0], wdt.shape[0], wdt.shape[1]
+            N = (x_dbl.shape[0] - R) // 2
+            x, z = xz[:, :E], xz[:, E:]
+            # recompute what the forward did not keep
+            u = flat(conv_fwd(x, cw, cb, None, None, None, True))
+            delta = _3d(wdt @ x_dbl[:R], b)
+            B, C = _bc(x_dbl[R:R + N], b), _bc(x_dbl[R + N:], b)
+            dout = dout.reshape(-1, dout.shape[-1]).to(xz.dtype)       # (bL, D [+ extra])
+            dxz = torch.empty_like(xz)                                  # flat, like xz
+            dx, dz = dxz[:, :E], dxz[:, E:]
+            dy = _3d(wo.t() @ dout.t(), b)                              # (b, E, L), flat
+            du, ddelta, dA, dB, dC, dD, ddt_b, out_z = SCAN.backward(
+                u, delta, A, B, C, Df, z, dtbf, saved, dy, dz)
+            if dz.data_ptr() != dxz[:, E:].data_ptr():                  # a scan that allocated its own
+                dxz[:, E:].copy_(dz)
+            y = _2d(out_z)                                              # (E, bL)
+            Dm = ctx.D_out
+            d_out_w = dout[:, :Dm].t() @ y.t() if need[5] else None
+            d_out_b = dout[:, :Dm].sum(0) if need[6] else None
+            d_extra = dout[:, Dm:].t() @ y.t() if need[10] else None
+            # x_proj's output gradient [d dt; dB; dC] as (R + 2N, bL) rows
+            ddelta2 = _2d(flat(ddelta))
+            dx_dbl = torch.empty_like(x_dbl)
+            torch.mm(wdt.t(), ddelta2, out=dx_dbl[:R])
+            dx_dbl[R:R + N].view(N, b, -1).copy_(dB[:, 0].permute(1, 0, 2))
+            dx_dbl[R + N:].view(N, b, -1).copy_(dC[:, 0].permute(1, 0, 2))
+            d_dt_w = ddelta2 @ x_dbl[:R].t() if need[4] else None
+            du2 = _2d(flat(du))
+            d_x_proj = dx_dbl @ _2d(u).t() if need[3] else None
+            du2.addmm_(wx.t(), dx_dbl)                                   # u's gradient, in place
+            _, d_conv_w, d_conv_b, _ = conv_bwd(x, cw, cb, _3d(du2, b), None, None, None, dx, False, True)
+        grads = [dxz, d_conv_w if need[1] else None, d_conv_b if need[2] else None, d_x_proj, d_dt_w,
+                 d_out_w, d_out_b, dA if need[7] else None, dD if need[8] else None,
+                 ddt_b if need[9] else None, d_extra]
+        return tuple([grads[0]] + [g.to(dt) if g is not None else None for g, dt in zip(grads[1:], ctx.dtypes)])
+
+
+def mamba_inner(xz, conv_w, conv_b, x_proj_w, dt_w, out_w, out_b, A, D, dt_b, out_extra=None):
+    """xz (b, 2E, L) -> out_proj(gated scan) (b, L, D [+ rows of out_extra]).
+
+    conv_w (E, k), conv_b (E,) or None, x_proj_w (R + 2N, E), dt_w (E, R), out_w (D, E), out_b (D,)
+    or None, A (E, N) fp32 (= -exp(A_log)), D and dt_b (E,), out_extra (r, E) or None. Computes in
+    xz's dtype (bf16 under autocast), with the scan state and A, D, dt_b in fp32."""
+    return MambaInner.apply(xz, conv_w, conv_b, x_proj_w, dt_w, out_w, out_b, A, D, dt_b, out_extra)

@@ -1,0 +1,104 @@
+"""Stand-ins for the CUDA kernels ops/mamba_inner.py calls, in plain torch, so that its autograd
+plumbing (layouts, in-place gradient buffers, which gradients it skips) is checked on the CPU.
+
+They follow the kernels' calling conventions as read from causal_conv1d 1.7.0 and mamba_ssm 2.3.2
+(selective_scan.cpp, cpp_functions.py): the same dtype and stride checks, outputs allocated with
+`empty_like` of the same inputs (so they keep those inputs' layout), dz and dx written into the
+buffers passed in, dB / dC returned in B's dtype. The math is the reference scan's and conv's, with
+gradients from torch autograd. The GPU tests hold the real kernels against the reference path.
+"""
+import torch
+import torch.nn.functional as F
+
+from mambapeft.ops.scan_ref import selective_scan_ref
+
+
+def _check_time_contiguous(*ts):
+    for t in ts:
+        assert t.stride(-1) == 1 or t.shape[-1] == 1, f"time not contiguous: strides {t.stride()}"
+
+
+def _conv(x, weight, bias):
+    k = weight.shape[-1]
+    return F.silu(F.conv1d(F.pad(x.float(), (k - 1, 0)), weight.float()[:, None],
+                           None if bias is None else bias.float(), groups=x.shape[1]))
+
+
+def conv_fwd(x, weight, bias, seq_idx, initial_states, final_states_out, silu):
+    assert silu and seq_idx is None and initial_states is None and final_states_out is None
+    assert x.stride(2) == 1, "channel-first layout expected"
+    assert bias is None or bias.dtype == weight.dtype
+    out = torch.empty_like(x)
+    out.copy_(_conv(x, weight, bias))
+    return out
+
+
+def conv_bwd(x, weight, bias, dout, seq_idx, initial_states, dfinal_states, dx, return_dinit, silu):
+    assert silu and not return_dinit and x.stride(2) == 1
+    assert dx is not None and dx.dtype == x.dtype and dx.stride(2) == 1
+    with torch.enable_grad():
+        xs = x.detach().float().requires_grad_()
+        w = weight.detach().float().requires_grad_()
+        bs = bias.detach().float().requires_grad_() if bias is not None else None
+        out = _conv(xs, w, bs)
+        grads = torch.autograd.grad(out, [t for t in (xs, w, bs) if t is not None], dout.float())
+    dx.copy_(grads[0])
+    return dx, grads[1].to(weight.dtype), grads[2].to(bias.dtype) if bias is not None else None, None
+
+
+class FakeSelectiveScanCuda:
+    """selective_scan_cuda.fwd / .bwd (variable B and C of shape (b, 1, N, L), z given)."""
+
+    @staticmethod
+    def _checks(u, delta, A, B, C, D, z, delta_bias):
+        it = u.dtype
+        assert delta.dtype == it and B.dtype == it and C.dtype == it and z.dtype == it, "input dtypes differ"
+        assert A.dtype == torch.float32 and D.dtype == torch.float32 and delta_bias.dtype == torch.float32
+        assert B.dim() == 4 and B.shape[1] == 1 and C.shape == B.shape
+        _check_time_contiguous(u, delta, B, C, z)
+
+    @staticmethod
+    def _math(u, delta, A, B, C, D, z, delta_bias):
+        y = selective_scan_ref(u.float(), delta.float(), A, B[:, 0].float(), C[:, 0].float(), D, None,
+                               delta_bias, True)
+        return y, y * F.silu(z.float())
+
+    def fwd(self, u, delta, A, B, C, D, z, delta_bias, softplus):
+        assert softplus
+        self._checks(u, delta, A, B, C, D, z, delta_bias)
+        y, yz = self._math(u, delta, A, B, C, D, z, delta_bias)
+        out, out_z = torch.empty_like(delta), torch.empty_like(z)
+        out.copy_(y)
+        out_z.copy_(yz)
+        states = torch.zeros(u.shape[0], u.shape[1], 1, 2 * A.shape[1])   # the kernel's chunk states (unused here)
+        return [out, states, out_z]
+
+    def bwd(self, u, delta, A, B, C, D, z, delta_bias, dout, states, out, dz, softplus, recompute_out_z):
+        assert softplus
+        self._checks(u, delta, A, B, C, D, z, delta_bias)
+        assert dout.dtype == u.dtype and out.dtype == u.dtype
+        _check_time_contiguous(dout, out)
+        leaves = [t.detach().float().requires_grad_() for t in (u, delta, A, B, C, D, z, delta_bias)]
+        with torch.enable_grad():
+            _, yz = self._math(*leaves)
+            grads = torch.autograd.grad(yz, leaves, dout.float())
+        du, ddelta = torch.empty_like(u), torch.empty_like(delta)
+        du.copy_(grads[0])
+        ddelta.copy_(grads[1])
+        if dz is None:
+            dz = torch.empty_like(z)
+        dz.copy_(grads[6])
+        res = [du, ddelta, grads[2], grads[3].to(B.dtype), grads[4].to(C.dtype), grads[5], grads[7], dz]
+        if recompute_out_z:
+            out_z = torch.empty_like(out)
+            out_z.copy_(self._math(u, delta, A, B, C, D, z, delta_bias)[1])
+            res.append(out_z)
+        return res
+
+
+def install(monkeypatch):
+    """Route ops/mamba_inner.py's kernel calls to the stand-ins."""
+    from mambapeft.ops import mamba_inner
+    monkeypatch.setattr(mamba_inner, "selective_scan_cuda", FakeSelectiveScanCuda())
+    monkeypatch.setattr(mamba_inner, "conv_fwd", conv_fwd)
+    monkeypatch.setattr(mamba_inner, "conv_bwd", conv_bwd)

@@ -1,0 +1,178 @@
+"""ops/mamba_inner.py (our fused inner function) on the CPU, its kernels replaced by the torch
+stand-ins of kernel_fakes.py: outputs and gradients equal plain autograd through the readable path,
+frozen weights get no gradient and their weight-gradient GEMMs are not run, any xz layout works.
+The real kernels are held against the reference path in test_gpu.py."""
+import pytest
+import torch
+import torch.nn.functional as F
+from kernel_fakes import install
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from mambapeft.models import MambaConfig, MambaForCausalLM, VimConfig, VisionMamba, mixer_cuda
+from mambapeft.models.mixer import MambaMixer
+from mambapeft.ops import mamba_inner
+from mambapeft.ops.scan import scan_backend
+from mambapeft.ops.scan_ref import selective_scan_ref
+from mambapeft.peft import PeftConfig, get_peft_model
+
+b, E, L, N, R, Dm, k = 2, 8, 7, 4, 3, 6, 4
+NAMES = ["conv_w", "conv_b", "x_proj_w", "dt_w", "out_w", "out_b", "A", "D", "dt_b", "out_extra"]
+
+
+@pytest.fixture(autouse=True)
+def fakes(monkeypatch):
+    install(monkeypatch)
+
+
+def tensors(flat_layout=True, extra=True):
+    g = torch.Generator().manual_seed(0)
+
+    def r(*s, scale=0.5):
+        return (torch.randn(*s, generator=g) * scale).requires_grad_()
+    if flat_layout:   # what mixer_cuda's in_proj makes: (2E, bL) memory viewed as (b, 2E, L)
+        xz = torch.randn(2 * E, b * L, generator=g).view(2 * E, b, L).transpose(0, 1).requires_grad_()
+    else:
+        xz = torch.randn(b, 2 * E, L, generator=g).requires_grad_()
+    w = dict(conv_w=r(E, k), conv_b=r(E), x_proj_w=r(R + 2 * N, E), dt_w=r(E, R), out_w=r(Dm, E), out_b=r(Dm),
+             A=(-torch.rand(E, N, generator=g) - 0.5).requires_grad_(), D=r(E), dt_b=r(E),
+             out_extra=r(3, E) if extra else None)
+    return xz, w
+
+
+def readable(xz, w):
+    """The same function in plain torch autograd (the reference scan)."""
+    x, z = xz.chunk(2, 1)
+    u = F.silu(F.conv1d(F.pad(x, (k - 1, 0)), w["conv_w"][:, None], w["conv_b"], groups=E))
+    x_dbl = F.linear(u.transpose(1, 2), w["x_proj_w"])
+    dt, B, C = x_dbl.split([R, N, N], -1)
+    delta = F.linear(dt, w["dt_w"]).transpose(1, 2)
+    y = selective_scan_ref(u, delta, w["A"], B.transpose(1, 2), C.transpose(1, 2), w["D"], z, w["dt_b"], True)
+    W, bias = w["out_w"], w["out_b"]
+    if w["out_extra"] is not None:
+        W = torch.cat([W, w["out_extra"]])
+        bias = torch.cat([bias, bias.new_zeros(w["out_extra"].shape[0])])
+    return F.linear(y.transpose(1, 2), W, bias)
+
+
+def grads_of(fn, xz, w):
+    leaves = [xz] + [t for t in w.values() if t is not None and t.requires_grad]
+    out = fn(xz, w)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    return out, torch.autograd.grad((out * weights).sum(), leaves, allow_unused=True)
+
+
+class CountMatmuls(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("flat_layout", [True, False], ids=["flat", "contiguous"])
+@pytest.mark.parametrize("frozen", [(), ("conv_w", "conv_b", "x_proj_w", "dt_w", "out_w", "out_b", "A", "D", "dt_b"),
+                                    ("out_w", "A", "dt_w")], ids=["all", "only_xz_extra", "some"])
+def test_inner_equals_readable_path(flat_layout, frozen):
+    xz, w = tensors(flat_layout)
+    for n in frozen:
+        w[n].requires_grad_(False)
+    ref_out, ref_grads = grads_of(readable, xz, w)
+    out, grads = grads_of(lambda x, t: mamba_inner.mamba_inner(x, *t.values()), xz, w)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+def test_frozen_weights_get_no_gradient_and_no_gemm():
+    """needs_input_grad: the out_proj, x_proj and dt_proj weight GEMMs run only when wanted."""
+    counts = {}
+    for case in ("trainable", "frozen"):
+        xz, w = tensors(extra=False)
+        if case == "frozen":
+            for n in NAMES[:-1]:
+                w[n].requires_grad_(False)
+        out = mamba_inner.mamba_inner(xz, *w.values())
+        with CountMatmuls() as c:
+            out.sum().backward()
+        counts[case] = c.n
+        assert xz.grad is not None and xz.grad.abs().sum() > 0
+        for n in NAMES[:-1]:
+            assert (w[n].grad is None) == (case == "frozen"), n
+    assert counts["frozen"] == counts["trainable"] - 3, counts
+
+
+def test_xz_gradient_keeps_the_flat_layout():
+    """No copy of the xz gradient on its way back to in_proj: it comes back as (2E, bL) memory."""
+    xz, w = tensors()
+    mamba_inner.mamba_inner(xz, *w.values()).sum().backward()
+    assert mamba_inner.is_flat(xz.grad), xz.grad.stride()
+
+
+# ---- the whole model through mixer_cuda's fused route ------------------------------------------
+def make(kind):
+    if kind == "lm":
+        return MambaForCausalLM(MambaConfig(vocab_size=31, hidden_size=16, num_hidden_layers=2, state_size=4,
+                                            time_step_rank=2))
+    return VisionMamba(VimConfig(img_size=16, patch_size=8, hidden_size=16, num_hidden_layers=2, num_classes=3,
+                                 drop_path_rate=0.0))
+
+
+METHODS = {"lora_X": {"lora_X": {}}, "lora_out_proj": {"lora_out_proj": {}}, "affix": {"affix": {}},
+           "additional_scan": {"additional_scan": {}}, "parallel_adapter": {"parallel_adapter": {}}, "full": None}
+
+
+def build(kind, methods):
+    torch.manual_seed(0)
+    model = make(kind)
+    if methods is None:
+        return model.train()
+    peft = get_peft_model(model, PeftConfig(methods))
+    with torch.no_grad():
+        for p in peft.method_of:
+            p.add_(torch.randn_like(p) * 0.05)
+    for m in peft.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return peft.train()
+
+
+def run(model, x, fused, monkeypatch):
+    calls = [0]
+    if fused:   # send every mixer through mixer_cuda.forward, as on a GPU
+        inner = mamba_inner.mamba_inner
+
+        def counting(*a, **kw):
+            calls[0] += 1
+            assert mamba_inner.is_flat(a[0]), f"xz reached the inner function with strides {a[0].stride()}"
+            return inner(*a, **kw)
+        monkeypatch.setattr(mamba_inner, "mamba_inner", counting)
+        monkeypatch.setattr(MambaMixer, "forward", lambda self, h, mask=None, state=None:
+                            mixer_cuda.forward(self, self.compose(), h, mask, state))
+    model.zero_grad(set_to_none=True)
+    with scan_backend("reference"):
+        out = model(x)
+    out = out.logits if hasattr(out, "logits") else out
+    (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
+    monkeypatch.undo()
+    install(monkeypatch)
+    return out.detach(), {n: p.grad for n, p in model.named_parameters()}, calls[0]
+
+
+@pytest.mark.parametrize("kind", ["lm", "vim"])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_fused_route_equals_reference(kind, method, monkeypatch):
+    model = build(kind, METHODS[method])
+    x = torch.randint(0, 31, (2, 9)) if kind == "lm" else torch.randn(2, 3, 16, 16)
+    ref_out, ref_grads, _ = run(model, x, False, monkeypatch)
+    out, grads, calls = run(model, x, True, monkeypatch)
+    assert calls > 0, "the fused route was not taken"
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
+    for n, g in grads.items():
+        r = ref_grads[n]
+        assert (g is None) == (r is None), f"{n}: gradient on one path only"
+        if g is not None:
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5, msg=n)
+    assert any(g is not None for g in grads.values())
