@@ -241,7 +241,7 @@ class Table:
     def __init__(self, args, protocols, work):
         self.args, self.protocols, self.work = args, protocols, work
         self.command = "PYTHONPATH=src python " + shlex.join(["bench/method_table.py", *sys.argv[1:]])
-        self.commit = git_commit()
+        self.commit = getattr(args, "commit", None) or git_commit()
         self.records = report.read_records(args.out / "method_table.jsonl")
         self.parts = {}      # (suite, row) -> {"group", "methods", "jobs": n, "done": {...}}
         self.last_write = 0.0
@@ -372,6 +372,8 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="where the .jsonl and .png go")
     ap.add_argument("--docs", type=Path, default=ROOT / "docs" / "method_table.md")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "method_table", help="run directories")
+    ap.add_argument("--commit", help="the commit recorded with each row (default: git rev-parse HEAD; give it "
+                    "where the tree is a copy without .git)")
     ap.add_argument("--smoke", action="store_true", help="a few rows, a few steps, on CPU (with stand-in models)")
     ap.add_argument("--report-only", action="store_true", help="rewrite the table, plot and findings from the .jsonl")
     a = ap.parse_args(argv)
@@ -426,10 +428,27 @@ def main(argv=None):
             print(f"[{s}] search started: {cmd} ({a.search_workers} process(es))", flush=True)
     print(f"{len(jobs)} run(s) to do on {a.workers} worker process(es); {len(table.records)} row record(s) kept",
           flush=True)
-
     threads = max(1, (os.cpu_count() or 2) // (a.workers + a.search_workers * len(searches)))
-    ctx = multiprocessing.get_context("spawn")
     failed = []
+    try:
+        schedule(a, table, jobs, searches, threads, started, failed)
+    finally:   # also after an interrupt: the rows done so far reach the outputs, no search is left running
+        for info in searches.values():
+            for proc, log in info["procs"]:
+                proc.terminate()
+                log.close()
+        table.write(force=True)
+    print(f"wrote {a.out / 'method_table.jsonl'} ({len(table.records)} records), {a.docs}, "
+          f"{a.out / 'method_table.png'} in {time.time() - started:.0f} s", flush=True)
+    for f in failed:
+        print(f"not done: {f}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def schedule(a, table, jobs, searches, threads, started, failed):
+    """Keep the workers busy with the most urgent runs (a finished search's hybrid row first, then
+    rows_for's order); each finished row goes to the outputs at once."""
+    ctx = multiprocessing.get_context("spawn")
     with cf.ProcessPoolExecutor(a.workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as pool:
         running = {}
         while jobs or running or searches:
@@ -440,31 +459,33 @@ def main(argv=None):
                 jobs = []
             for s in list(searches):   # a finished search adds its hybrid row, first in the queue
                 info = searches[s]
-                if late:
-                    for proc, log in info["procs"]:
-                        proc.terminate()
-                        log.close()
-                    failed.append(f"{s}/hybrid: search stopped (time limit)")
-                    del searches[s]
-                    continue
                 codes = [proc.poll() for proc, _ in info["procs"]]
-                if None in codes:
+                if None in codes and not late:
                     continue
-                for _, log in info["procs"]:
+                for proc, log in info["procs"]:
+                    proc.terminate()
                     log.close()
                 del searches[s]
-                if any(codes):
+                if None in codes:
+                    failed.append(f"{s}/hybrid: search stopped (time limit)")
+                elif any(codes):
                     failed.append(f"{s}/hybrid: search failed (exit {codes}; logs in {a.work})")
                     print(f"[{s}] search failed: see {a.work}/search-{s}.worker*.log", flush=True)
-                    continue
-                methods, note = search_best(info["path"])
-                print(f"[{s}] search done in {time.time() - started:.0f} s: {note}: {json.dumps(methods)}", flush=True)
-                jobs = make_jobs(table, s, "hybrid", "Combination", methods, priority=-1,
-                                 search_note=f"`{info['command']}`, {a.search_trials} trials per step; {note}") + jobs
+                else:
+                    methods, note = search_best(info["path"])
+                    print(f"[{s}] search done in {time.time() - started:.0f} s: {note}: "
+                          f"{report.methods_text(methods)}", flush=True)
+                    jobs = make_jobs(table, s, "hybrid", "Combination", methods, priority=-1,
+                                     search_note=f"`{info['command']}`, {a.search_trials} trials per step; "
+                                     f"{note}") + jobs
             while jobs and len(running) < a.workers:
                 jobs.sort(key=lambda j: j["priority"])
                 job = jobs.pop(0)
-                running[pool.submit(run_job, job)] = job
+                try:
+                    running[pool.submit(run_job, job)] = job
+                except cf.process.BrokenProcessPool:   # a worker died (killed for memory?): stop starting runs
+                    failed += [f"{j['suite']}/{j['row']}: not started (a worker process died)" for j in [job, *jobs]]
+                    jobs = []
             if not running:
                 time.sleep(1)
                 continue
@@ -485,13 +506,6 @@ def main(argv=None):
                     print(f"[{time.time() - started:5.0f} s] {record['suite']:<8} {record['row']:<18} mean "
                           f"{record['mean']:5.1f}  params {record['trainable_params']:>10,d}  train "
                           f"{record['train_s']:6.1f} s  peak {mem}", flush=True)
-    table.write(force=True)
-    print(f"wrote {a.out / 'method_table.jsonl'} ({len(table.records)} records), {a.docs}, "
-          f"{a.out / 'method_table.png'} in {time.time() - started:.0f} s", flush=True)
-    for f in failed:
-        print(f"not done: {f}", file=sys.stderr)
-    return 1 if failed else 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

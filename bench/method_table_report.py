@@ -230,7 +230,7 @@ def plot(records, path):
     for ax, suite in zip(axes[0], suites):
         rows = suite_records(records, suite)
         seen = set()
-        for r in rows:
+        for r in sorted(rows, key=lambda r: GROUPS.index(r["group"]) if r["group"] in GROUPS else len(GROUPS)):
             g = r["group"]
             marker = "*" if r["row"] in COMBINED else "s" if g == "Baseline" else "o"
             ax.scatter(r["trainable_params"], r["mean"], color=COLORS.get(g, "gray"), marker=marker,
