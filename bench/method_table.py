@@ -80,7 +80,8 @@ def vision_tasks(suite_dir, only=None):
     if only:
         bad = [t for t in only if t not in tasks]
         if bad:
-            raise SystemExit(f"method_table: no task {', '.join(bad)} in {suite_dir}; expected some of {', '.join(tasks)}")
+            raise SystemExit(f"method_table: no task {', '.join(bad)} in {suite_dir}; expected some of "
+                             f"{', '.join(tasks)}")
         tasks = [t for t in tasks if t in only]
     order = {"natural": 0, "specialized": 1, "structured": 2}
     groups = task_groups()
@@ -247,11 +248,19 @@ class Table:
         self.last_write = 0.0
 
     def done_already(self, suite, row, methods):
-        return any(r["suite"] == suite and r["row"] == row and r.get("protocol") == self.protocol(suite, methods)
+        return any(r["suite"] == suite and r["row"] == row and r.get("protocol") == self.protocol(suite, methods, row)
                    for r in self.records)
 
-    def protocol(self, suite, methods):
-        return {**self.protocols[suite], "methods": methods}
+    def hybrid_done(self, suite):
+        """A hybrid row of this protocol and search budget exists: no need to search again."""
+        p = self.protocol(suite, None, "hybrid")
+        return any(r["suite"] == suite and r["row"] == "hybrid" and
+                   {**r.get("protocol", {}), "methods": None} == p for r in self.records)
+
+    def protocol(self, suite, methods, row=None):
+        """What decides a row's result; a record made with another one is run again."""
+        extra = {"search_trials": self.args.search_trials} if row == "hybrid" else {}
+        return {**self.protocols[suite], **extra, "methods": methods}
 
     def finish_job(self, suite, row, result):
         part = self.parts[(suite, row)]
@@ -270,7 +279,7 @@ class Table:
                   "trainable_params": round(report.mean(r["trainable_params"] for r in rs)),
                   "train_s": sum(r["train_s"] for r in rs), "wall_s": sum(r["wall_s"] for r in rs),
                   "steps": sum(r["steps"] for r in rs), "peak_mem_mb": max(mems) if mems else None,
-                  "device": rs[0]["device"], "protocol": self.protocol(suite, part["methods"]),
+                  "device": rs[0]["device"], "protocol": self.protocol(suite, part["methods"], row),
                   "run_command": part["run_command"], "command": self.command, "commit": self.commit,
                   "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         if part.get("order"):
@@ -302,7 +311,7 @@ def make_jobs(table, suite, row, group, methods, priority, search_note=None):
         return []
     lr = p["full_lr"] if "full" in methods else p["lr"]
     row_dir = table.work / suite / row
-    protocol = table.protocol(suite, methods)
+    protocol = table.protocol(suite, methods, row)
     jobs = []
     if suite == "language":
         config = language_config(a, p, methods, row_dir / "run", lr)
@@ -421,7 +430,9 @@ def main(argv=None):
                 jobs += make_jobs(table, s, row, group, methods, priority=i)
     searches = {}
     for s in suites:
-        if only is None or "hybrid" in only:
+        if (only is None or "hybrid" in only) and table.hybrid_done(s):
+            print(f"[{s}] hybrid: done already (search and row); skipped", flush=True)
+        elif only is None or "hybrid" in only:
             path = search_config(a, s, protocols[s], a.work)
             procs, cmd = start_search(path, a.search_workers, a.work)
             searches[s] = {"path": path, "procs": procs, "command": cmd}

@@ -144,8 +144,8 @@ def findings(records, suite):
         best = max(singles, key=lambda r: r["mean"])
         beat = [r for r in singles if r["mean"] > full["mean"]]
         d, noise = gap(best, full)
-        out.append(f"PEFT beats full fine-tuning ({verdict(d, noise)}): the best single method, `{best['row']}`, scores "
-                   f"{best['mean']:.1f} against full fine-tuning's {full['mean']:.1f} ({d:+.1f} points{noise}) "
+        out.append(f"PEFT beats full fine-tuning ({verdict(d, noise)}): the best single method, `{best['row']}`, "
+                   f"scores {best['mean']:.1f} against full fine-tuning's {full['mean']:.1f} ({d:+.1f} points{noise}) "
                    f"with {100 * best['trainable_params'] / full['trainable_params']:.2f}% of its trainable "
                    f"parameters; {len(beat)} of {len(singles)} single methods beat full fine-tuning.")
     if "lora_X" in by and singles:
