@@ -4,7 +4,7 @@ trained and tested on both default suites; accuracy per task and mean, trainable
 training time and peak memory.
 
     PYTHONPATH=src python bench/method_table.py --lm LM_DIR --vim VIM_DIR \
-        --language-suite OUT/language --vision-suite OUT/vision --time-limit 500
+        --language-suite OUT/language --vision-suite OUT/vision --time-limit 450
 
 Runs go through the project's own paths: a language row is `mambapeft train` with the `language`
 task (train.json, the suite's lm-eval YAML files as eval_tasks); a vision row is, per task,
@@ -13,7 +13,7 @@ protocol file with image_size 32); the hybrid row trains the best configuration 
 `mambapeft search` finds with a small budget. Many runs share one GPU as separate worker
 processes. Each finished row is written at once (bench/results/method_table.jsonl, docs/method_table.md,
 bench/results/method_table.png, all atomically): a killed run keeps its rows and a rerun skips them.
-`--smoke` checks the whole path on CPU in about a minute (give it small stand-in models)."""
+`--smoke` checks the whole path on CPU in a few minutes (give it small stand-in models)."""
 import argparse
 import concurrent.futures as cf
 import json
@@ -259,8 +259,10 @@ class Table:
 
     def protocol(self, suite, methods, row=None):
         """What decides a row's result; a record made with another one is run again."""
-        extra = {"search_trials": self.args.search_trials} if row == "hybrid" else {}
-        return {**self.protocols[suite], **extra, "methods": methods}
+        p = {k: v for k, v in self.protocols[suite].items() if row == "hybrid" or not k.startswith("search")}
+        if row == "hybrid":
+            p["search_trials"] = self.args.search_trials
+        return {**p, "methods": methods}
 
     def finish_job(self, suite, row, result):
         part = self.parts[(suite, row)]
@@ -409,8 +411,9 @@ def main(argv=None):
         a.device = "cpu"
         only = only or {"lora_X", "full", "hybrid"}
         a.search_trials, a.search_workers, a.workers = min(a.search_trials, 2), 1, min(a.workers, 2)
-        a.vision_tasks = a.vision_tasks or vision_tasks(a.vision_suite)[:2]
-        a.search_tasks = a.search_tasks or vision_tasks(a.vision_suite)[0]
+        if "vision" in suites:
+            a.vision_tasks = a.vision_tasks or vision_tasks(a.vision_suite)[:2]
+            a.search_tasks = a.search_tasks or vision_tasks(a.vision_suite)[0]
         for p in protocols.values():
             p.update(max_steps=4, search_max_steps=2)
         protocols["language"]["note"] = protocols["vision"]["note"] = "Smoke run: a few steps on stand-in models."
@@ -418,6 +421,13 @@ def main(argv=None):
         p = protocols[s]
         p.update(model=str(Path(a.lm if s == "language" else a.vim).resolve()),
                  suite=str(Path(a.language_suite if s == "language" else a.vision_suite).resolve()))
+        if s == "vision":
+            p["tasks"] = vision_tasks(a.vision_suite, a.vision_tasks)
+    if only:
+        known = {r for s in suites for r, _, _ in rows_for(s, a.dora)} | {"hybrid"}
+        if only - known:
+            raise SystemExit(f"method_table: --only: no row {', '.join(sorted(only - known))}; the rows are "
+                             f"{', '.join(sorted(known))}")
     a.work.mkdir(parents=True, exist_ok=True)
     os.environ["TQDM_DISABLE"] = "1"   # the scorer's progress bars, in every worker and search process
     table = Table(a, protocols, a.work)

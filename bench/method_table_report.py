@@ -11,7 +11,6 @@ from pathlib import Path
 # The paper's grouping (METHODS.md §1), then the rows that are not one method.
 GROUPS = ["LoRA", "Partial LoRA", "DoRA", "Partial tuning", "Prompt tuning", "Affix tuning", "Additional-scan",
           "Parallel adapter", "Baseline", "Combination"]
-BASELINES = ("full", "head")          # full fine-tuning, linear probing
 COMBINED = ("all", "hybrid")          # every method at once, the search's best
 SUITES = ("language", "vision")
 
@@ -181,6 +180,12 @@ def findings(records, suite):
         wins = [(lo, do) for lo, do in pairs if do["mean"] > lo["mean"]]
         detail = ", ".join(f"`{lo['row']}` {lo['mean']:.1f} -> {do['mean']:.1f}" for lo, do in pairs)
         out.append(f"DoRA beats its LoRA in {len(wins)} of {len(pairs)} pairs ({detail}).")
+    mems = sorted(r["peak_mem_mb"] for r in singles if r.get("peak_mem_mb") is not None)
+    if full and full.get("peak_mem_mb") is not None and mems:
+        times = sorted(r["train_s"] for r in singles)
+        out.append(f"Cost: full fine-tuning peaks at {full['peak_mem_mb']:.0f} MiB and trains in "
+                   f"{full['train_s']:.1f} s; the single methods' median is {mems[len(mems) // 2]:.0f} MiB "
+                   f"(from {mems[0]:.0f} to {mems[-1]:.0f}) and {times[len(times) // 2]:.1f} s.")
     if singles:
         fams = {}
         for r in singles:
@@ -203,8 +208,9 @@ def markdown(records, command=None, commit=None):
     for suite in SUITES:
         if any(r["suite"] == suite for r in records):
             lines += markdown_suite(records, suite)
-    lines += ["## Findings", "", "Computed from the rows above; \"within noise\" means the difference is within two "
-              "binomial standard errors of the test accuracies.", ""]
+    lines += ["## Findings", "", "Computed from the rows above; \"within noise\" means the difference is within "
+              "two binomial standard errors of the test accuracies (the two rows taken as independent: "
+              "conservative, since they are scored on the same items).", ""]
     for suite in SUITES:
         found = findings(records, suite)
         if found:

@@ -80,6 +80,16 @@ def test_findings_when_they_do_not():
     assert "The hybrid beats every single method (does not reproduce)" in text
 
 
+def test_cost_finding_only_with_gpu_memory():
+    assert not any(f.startswith("Cost:") for f in report.findings(records(), "language"))   # CPU: n/a
+    rs = records()
+    for r, mem in zip(rs, (100, 300, 200, 50, 900, 400, 400)):
+        r["peak_mem_mb"] = mem
+    cost = [f for f in report.findings(rs, "language") if f.startswith("Cost:")]
+    assert cost == ["Cost: full fine-tuning peaks at 900 MiB and trains in 1.0 s; the single methods' median is "
+                    "200 MiB (from 50 to 300) and 1.0 s."]
+
+
 def test_findings_within_noise_are_undecided():
     rs = records(full=(71, 74.5), n=200)   # 0.5 points below the best single method, 200 items per task
     text = "\n".join(report.findings(rs, "language"))
