@@ -244,7 +244,7 @@ class Table:
         self.command = "PYTHONPATH=src python " + shlex.join(["bench/method_table.py", *sys.argv[1:]])
         self.commit = getattr(args, "commit", None) or git_commit()
         self.records = report.read_records(args.out / "method_table.jsonl")
-        self.parts = {}      # (suite, row) -> {"group", "methods", "jobs": n, "done": {...}}
+        self.parts = {}      # (suite, row) -> {"group", "methods", "jobs": n, "done": [run results], ...}
         self.last_write = 0.0
 
     def done_already(self, suite, row, methods):
@@ -283,6 +283,7 @@ class Table:
                   "steps": sum(r["steps"] for r in rs), "peak_mem_mb": max(mems) if mems else None,
                   "device": rs[0]["device"], "protocol": self.protocol(suite, part["methods"], row),
                   "run_command": part["run_command"], "command": self.command, "commit": self.commit,
+                  "concurrent_runs": self.args.workers + self.args.search_workers * 2,
                   "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         if part.get("order"):
             groups = task_groups()

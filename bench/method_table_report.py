@@ -88,7 +88,9 @@ def markdown_suite(records, suite):
     lines = [f"## {suite.capitalize()} suite", "",
              f"{len(rows)} rows on {rows[0].get('device', '?')}; accuracy in % on each task's test split; "
              f"rank by mean over all rows; ± the binomial standard error of the mean; params: trainable; "
-             f"time: training steps (s); memory: peak allocated (MiB)." +
+             f"time: the training steps' seconds" + (f", with up to {rows[0]['concurrent_runs']} runs sharing the "
+                                                    f"device" if rows[0].get("concurrent_runs") else "") +
+             "; memory: peak allocated (MiB)." +
              (f" {rows[0]['protocol_note']}" if rows[0].get("protocol_note") else ""), ""]
     head = ["rank", "method", *tasks, *[f"{g} mean" for g in groups], "mean", "params", "% of full", "time (s)",
             "memory"]

@@ -118,7 +118,7 @@ def test_plot_and_outputs(tmp_path):
 
 
 def _table(tmp_path):
-    args = Namespace(out=tmp_path / "results", docs=tmp_path / "docs" / "t.md")
+    args = Namespace(out=tmp_path / "results", docs=tmp_path / "docs" / "t.md", workers=3, search_workers=1)
     protocols = {"vision": {"epochs": 5}, "language": {"epochs": 3}}
     return table.Table(args, protocols, tmp_path / "work")
 
