@@ -60,6 +60,10 @@ def test_the_language_job_finds_the_shipped_model_and_suite_and_reports_before_a
     assert task.s["eval_tasks"] == [str(shipped.LANGUAGE / f"{t}.yaml") for t in tasks]
     task.load_model(saved["model"])
     assert task.model_path == str(assets / "mamba-default")
+    # merged with the shipped model's tokenizer, not the tiny default's
+    assert main(["merge", str(out), str(tmp_path / "merged")]) == 0
+    assert (tmp_path / "merged" / "tokenizer.json").read_bytes() == \
+        (assets / "mamba-default" / "tokenizer.json").read_bytes()
 
 
 def test_the_vision_job_runs_on_the_shipped_suite_and_reports_before_and_after(assets, tmp_path, capsys):
