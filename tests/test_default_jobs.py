@@ -92,3 +92,10 @@ def test_a_task_outside_the_suite_is_one_line(assets, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err == ("mambapeft: error: unknown task(s) of the suite cifar; expected some of clothing, digits, "
                    "noise, texture, count, orientation, position")
+
+
+def test_eval_takes_the_shipped_model_and_suite_by_name(assets, capsys):
+    pytest.importorskip("lm_eval")
+    assert main(["eval", "--model", "mamba-default", "--tasks", "default", "--limit", "2"]) == 0
+    out = capsys.readouterr().out
+    assert all(t in out for t in ("fortune_topic", "wordnet_word", "compare", "count")), out
