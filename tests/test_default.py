@@ -112,6 +112,23 @@ def test_language_suite_loads_through_the_scorer_and_trains_from_commonsense_for
     for r in records:   # the answer named in the output is one of the listed options
         assert r["output"] == f"the correct answer is {r['answer']}"
         assert r["answer"].capitalize() + ":" in r["instruction"]
+    # a test item is scored on the prompt training puts its instruction in: context + the right
+    # continuation is exactly the Alpaca prompt + the training output of the same item
+    from mambapeft.default import language_suite
+    import random as _random
+    fortunes = {t: [f"{w} one two three four five six {t}{i}" for i in range(8)] for t, w in
+                (("art", "paint"), ("law", "judge"), ("food", "bread"), ("love", "heart"))}
+    for item in language_suite.fortune_topic(fortunes, _random.Random(0), 5) + \
+            language_suite.count(_random.Random(0), 5):
+        rec, test = language_suite.instruction(item), language_suite.test_item(item)
+        assert test["query"] + " " + test["choices"][test["label"]] == data.prompt(rec) + rec["output"]
+        assert test["options"] == item["choices"] and test["passage"] == item["passage"]
+    for (doc, args), line in zip(docs, (suite / "fortune_topic.jsonl").read_text().splitlines()):
+        row = json.loads(line)
+        assert args[doc["label"]] == (row["query"], " " + row["choices"][row["label"]])
+        assert row["query"].startswith(data.PROMPT_NO_INPUT.split("{")[0]) and \
+            row["query"].endswith("### Response:\nthe correct answer is")
+        assert [a[1] for a in args] == [f" answer{i + 1}" for i in range(len(args))]
 
 
 def test_vision_suite_loads_in_the_vtab_layout(built):

@@ -296,3 +296,49 @@ def test_the_readme_main_job_runs_as_shipped_and_beats_the_base_model(tmp_path, 
         before = task.evaluate(task.load_model({}).eval(), "test")["acc"]
     assert result["test"]["acc"] > before + 0.3
     assert (out / "curves.png").is_file() and (out / "best" / "adapter_model.safetensors").is_file()
+
+
+# ---- the base model's metrics (training.eval_base) and the summary --------------------------------
+@pytest.mark.parametrize("methods, how", [({"lora_in_proj": {"r": 8, "scale": 1.0, "dropout": 0.0}},
+                                           "adapters disabled"),
+                                          ({"full": {}}, "before any update")])
+def test_eval_base_reports_the_untouched_base_model_and_the_summary_shows_before_and_after(tmp_path, capsys,
+                                                                                           methods, how):
+    training = {**TOY["training"], "max_steps": 8, "eval_base": True}
+    cfg = write_config(tmp_path, methods=methods, training=training)
+    assert main(["train", str(cfg)]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)   # stdout stays one JSON document
+    run = tmp_path / "run"
+    task = ToyTask(TOY["task"])
+    base_model = task.load_model({}).eval()
+    with torch.no_grad():
+        expect = {s: task.evaluate(base_model, s) for s in ("validation", "test")}
+    assert result["base"]["how"] == how
+    for split in ("validation", "test"):
+        assert result["base"][split] == pytest.approx(expect[split], rel=1e-5)
+    assert json.loads((run / "metrics.json").read_text())["base"] == result["base"]
+    records = [r for r in logs.read(run / "log.jsonl") if r.get("split", "").startswith("base_")]
+    assert [(r["step"], r["split"]) for r in records] == [(0, "base_validation"), (0, "base_test")]
+    peft_total = sum(p.numel() for p in base_model.parameters())
+    assert result["total_params"] >= peft_total and 0 < result["trainable_params"] <= result["total_params"]
+    if how == "before any update":
+        assert result["trainable_params"] == peft_total
+    summary = captured.err.strip().splitlines()[-7:]
+    assert f"trainable parameters: {result['trainable_params']:,d} of {result['total_params']:,d}" in captured.err
+    assert f"  loss  {result['base']['test']['loss']:.4f} -> {result['test']['loss']:.4f}" in summary
+    assert f"adapter: {run / 'best'} (tested, step {result['best_step']}), {run / 'last'} (step 8)" in summary
+    assert summary[-2:] == [f"curves: {run / 'curves.png'}", f"metrics: {run / 'metrics.json'}"]
+
+
+def test_a_resumed_run_keeps_the_base_metrics_of_its_first_start(tmp_path):
+    training = {**TOY["training"], "max_steps": 8, "eval_base": True}
+    cfg = write_config(tmp_path, training=training)
+    # a first start that stops after its step-4 checkpoint, then a resume to the end
+    stop = lambda step, metrics: step == 4   # noqa: E731
+    partial = train(str(cfg), callback=stop)
+    assert partial["steps"] == 4 and partial["base"]["how"] == "adapters disabled"
+    resumed = train(str(cfg), resume=True)
+    assert resumed["steps"] == 8 and resumed["base"] == partial["base"]
+    records = [r for r in logs.read(tmp_path / "run" / "log.jsonl") if r.get("split", "").startswith("base_")]
+    assert len(records) == 2   # measured once, at the first start

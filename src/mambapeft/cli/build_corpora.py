@@ -1,4 +1,5 @@
-"""`mambapeft build-corpora OUT_DIR`: the default's corpora and task suites from installed packages."""
+"""`mambapeft build-corpora OUT_DIR [--ship]`: the default's corpora and task suites from installed
+packages; --ship also regenerates the copies of the suites the package ships (default/shipped.py)."""
 from pathlib import Path
 
 from . import UsageError
@@ -15,6 +16,8 @@ def add_parser(sub):
     p.add_argument("--test", type=int, default=500, help="test images per vision task (default 500)")
     p.add_argument("--test-language", type=int, default=200, help="test items per language task (default 200)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ship", action="store_true", help="then copy the suites into the package's assets/suites "
+                   "(the shipped copies; run from a source checkout, with the default sizes and seed)")
 
 
 def run(args):
@@ -35,3 +38,10 @@ def run(args):
     print(f"image corpus: {out / 'corpus' / 'images.safetensors'} ("
           + ", ".join(f"{k} {v['images']} images, {v['left_out']} left out" for k, v in i.items()) + ")")
     print("no test item is in a corpus")
+    if args.ship:
+        from ..default import shipped
+        if (args.train, args.test, args.test_language, args.seed) != (1000, 500, 200, 0):
+            raise UsageError("--ship: the shipped suites are built with the default --train, --test, "
+                             "--test-language and --seed; leave them out")
+        written = shipped.ship(out)
+        print(f"shipped suites: {shipped.SUITES} ({len(written)} files)")

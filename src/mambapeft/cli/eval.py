@@ -4,11 +4,13 @@ from . import DEFAULT_MODEL, UsageError
 
 def add_parser(sub):
     e = sub.add_parser("eval", help="zero-shot multiple-choice accuracy on lm-evaluation-harness tasks")
-    e.add_argument("--model", default=DEFAULT_MODEL, help="model directory or hub id (default: the shipped tiny model)")
+    e.add_argument("--model", default=DEFAULT_MODEL, help="model directory or hub id, or a shipped model's name "
+                   "(mamba-default, tiny-mamba; default: the shipped tiny model)")
     e.add_argument("--adapter", help="adapter directory (written by mambapeft train or PeftModel.save_pretrained)")
     e.add_argument("--tokenizer", help="tokenizer directory or hub id (default: the model's)")
     e.add_argument("--tasks", required=True,
-                   help="comma-separated lm-eval task names or YAML task files; 'paper' = the paper's eight tasks")
+                   help="comma-separated lm-eval task names or YAML task files; 'paper' = the paper's eight tasks; "
+                   "'default' = the shipped language suite's four tasks")
     e.add_argument("--data-dir", help="folder with NAME/SPLIT.jsonl for named tasks whose data is not in the hub cache")
     e.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass (scores do not depend on it)")
     e.add_argument("--limit", type=int, help="only the first N documents of each task")
@@ -41,7 +43,11 @@ def run(args):
         raise UsageError("--batch-size and --limit: expected integers >= 1")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tasks, missing = [], []
-    for spec in mc.task_specs(args.tasks):   # every data problem at once, and before the model loads
+    from ..default import shipped
+    args.model = shipped.resolve_model(args.model)
+    specs = [t for s in mc.task_specs(args.tasks)
+             for t in (shipped.language_tasks().values() if s == "default" else [s])]
+    for spec in specs:   # every data problem at once, and before the model loads
         try:
             tasks.append(mc.load_task(spec, args.data_dir))
         except DataError as e:

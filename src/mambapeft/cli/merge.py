@@ -40,7 +40,8 @@ def run(args):
     from . import DEFAULT_MODEL
     from ..io import CheckpointError, resolve_dir
     try:   # the base model's directory (a hub id: its local cache), for the tokenizer files
-        src = resolve_dir(config["model"].get("path") or DEFAULT_MODEL)
+        # the folder the task loaded (task.suite: default resolves model: {} to the shipped model)
+        src = resolve_dir(getattr(task, "model_path", None) or config["model"].get("path") or DEFAULT_MODEL)
     except CheckpointError:
         src = None
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):   # keep it usable alone

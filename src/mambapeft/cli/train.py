@@ -11,6 +11,9 @@ several processes: torchrun --nproc-per-node N -m mambapeft.cli train CONFIG.yam
 run directory (output_dir): config.yaml (the resolved config), log.jsonl, tensorboard/,
 checkpoints/step-N/, best/ and last/ (adapters), metrics.json, curves.png; see README.md.
 
+output: the final metrics as JSON on stdout; then, on stderr, a summary: each test metric of the base
+model (training.eval_base) -> the fine-tuned one, the trainable parameters, the adapters and curves.
+
 """
 
 
@@ -28,12 +31,17 @@ def add_parser(sub):
 def run(args):
     import json
     import os
+    import sys
     import torch.distributed as dist
+    from ..training.config import load_config
+    from ..training.logs import summary
     from ..training.trainer import train
+    config = load_config(args.config, args.overrides)
     try:
-        result = train(args.config, overrides=args.overrides, resume=args.resume)
+        result = train(config, resume=args.resume)
     finally:
         if dist.is_initialized():   # torchrun: leave the process group cleanly, error or not
             dist.destroy_process_group()
     if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2), flush=True)   # stdout stays one JSON document
+        print(summary(result, config["output_dir"]), file=sys.stderr)

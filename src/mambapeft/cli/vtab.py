@@ -12,8 +12,8 @@ def add_parser(sub):
         "OUTPUT/<task>/result.json; a rerun skips tasks that have one and continues a task stopped part "
         "way from its last checkpoint. With several GPUs one worker "
         "process per GPU takes tasks from a queue. Ends with OUTPUT/summary.{md,json,png}.")
-    p.add_argument("config", help="YAML file: model, methods, task.root (the folder holding the task folders), "
-                   "training, output_dir")
+    p.add_argument("config", help="YAML file: model, methods, task.root (the folder holding the task folders) "
+                   "or task.suite: default (the shipped suite), training, output_dir")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="override a config value, e.g. training.epochs=10 methods=affix")
     p.add_argument("--tasks", nargs="+", metavar="TASK",
@@ -25,7 +25,7 @@ def add_parser(sub):
 
 def run(args):
     from . import UsageError
-    from ..vision.vtab import load_config, run_vtab, summarize
+    from ..vision.vtab import load_config, read_results, run_vtab, summarize, task_table
     if args.workers is not None and args.workers < 1:
         raise UsageError(f"--workers must be at least 1, got {args.workers}")
     # `--tasks a b key=value`: argparse gives the trailing overrides to --tasks
@@ -36,7 +36,12 @@ def run(args):
     if not out:
         raise UsageError(f"{args.config}: no output_dir; give one in the config or with --output")
     errors = run_vtab(config, tasks, out, args.workers)
-    s = summarize(out)
+    table = task_table(config)
+    s = summarize(out, table)
+    for name, r in read_results(out, table).items():   # what each task learned, and where it is
+        before = f"{r['base_top1']:5.1f} -> " if "base_top1" in r else ""
+        print(f"{name:<14} top-1 {before}{r['top1']:5.1f}  trainable {r['trainable_params']:,d}  "
+              f"adapter {out}/{name}/run/last  curves {out}/{name}/run/curves.png")
     print(f"summary: {out}/summary.md; mean top-1 {s['mean']:.2f} over {s['count']} task(s)"
           if s["count"] else f"summary: {out}/summary.md; no task finished")
     for name, error in errors.items():

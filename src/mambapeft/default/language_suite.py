@@ -1,6 +1,11 @@
 """The language suite: multiple-choice tasks as lm-evaluation-harness YAML + JSON lines test files,
 and one mixed training file in the commonsense_170k format (instruction/input/output/answer).
 
+A test item is scored on the prompt an instruction-tuned model was trained on: its `query` is the
+Alpaca prompt of the item's instruction (language/data.py) followed by "the correct answer is", and
+its choices are answer1..answerN, so the harness compares " answer1" ... " answerN" as continuations,
+exactly the words the training outputs end with. `options` keeps the options' own texts.
+
 Every item carries a `passage`: the source text it shows (a fortune, a gloss, the generated
 question). The text corpus leaves out any document sharing a 6-word window with a test passage
 (corpora.leaks), so no test item is in what pretraining reads."""
@@ -10,8 +15,10 @@ import re
 from pathlib import Path
 
 from ..io import atomic_path
+from ..language.data import prompt
 from .sources import SourceError
 
+ANSWER = "the correct answer is"   # the training outputs' words before the answer's name
 TOPICS = ["art", "computers", "food", "law", "love", "medicine", "politics", "science", "sports", "work"]
 YAML = """task: {name}
 dataset_path: json
@@ -109,7 +116,15 @@ def instruction(item):
     question = item["query"].rsplit("\n", 1)[0]   # without the trailing "Answer:" / "Topic:" / "Word:"
     options = " ".join(f"Answer{i + 1}: {c}" for i, c in enumerate(item["choices"]))
     return {"instruction": f"{question}\n\n{options}\n\nAnswer format: {'/'.join(names)}",
-            "input": "", "output": f"the correct answer is {names[item['label']]}", "answer": names[item["label"]]}
+            "input": "", "output": f"{ANSWER} {names[item['label']]}", "answer": names[item["label"]]}
+
+
+def test_item(item):
+    """A test item as the harness scores it: the Alpaca prompt of its instruction up to the answer's
+    name, the names answer1..answerN as choices (target_delimiter ' ' puts the space before each)."""
+    rec = instruction(item)
+    return {"query": prompt(rec) + ANSWER, "choices": [f"answer{i + 1}" for i in range(len(item["choices"]))],
+            "label": item["label"], "options": item["choices"], "passage": item["passage"]}
 
 
 def make_tasks(fortunes, glosses, n_train, n_test, seed):
@@ -134,7 +149,7 @@ def write_suite(out_dir, tasks, seed):
     train = []
     for name, (tr, te) in tasks.items():
         with atomic_path(out_dir / f"{name}.jsonl") as tmp:
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in te))
+            tmp.write_text("".join(json.dumps(test_item(r)) + "\n" for r in te))
         with atomic_path(out_dir / f"{name}.yaml") as tmp:
             tmp.write_text(YAML.format(name=name))
         train += [instruction(r) for r in tr]

@@ -9,6 +9,9 @@ format, Alpaca template) and evaluate zero-shot multiple choice during and after
       eval_tasks: [piqa, my_task.yaml] # lm-eval multiple-choice tasks, run after training ("test")
       eval_during_training: false      # also run them at every validation
       metric: loss                     # or acc (mean over eval_tasks), or TASK/acc, TASK/acc_norm
+      suite: default                   # the shipped suite (default/shipped.py): data defaults to its
+                                       # train.json, eval_tasks to its four tasks (by name or all), and
+                                       # a model section without a path to the shipped mamba-default
 """
 import logging
 
@@ -23,7 +26,7 @@ log = logging.getLogger(__name__)
 SETTINGS = {"data": None, "tokenizer": None, "template": "alpaca", "cutoff": 256, "train_on_inputs": False,
             "overlong": "truncate", "validation_size": 2000, "seed": 42, "eval_tasks": [],
             "eval_during_training": False, "eval_data_dir": None, "eval_batch_size": 32, "eval_limit": None,
-            "metric": "loss"}
+            "metric": "loss", "suite": None}
 
 
 def _check(section, source):
@@ -34,6 +37,9 @@ def _check(section, source):
     def need(ok, key, what):
         if not ok:
             raise ConfigError(f"{source}.{key}: expected {what}, got {s[key]!r}")
+    need(s["suite"] in (None, "default"), "suite", "default (the shipped language suite) or null")
+    if s["suite"] == "default":
+        _use_suite(s)
     need(isinstance(s["data"], str) and s["data"], "data", "the path of a JSON or JSON lines instruction file")
     need(s["tokenizer"] is None or isinstance(s["tokenizer"], str), "tokenizer", "a directory or hub id")
     need(s["template"] in data.TEMPLATES, "template", " or ".join(data.TEMPLATES))
@@ -59,6 +65,20 @@ def _check(section, source):
     return s
 
 
+def _use_suite(s):
+    """The shipped suite's training file and tasks where the section names none; a task of the suite
+    may be named by its name (fortune_topic) rather than its YAML path."""
+    from ..default import shipped
+    tasks = shipped.language_tasks()
+    if s["data"] is None:
+        s["data"] = str(shipped.language_suite_dir() / "train.json")
+    names = [s["eval_tasks"]] if isinstance(s["eval_tasks"], str) else s["eval_tasks"]
+    if names == [] or names == ["all"]:
+        s["eval_tasks"] = list(tasks.values())
+    elif isinstance(names, list):
+        s["eval_tasks"] = [tasks.get(t, t) if isinstance(t, str) else t for t in names]
+
+
 class LanguageTask:
     unit = "tokens"
 
@@ -76,8 +96,10 @@ class LanguageTask:
     # ---- the engine's contract ----------------------------------------------------------------
     def load_model(self, model_section):
         from ..cli import DEFAULT_MODEL
+        from ..default.shipped import resolve_model
         from ..models import MambaForCausalLM
-        self.model_path = model_section.get("path") or DEFAULT_MODEL
+        default = "mamba-default" if self.s["suite"] == "default" else None
+        self.model_path = resolve_model(model_section.get("path"), default) or DEFAULT_MODEL
         return MambaForCausalLM.from_pretrained(self.model_path, dtype=None)
 
     @property

@@ -37,6 +37,8 @@ TRAINING = {
     "num_workers": (0, "DataLoader worker processes per training process"),
     "log_every": (1, "steps between updates of the progress bar's numbers (log.jsonl has every step)"),
     "progress": (True, "show a tqdm progress bar"),
+    "eval_base": (False, "evaluate the base model on validation and test before the first step (adapters "
+                  "disabled; methods that cannot be, e.g. full or head, as initialised): metrics.json's base"),
 }
 SECTIONS = {
     "model": "the base model: a local directory or hub id, or a mapping the task reads (path: ...)",
@@ -164,7 +166,8 @@ def _check_training(t, source):
                          ("device", ("auto", "cpu", "cuda"))):
         _expect(t[key] in choices, source, f"training.{key}", f"one of {', '.join(choices)}, got {t[key]!r}")
     _expect(t["min_lr_ratio"] <= 1, source, "training.min_lr_ratio", "a number in [0, 1]")
-    _expect(isinstance(t["progress"], bool), source, "training.progress", "true or false")
+    for key in ("progress", "eval_base"):
+        _expect(isinstance(t[key], bool), source, f"training.{key}", "true or false")
 
 
 def dump_config(config):

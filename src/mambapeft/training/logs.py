@@ -96,3 +96,34 @@ def plot(run_dir):
 def progress(total, initial, enabled):
     from tqdm import tqdm
     return tqdm(total=total, initial=initial, disable=not enabled, desc="training", unit="step", dynamic_ncols=True)
+
+
+def _fmt(v):
+    return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def summary(result, run_dir):
+    """A few lines for a person: each test metric of the base model -> the fine-tuned one, the
+    trainable parameters, where the adapters and the curves are."""
+    run_dir = Path(run_dir)
+    test, base = result.get("test") or {}, (result.get("base") or {}).get("test") or {}
+    lines = [f"run: {run_dir}"]
+    if "trainable_params" in result:
+        t, n = result["trainable_params"], result["total_params"]
+        lines.append(f"trainable parameters: {t:,d} of {n:,d} ({100 * t / max(n, 1):.2f}%)")
+    keys = [k for k in test if k not in ("samples", "n") and isinstance(test[k], (int, float))]
+    if keys:
+        width = max(len(k) for k in keys)
+        if base:
+            lines.append(f"test ({result['base']['how']} -> fine-tuned):")
+            lines += [f"  {k:<{width}}  {_fmt(base.get(k))} -> {_fmt(test[k])}" for k in keys]
+        else:
+            lines.append("test:")
+            lines += [f"  {k:<{width}}  {_fmt(test[k])}" for k in keys]
+    tested = "best" if (run_dir / "best").is_dir() else "last"
+    lines.append(f"adapter: {run_dir / tested} (tested, step {result.get('best_step')})"
+                 + (f", {run_dir / 'last'} (step {result.get('steps')})" if tested == "best" else ""))
+    if (run_dir / "curves.png").is_file():
+        lines.append(f"curves: {run_dir / 'curves.png'}")
+    lines.append(f"metrics: {run_dir / 'metrics.json'}")
+    return "\n".join(lines)

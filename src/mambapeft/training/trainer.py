@@ -25,6 +25,7 @@ from .schedule import lr_factor
 from .task import build_task
 
 CONFIG = "config.yaml"
+BASE = "base_metrics.json"   # the base model's metrics (training.eval_base), kept for a resumed run
 # Settings a resumed run may change: they do not alter the result.
 RESUMABLE = {"progress", "num_workers", "log_every", "device", "keep_checkpoints"}
 
@@ -92,8 +93,9 @@ def train(config, task=None, model=None, callback=None, resume=False, overrides=
     start = state["step"]
 
     log = logs.RunLog(run_dir, start, enabled=ctx.main)
-    bar = logs.progress(total, start, ctx.main and t["progress"])
     autocast = _autocast(ctx.device, t["precision"])
+    base = _base_metrics(ctx, run_dir, peft, task, autocast, log, start) if t["eval_base"] else None
+    bar = logs.progress(total, start, ctx.main and t["progress"])
     # its own generator: creating the iterator would otherwise draw from the global RNG just restored
     loader = iter(torch.utils.data.DataLoader(task.train_set(), batch_sampler=order.micro_batches(start, total),
                                               collate_fn=task.collate, num_workers=t["num_workers"],
@@ -165,7 +167,7 @@ def train(config, task=None, model=None, callback=None, resume=False, overrides=
                 state["step"] = step
                 _save_checkpoint(ctx, run_dir, peft, optimizer, order, state, t["keep_checkpoints"])
             t_prev = time.perf_counter()   # evaluation and saving do not count against throughput
-        result = _finish(ctx, run_dir, peft, task, state, has_validation, autocast)
+        result = _finish(ctx, run_dir, peft, task, state, has_validation, autocast, base)
     finally:
         grad_sync.close()
         bar.close()
@@ -312,7 +314,31 @@ def _save_checkpoint(ctx, run_dir, peft, optimizer, order, state, keep):
     distributed.barrier(ctx)
 
 
-def _finish(ctx, run_dir, peft, task, state, has_validation, autocast):
+def _base_metrics(ctx, run_dir, peft, task, autocast, log, start):
+    """The base model's validation and test metrics before the first step: with the adapters disabled,
+    or, for methods that change base weights in place (full, head), as initialised: before any update.
+    A resumed run reads what its first start measured (None if that run did not)."""
+    path = run_dir / BASE
+    if start > 0:
+        base = read_json(path) if ctx.main and path.is_file() else None
+        return distributed.broadcast(ctx, base)
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(peft.disable_adapters())
+            how = "adapters disabled"
+        except ValueError:   # methods training base weights in place cannot be switched off
+            how = "before any update"
+        base = {"validation": _evaluate(ctx, peft, task, "validation", autocast),
+                "test": _evaluate(ctx, peft, task, "test", autocast), "how": how}
+    if ctx.main:
+        for split in ("validation", "test"):
+            if base[split] is not None:
+                log.write({"step": 0, "split": f"base_{split}", **base[split]})
+        write_json(path, base)
+    return base
+
+
+def _finish(ctx, run_dir, peft, task, state, has_validation, autocast, base=None):
     """last/ adapter; the best adapter's test metrics; metrics.json. Returns the metrics."""
     if ctx.main:
         _save_adapter(peft, run_dir / "last", {"step": state["step"], "validation": state["last_validation"]})
@@ -322,8 +348,12 @@ def _finish(ctx, run_dir, peft, task, state, has_validation, autocast):
     else:
         state["best_step"] = state["step"]
     test = _evaluate(ctx, peft, task, "test", autocast)
+    trainable, total = peft.num_parameters()
     result = {"steps": state["step"], "best_step": state["best_step"], "metric": task.metric,
-              "best": state["best"], "validation": state["last_validation"], "test": test}
+              "best": state["best"], "validation": state["last_validation"], "test": test,
+              "trainable_params": trainable, "total_params": total}
+    if base is not None:
+        result["base"] = base
     if ctx.main:
         if has_validation and state["best_step"] is not None:
             result["best_validation"] = read_json(run_dir / "best" / "metrics.json")["validation"]

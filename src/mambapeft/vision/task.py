@@ -13,6 +13,9 @@ A config's `task` section:
     num_workers: null     # DataLoader processes decoding images for evaluation (default: cores - 1, at
                           # most 8); the engine's training.num_workers decodes the training images
     check_images: true    # open every image's header before training
+    suite: null           # default: the shipped vision suite (written once into a cache folder, see
+                          # default/shipped.py) is the root; a model section without path or preset
+                          # is then the shipped vim-default
 
 The model section: `preset: vim-tiny|vim-small|vim-base` with VimConfig fields to override (a random
 Vim), or `path:` a checkpoint VisionMamba.from_pretrained reads (a hustvl `.pth`, a directory, a hub
@@ -32,7 +35,7 @@ from ..training.task import register_task
 from .data import ImageDataset, check_images, collate, default_workers, open_image_data
 
 TASK_KEYS = ("type", "data", "root", "train", "validation", "test", "image_size", "num_classes", "eval_batch_size",
-             "num_workers", "check_images")
+             "num_workers", "check_images", "suite")
 
 
 @register_task("vision")
@@ -67,7 +70,14 @@ class VisionTask:
         if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
             raise ConfigError(f"{source}.num_workers: expected an integer >= 0, got {workers!r}")
         self.num_workers = default_workers() if workers is None else workers
-        data = section["data"] if section.get("root") is None else os.path.join(section["root"], section["data"])
+        self.suite = section.get("suite")
+        if self.suite not in (None, "default"):
+            raise ConfigError(f"{source}.suite: expected default (the shipped vision suite) or null, got {self.suite!r}")
+        root = section.get("root")
+        if self.suite == "default":
+            from ..default.shipped import vision_suite_dir
+            root = str(vision_suite_dir())
+        data = section["data"] if root is None else os.path.join(root, section["data"])
         self.data = open_image_data(data, _positive_int(section, "num_classes", source, None))
         vtab = self.data.layout == "vtab"
         self.train_split = section.get("train") or ("train800val200" if vtab else "train")
@@ -91,8 +101,11 @@ class VisionTask:
         drop_path = section.pop("drop_path_rate", None)
         if "img_size" in section or "num_classes" in section:
             raise ConfigError(f"{where}: img_size and num_classes come from the task (task.image_size, the data)")
+        if self.suite == "default" and "path" not in section and "preset" not in section:
+            section["path"] = "vim-default"
         if "path" in section:
-            path = section.pop("path")
+            from ..default.shipped import resolve_model
+            path = resolve_model(section.pop("path"))
             if section:
                 raise ConfigError(f"{where}: with 'path' only drop_path_rate may be set, got {', '.join(section)}")
             with warnings.catch_warnings():  # a new head is what fine-tuning on another label set needs

@@ -63,7 +63,9 @@ def load_config(path, overrides=()):
     if "data" in task:
         raise ConfigError(f"{path}: task.data names one task folder; mambapeft vtab takes task.root, the "
                           "folder holding the task folders")
-    if not isinstance(task.get("root"), str):
+    if task.get("suite") == "default":
+        task.pop("root", None)   # the shipped suite is the root (the protocol's root: vtab-1k does not apply)
+    elif not isinstance(task.get("root"), str):
         raise ConfigError(f"{path}: task.root: expected the folder holding the VTAB-1k task folders")
     config["methods"] = peft_config(config["methods"], f"{path}: methods").to_dict()["methods"]
     return config
@@ -81,11 +83,22 @@ def peft_config(methods, source):
         raise ConfigError(f"{source}: {e}") from None
 
 
-def select_tasks(names):
-    names = list(names or VTAB_TASKS)
-    bad = [n for n in names if n not in VTAB_TASKS]
+def task_table(config=None):
+    """{task: (group, classes)}: VTAB-1k's 19, or the shipped suite's with task.suite: default."""
+    if config is None or config["task"].get("suite") != "default":
+        return VTAB_TASKS
+    from ..default.shipped import vision_tasks
+    from ..default.vision_suite import GROUPS as SUITE_GROUPS, PROCEDURAL
+    return {n: (SUITE_GROUPS[n].capitalize(), PROCEDURAL[n][1] if n in PROCEDURAL else 10)
+            for n in sorted(vision_tasks(), key=lambda n: (GROUPS.index(SUITE_GROUPS[n].capitalize()), n))}
+
+
+def select_tasks(names, table=VTAB_TASKS):
+    names = list(names or table)
+    bad = [n for n in names if n not in table]
     if bad:
-        raise ConfigError(f"unknown VTAB-1k task(s) {', '.join(bad)}; expected some of {', '.join(VTAB_TASKS)}")
+        what = "VTAB-1k task(s)" if table is VTAB_TASKS else "task(s) of the suite"
+        raise ConfigError(f"unknown {what} {', '.join(bad)}; expected some of {', '.join(table)}")
     return list(dict.fromkeys(names))
 
 
@@ -120,7 +133,7 @@ def _run_task(config, name, out_dir, log, progress):
     test = metrics["test"]
     adapter = read_weights(run_dir / "last" / "adapter_model.safetensors")
     t = config["training"]
-    result = {"task": name, "group": VTAB_TASKS[name][0], "top1": 100 * test["acc"], "test_loss": test["loss"],
+    result = {"task": name, "group": task_table(config)[name][0], "top1": 100 * test["acc"], "test_loss": test["loss"],
               "test_samples": int(test["samples"]), "train_samples": len(task.train_set()),
               "num_classes": task.num_classes, "trainable_params": sum(v.numel() for v in adapter.values()),
               "steps": metrics["steps"], "tested_step": metrics["best_step"],
@@ -129,9 +142,12 @@ def _run_task(config, name, out_dir, log, progress):
               "methods": config["methods"], "config": fingerprint(config)}
     if metrics.get("validation"):
         result["validation"] = metrics["validation"]
+    if (metrics.get("base") or {}).get("test"):   # training.eval_base: the model before any update
+        result["base_top1"] = 100 * metrics["base"]["test"]["acc"]
     write_json(Path(out_dir) / name / RESULT, result)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)   # resume state of a finished task; last/ stays
-    log(f"[{name}] top-1 {result['top1']:.2f} ({result['test_samples']} test images)")
+    before = f"{result['base_top1']:.2f} -> " if "base_top1" in result else ""
+    log(f"[{name}] top-1 {before}{result['top1']:.2f} ({result['test_samples']} test images)")
     return result
 
 
@@ -161,7 +177,7 @@ def run_vtab(config, names, out_dir, workers=None, log=print):
     """Every task of `names` without a result in `out_dir`; several at once on several GPUs.
     Returns {task: error line} for the tasks that failed (the others still run)."""
     out_dir = Path(out_dir)
-    names = select_tasks(names)
+    names = select_tasks(names, task_table(config))
     done = [n for n in names if (out_dir / n / RESULT).is_file()]
     for n in done:
         f = out_dir / n / RESULT
@@ -236,34 +252,38 @@ def _run_parallel(config, todo, out_dir, workers, gpus, log):
 
 
 # ---- the summary ----------------------------------------------------------------------------
-def read_results(out_dir):
+def read_results(out_dir, table=VTAB_TASKS):
     results = {}
-    for name in VTAB_TASKS:
+    for name in table:
         f = Path(out_dir) / name / RESULT
         if f.is_file():
             results[name] = json.loads(f.read_text())
     return results
 
 
-def summarize(out_dir):
-    """summary.json, summary.md and summary.png in `out_dir` from every task result there."""
+def summarize(out_dir, table=VTAB_TASKS):
+    """summary.json, summary.md and summary.png in `out_dir` from every task result there; `table`:
+    the tasks and groups (task_table), VTAB-1k's by default."""
     out_dir = Path(out_dir)
-    results = read_results(out_dir)
+    results = read_results(out_dir, table)
     groups = {}
     for g in GROUPS:
-        scores = [results[n]["top1"] for n in VTAB_TASKS if VTAB_TASKS[n][0] == g and n in results]
-        size = sum(1 for n in VTAB_TASKS if VTAB_TASKS[n][0] == g)
+        scores = [results[n]["top1"] for n in table if table[n][0] == g and n in results]
+        size = sum(1 for n in table if table[n][0] == g)
         groups[g] = {"mean": sum(scores) / len(scores) if scores else None, "tasks": len(scores), "of": size}
     scores = [r["top1"] for r in results.values()]
     summary = {"tasks": {n: r["top1"] for n, r in results.items()}, "groups": groups,
-               "mean": sum(scores) / len(scores) if scores else None, "complete": len(results) == len(VTAB_TASKS),
-               "count": len(results)}
+               "mean": sum(scores) / len(scores) if scores else None, "complete": len(results) == len(table),
+               "count": len(results), "of": len(table)}
+    base = {n: r["base_top1"] for n, r in results.items() if "base_top1" in r}
+    if base:
+        summary["base"] = base
     write_json(out_dir / "summary.json", summary)
     from ..io import atomic_path
     with atomic_path(out_dir / "summary.md") as tmp:
-        tmp.write_text(_markdown(results, summary))
+        tmp.write_text(_markdown(results, summary, table))
     if results:
-        _plot(results, summary, out_dir / "summary.png")
+        _plot(results, summary, out_dir / "summary.png", table)
     return summary
 
 
@@ -271,34 +291,37 @@ def _fmt(x):
     return "–" if x is None else f"{x:.1f}"
 
 
-def _markdown(results, s):
-    lines = ["# VTAB-1k top-1 (%)", ""]
+def _markdown(results, s, table=VTAB_TASKS):
+    n_all = len(table)
+    lines = ["# VTAB-1k top-1 (%)" if table is VTAB_TASKS else "# Top-1 (%) on the shipped vision suite", ""]
     if not s["complete"]:
-        lines += [f"{s['count']} of {len(VTAB_TASKS)} tasks so far: the means are over the tasks done.", ""]
+        lines += [f"{s['count']} of {n_all} tasks so far: the means are over the tasks done.", ""]
     head = [g for g in GROUPS]
-    lines += ["| " + " | ".join(head + ["Mean (19 tasks)"]) + " |", "|" + "---:|" * (len(head) + 1)]
+    lines += ["| " + " | ".join(head + [f"Mean ({n_all} tasks)"]) + " |", "|" + "---:|" * (len(head) + 1)]
     cells = [f"{_fmt(s['groups'][g]['mean'])} ({s['groups'][g]['tasks']}/{s['groups'][g]['of']})" for g in GROUPS]
-    lines += ["| " + " | ".join(cells + [f"{_fmt(s['mean'])} ({s['count']}/{len(VTAB_TASKS)})"]) + " |", ""]
-    lines += ["| Task | Group | Classes | Top-1 | Trainable params |", "|---|---|---:|---:|---:|"]
-    for n, (g, _) in VTAB_TASKS.items():
+    lines += ["| " + " | ".join(cells + [f"{_fmt(s['mean'])} ({s['count']}/{n_all})"]) + " |", ""]
+    base = s.get("base") or {}
+    lines += ["| Task | Group | Classes | " + ("Base top-1 | " if base else "") + "Top-1 | Trainable params |",
+              "|---|---|---:|" + ("---:|" if base else "") + "---:|---:|"]
+    for n, (g, _) in table.items():
         r = results.get(n)
-        lines.append(f"| {n} | {g} | {r['num_classes'] if r else '–'} | {_fmt(r['top1']) if r else '–'} | "
-                     f"{format(r['trainable_params'], ',d') if r else '–'} |")
+        lines.append(f"| {n} | {g} | {r['num_classes'] if r else '–'} | " + (f"{_fmt(base.get(n))} | " if base else "")
+                     + f"{_fmt(r['top1']) if r else '–'} | {format(r['trainable_params'], ',d') if r else '–'} |")
     return "\n".join(lines) + "\n"
 
 
-def _plot(results, s, path):
+def _plot(results, s, path, table=VTAB_TASKS):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from ..io import atomic_path
     colors = {"Natural": "tab:green", "Specialized": "tab:blue", "Structured": "tab:orange"}
-    names = [n for n in VTAB_TASKS if n in results]
+    names = [n for n in table if n in results]
     fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(names) + 3), 4.5))
     ax.bar(range(len(names)), [results[n]["top1"] for n in names],
-           color=[colors[VTAB_TASKS[n][0]] for n in names])
+           color=[colors[table[n][0]] for n in names])
     for g in GROUPS:
-        idx = [i for i, n in enumerate(names) if VTAB_TASKS[n][0] == g]
+        idx = [i for i, n in enumerate(names) if table[n][0] == g]
         if idx:
             ax.hlines(s["groups"][g]["mean"], idx[0] - 0.4, idx[-1] + 0.4, colors="k", linestyles="--")
             ax.bar(0, 0, color=colors[g], label=f"{g}: {s['groups'][g]['mean']:.1f}")
@@ -307,7 +330,7 @@ def _plot(results, s, path):
     ax.set_ylabel("top-1 (%)")
     ax.set_ylim(0, 100)
     ax.legend(fontsize=8, loc="lower left")
-    ax.set_title("VTAB-1k (dashed: group means)")
+    ax.set_title(("VTAB-1k" if table is VTAB_TASKS else "shipped vision suite") + " (dashed: group means)")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
