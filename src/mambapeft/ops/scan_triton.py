@@ -52,6 +52,39 @@ def config(E, L, N):
     return Config(fwd_e, 4, bwd_e, 4, t)
 
 
+def vectorize_interpreter_scan():
+    """Under TRITON_INTERPRET=1, make tl.associative_scan step along its axis over whole slices instead
+    of calling the combine function once per element (triton 3.6's interpreter does that: minutes for a
+    few tiles). A combine function is elementwise by definition, so the result is the same. For tests
+    and CPU checks of the benchmark; does nothing when compiled or when the interpreter lacks ScanOps."""
+    if not INTERPRET:
+        return
+    try:
+        import numpy as np
+        from triton.runtime.interpreter import ScanOps
+    except ImportError:
+        return
+
+    def generic_scan(self, input):
+        data = [arg.handle.data for arg in input]
+        out = [np.empty_like(d) for d in data]
+        acc = None
+        for k in range(data[0].shape[self.axis]):
+            cur = tuple(self.to_tensor(np.take(d, k, axis=self.axis), arg.dtype) for d, arg in zip(data, input))
+            if acc is None:
+                acc = cur
+            else:
+                ret = self.combine_fn.fn(*acc, *cur)
+                acc = ret if isinstance(ret, tuple) else (ret,)
+            for o, a in zip(out, acc):
+                idx = [slice(None)] * o.ndim
+                idx[self.axis] = k
+                o[tuple(idx)] = a.handle.data
+        return [self.to_tensor(o, arg.dtype) for o, arg in zip(out, input)]
+
+    ScanOps.generic_scan = generic_scan
+
+
 def available():
     """Triton imports (this module did) and there is a device to run it: CUDA, or the interpreter."""
     return torch.cuda.is_available() or INTERPRET
