@@ -47,9 +47,12 @@ def config(E, L, N):
         return OVERRIDE
     n = triton.next_power_of_2(N)
     t = 32 if L >= 32 else max(4, triton.next_power_of_2(L))  # tiles of at least 4 steps (tl.arange)
-    fwd_e = max(2, min(16, 256 // n))
+    # about 32 fp32 per thread per (BLOCK_E, N, BLOCK_T) tile in forward (5 such tiles live), 16 in
+    # backward (about 10 live); not below 8 channels in backward: the dB/dC partials are E / BLOCK_E
+    # copies of (b, N, L)
+    fwd_e = max(2, min(8, 128 // n))
     bwd_e = max(2, min(8, 128 // n))
-    return Config(fwd_e, 4, bwd_e, 4, t)
+    return Config(fwd_e, 4, bwd_e, 8, t)
 
 
 def vectorize_interpreter_scan():
