@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e)): A is scaled once
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 Config = namedtuple("Config", "fwd_e fwd_warps bwd_e bwd_warps t")
@@ -105,9 +106,16 @@ def _softplus(x):
 
 
 @triton.jit
-def _load_dt(delta_ptr, bias, offs_e, tt, mask, s_db, s_de, SOFTPLUS: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """dt (BLOCK_E, BLOCK_T) fp32, 0 where masked (a step there is the identity); also the raw delta."""
-    raw = tl.load(delta_ptr + offs_e[:, None] * s_de + tt[None, :], mask=mask, other=0.0).to(tl.float32)
+def _tile(ptr, rows, s_row, tt, mask):
+    """A (rows, BLOCK_T) tile in the input's dtype, 0 where masked."""
+    return tl.load(ptr + rows[:, None] * s_row + tt[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _dt(delta, bias, mask, SOFTPLUS: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """dt (BLOCK_E, BLOCK_T) fp32 from a delta tile, 0 where masked (a step there is the identity); also
+    delta + bias."""
+    raw = delta.to(tl.float32)
     if HAS_BIAS:
         raw = raw + bias[:, None]
     dt = raw
@@ -147,28 +155,48 @@ def _fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h
     C_ptr += b * s_Cb
     z_ptr += b * s_zb
     y_ptr += b * s_yb
+    A2 = A * LOG2E
+    # the loads of tile i + 1 are issued before tile i is computed (loop-carried *_nx), so they overlap it
+    m2 = me[:, None] & (offs_t < L)[None, :]
+    mnt = mn[:, None] & (offs_t < L)[None, :]
+    d_nx = _tile(delta_ptr, offs_e, s_de, offs_t, m2)
+    u_nx = _tile(u_ptr, offs_e, s_ue, offs_t, m2)
+    B_nx = _tile(B_ptr, offs_n, s_Bn, offs_t, mnt)
+    C_nx = B_nx
+    z_nx = u_nx
+    if WRITE_Y:
+        C_nx = _tile(C_ptr, offs_n, s_Cn, offs_t, mnt)
+        if HAS_Z:
+            z_nx = _tile(z_ptr, offs_e, s_ze, offs_t, m2)
     i = 0
     while i < n_tiles:  # a while loop, not range(n_tiles): the interpreter cannot index with a runtime int
         tt = i * BLOCK_T + offs_t
-        mt = tt < L
-        m2 = me[:, None] & mt[None, :]
+        m2 = me[:, None] & (tt < L)[None, :]
+        d_t, u_t, B_t, C_t, z_t = d_nx, u_nx, B_nx, C_nx, z_nx
+        tn = tt + BLOCK_T
+        m2n = me[:, None] & (tn < L)[None, :]
+        mntn = mn[:, None] & (tn < L)[None, :]
+        d_nx = _tile(delta_ptr, offs_e, s_de, tn, m2n)
+        u_nx = _tile(u_ptr, offs_e, s_ue, tn, m2n)
+        B_nx = _tile(B_ptr, offs_n, s_Bn, tn, mntn)
+        if WRITE_Y:
+            C_nx = _tile(C_ptr, offs_n, s_Cn, tn, mntn)
+            if HAS_Z:
+                z_nx = _tile(z_ptr, offs_e, s_ze, tn, m2n)
         if STORE_STATES:  # the state entering tile i: (b, tiles, E, N)
             tl.store(states_ptr + (b * n_tiles + i) * E * N + en, h, mask=men)
-        dt, _ = _load_dt(delta_ptr, bias, offs_e, tt, m2, s_db, s_de, SOFTPLUS, HAS_BIAS)
-        u = tl.load(u_ptr + offs_e[:, None] * s_ue + tt[None, :], mask=m2, other=0.0).to(tl.float32)
-        mnt = mn[:, None] & mt[None, :]
-        Bt = tl.load(B_ptr + offs_n[:, None] * s_Bn + tt[None, :], mask=mnt, other=0.0).to(tl.float32)
-        a = tl.exp(dt[:, None, :] * A[:, :, None])                  # (E, N, T)
-        x = (dt * u)[:, None, :] * Bt[None, :, :]
+        dt, _ = _dt(d_t, bias, m2, SOFTPLUS, HAS_BIAS)
+        u = u_t.to(tl.float32)
+        a = tl.exp2(dt[:, None, :] * A2[:, :, None])                # (E, N, T)
+        x = (dt * u)[:, None, :] * B_t.to(tl.float32)[None, :, :]
         P, H = tl.associative_scan((a, x), 2, _combine)
         hs = P * h[:, :, None] + H
         if WRITE_Y:
-            Ct = tl.load(C_ptr + offs_n[:, None] * s_Cn + tt[None, :], mask=mnt, other=0.0).to(tl.float32)
-            y = tl.sum(hs * Ct[None, :, :], axis=1)
+            y = tl.sum(hs * C_t.to(tl.float32)[None, :, :], axis=1)
             if HAS_D:
                 y += Dv[:, None] * u
             if HAS_Z:
-                z = tl.load(z_ptr + offs_e[:, None] * s_ze + tt[None, :], mask=m2, other=0.0).to(tl.float32)
+                z = z_t.to(tl.float32)
                 y *= z / (1.0 + tl.exp(-z))
             tl.store(y_ptr + offs_e[:, None] * s_ye + tt[None, :], y.to(y_ptr.dtype.element_ty), mask=m2)
         # steps past L are the identity, so the tile's last column is the state after step min(L, end) - 1
@@ -218,27 +246,60 @@ def _bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, s
     dz_ptr += b * E * L
     dB_ptr += (b * n_eb + pid_e) * N * L
     dC_ptr += (b * n_eb + pid_e) * N * L
+    A2 = A * LOG2E
+    # tiles in reverse; the loads of tile i - 1 are issued before tile i is computed (loop-carried *_nx)
     i = n_tiles - 1
+    tt = i * BLOCK_T + offs_t
+    m2 = me[:, None] & (tt < L)[None, :]
+    mnt = mn[:, None] & (tt < L)[None, :]
+    mnx = me[:, None] & ((offs_t + 1 < BLOCK_T) & (tt + 1 < L))[None, :]
+    h_nx = tl.load(states_ptr + (b * n_tiles + i) * E * N + en, mask=men, other=0.0)
+    d_nx = _tile(delta_ptr, offs_e, s_de, tt, m2)
+    dn_nx = _tile(delta_ptr, offs_e, s_de, tt + 1, mnx)
+    u_nx = _tile(u_ptr, offs_e, s_ue, tt, m2)
+    B_nx = _tile(B_ptr, offs_n, s_Bn, tt, mnt)
+    C_nx = _tile(C_ptr, offs_n, s_Cn, tt, mnt)
+    o_nx = u_nx
+    z_nx = u_nx
+    if HAS_DOUT:
+        o_nx = _tile(dout_ptr, offs_e, s_oe, tt, m2)
+    if HAS_Z:
+        z_nx = _tile(z_ptr, offs_e, s_ze, tt, m2)
     while i >= 0:
         tt = i * BLOCK_T + offs_t
         mt = tt < L
         m2 = me[:, None] & mt[None, :]
         mnt = mn[:, None] & mt[None, :]
-        h = tl.load(states_ptr + (b * n_tiles + i) * E * N + en, mask=men, other=0.0)
-        dt, raw = _load_dt(delta_ptr, bias, offs_e, tt, m2, s_db, s_de, SOFTPLUS, HAS_BIAS)
-        u = tl.load(u_ptr + offs_e[:, None] * s_ue + tt[None, :], mask=m2, other=0.0).to(tl.float32)
-        Bt = tl.load(B_ptr + offs_n[:, None] * s_Bn + tt[None, :], mask=mnt, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + offs_n[:, None] * s_Cn + tt[None, :], mask=mnt, other=0.0).to(tl.float32)
-        a = tl.exp(dt[:, None, :] * A[:, :, None])
+        # decays of the next step, a_{t+1}: 1 past the tile (the carry S covers it) and past L
+        mnx = me[:, None] & ((offs_t + 1 < BLOCK_T) & (tt + 1 < L))[None, :]
+        h, d_t, dn_t, u_t, B_t, C_t, o_t, z_t = h_nx, d_nx, dn_nx, u_nx, B_nx, C_nx, o_nx, z_nx
+        tp = tt - BLOCK_T  # tile i - 1 (nothing is loaded past the first)
+        m2p = me[:, None] & (tp >= 0)[None, :]
+        mntp = mn[:, None] & (tp >= 0)[None, :]
+        h_nx = tl.load(states_ptr + (b * n_tiles + i - 1) * E * N + en, mask=men & (i > 0), other=0.0)
+        d_nx = _tile(delta_ptr, offs_e, s_de, tp, m2p)
+        dn_nx = _tile(delta_ptr, offs_e, s_de, tp + 1, m2p & (offs_t + 1 < BLOCK_T)[None, :])
+        u_nx = _tile(u_ptr, offs_e, s_ue, tp, m2p)
+        B_nx = _tile(B_ptr, offs_n, s_Bn, tp, mntp)
+        C_nx = _tile(C_ptr, offs_n, s_Cn, tp, mntp)
+        if HAS_DOUT:
+            o_nx = _tile(dout_ptr, offs_e, s_oe, tp, m2p)
+        if HAS_Z:
+            z_nx = _tile(z_ptr, offs_e, s_ze, tp, m2p)
+        dt, raw = _dt(d_t, bias, m2, SOFTPLUS, HAS_BIAS)
+        u = u_t.to(tl.float32)
+        Bt = B_t.to(tl.float32)
+        Ct = C_t.to(tl.float32)
+        a = tl.exp2(dt[:, None, :] * A2[:, :, None])
         dtu = dt * u
         x = dtu[:, None, :] * Bt[None, :, :]
         P, H = tl.associative_scan((a, x), 2, _combine)
         hs = P * h[:, :, None] + H                                   # states of the tile's steps
         dy = tl.zeros([BLOCK_E, BLOCK_T], dtype=tl.float32)
         if HAS_DOUT:
-            dy = tl.load(dout_ptr + offs_e[:, None] * s_oe + tt[None, :], mask=m2, other=0.0).to(tl.float32)
+            dy = o_t.to(tl.float32)
         if HAS_Z:
-            z = tl.load(z_ptr + offs_e[:, None] * s_ze + tt[None, :], mask=m2, other=0.0).to(tl.float32)
+            z = z_t.to(tl.float32)
             sz = 1.0 / (1.0 + tl.exp(-z))
             pre = tl.sum(hs * Ct[None, :, :], axis=1)               # the output before the gate
             if HAS_D:
@@ -248,11 +309,8 @@ def _bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, s
             dy = dy * z * sz
         if HAS_D:
             dD_acc += tl.sum(dy * u, axis=1)
-        # decays of the next step, a_{t+1}; 1 past the tile (the carry S covers it) and past L
-        tn = tt + 1
-        mn2 = me[:, None] & ((offs_t + 1 < BLOCK_T) & (tn < L))[None, :]
-        dtn, _ = _load_dt(delta_ptr, bias, offs_e, tn, mn2, s_db, s_de, SOFTPLUS, HAS_BIAS)
-        an = tl.exp(dtn[:, None, :] * A[:, :, None])
+        dtn, _ = _dt(dn_t, bias, mnx, SOFTPLUS, HAS_BIAS)
+        an = tl.exp2(dtn[:, None, :] * A2[:, :, None])
         g = dy[:, None, :] * Ct[None, :, :]
         Pr, R = tl.associative_scan((an, g), 2, _combine, reverse=True)
         dh = R + Pr * S[:, :, None]                                  # d(loss)/d(h_t)
