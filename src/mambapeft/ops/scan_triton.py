@@ -22,6 +22,10 @@ Layout (one program per (block of BLOCK_E channels, batch row)):
   (b, E / BLOCK_E, N, L) fp32 and torch adds them (deterministic, no atomics). dA, dD and the delta
   bias gradient are per-program (b, E, ...) partials summed over the batch in torch.
 
+Entry points: `selective_scan_triton` (the backend call, autograd), and `prepare` + `scan_fwd` +
+`scan_bwd` without autograd, for a fused autograd Function that runs the scan inside its own forward
+and backward (as mamba_inner_fn does with selective_scan_cuda.fwd / .bwd).
+
 Block sizes come from `config()` (by shape); bench/bench_scan_gpu.py --triton-sweep measures others.
 Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (set before this module is imported;
 that is how the tests run without a GPU).
@@ -359,58 +363,78 @@ def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, h0, cfg, write_y=True, s
     return y, hlast, states
 
 
+def prepare(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None):
+    """The layouts the kernels read: time contiguous (other strides free) in the inputs' dtypes; A, D,
+    delta_bias and the initial state contiguous fp32."""
+    u, delta, B, C = (_time_contiguous(x) for x in (u, delta, B, C))
+    z = _time_contiguous(z) if z is not None else None
+    f32 = [x.float().contiguous() if x is not None else None for x in (A, D, delta_bias, initial_state)]
+    return (u, delta, f32[0], B, C, f32[1], z, f32[2], f32[3])
+
+
+def scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
+    """-> y (b, E, L) in u's dtype and the last state (b, E, N) fp32; inputs as prepare() returns them.
+    No autograd: for a fused autograd Function that calls the scan inside (like selective_scan_cuda.fwd)."""
+    cfg = config(u.shape[1], u.shape[2], A.shape[1])
+    y, hlast, _ = _fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, cfg)
+    return y, hlast
+
+
+def scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, dout, dlast):
+    """The gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state) of sum(y * dout) +
+    sum(last * dlast), the same inputs as scan_fwd; dout or dlast may be None (zero). du, ddelta, dz
+    are in their inputs' dtypes, the rest fp32; dD, dz, ddelta_bias are None without D, z, delta_bias.
+    Reruns the forward for the state entering every tile."""
+    b, E, L = u.shape
+    N = A.shape[1]
+    cfg = config(E, L, N)
+    f32 = {"dtype": torch.float32, "device": u.device}
+    _, _, states = _fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, cfg,
+                        write_y=False, store_states=True)
+    if dout is not None:
+        dout = _time_contiguous(dout)
+    if dlast is not None:
+        dlast = dlast.float().contiguous()
+    n_eb = triton.cdiv(E, cfg.bwd_e)
+    du = torch.empty(b, E, L, dtype=u.dtype, device=u.device)
+    ddelta = torch.empty(b, E, L, dtype=delta.dtype, device=u.device)
+    dz = torch.empty(b, E, L, dtype=z.dtype, device=u.device) if z is not None else None
+    dB_part, dC_part = torch.empty(2, b, n_eb, N, L, **f32)
+    dA_part, dh0 = torch.empty(2, b, E, N, **f32)
+    dD_part, dbias_part = torch.empty(2, b, E, **f32)
+    do = dout if dout is not None else u
+    zz = z if z is not None else u
+    _bwd_kernel[(n_eb, b)](
+        u, delta, A, B, C, D if D is not None else A, zz, delta_bias if delta_bias is not None else A,
+        states, do, dlast if dlast is not None else A,
+        du, ddelta, dz if dz is not None else du, dB_part, dC_part, dA_part, dD_part, dbias_part, dh0,
+        E, N, L, triton.cdiv(L, cfg.t),
+        u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), B.stride(0), B.stride(1),
+        C.stride(0), C.stride(1), zz.stride(0), zz.stride(1), do.stride(0), do.stride(1),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
+        HAS_DOUT=dout is not None, HAS_DLAST=dlast is not None,
+        BLOCK_E=cfg.bwd_e, BLOCK_N=triton.next_power_of_2(N), BLOCK_T=cfg.t, num_warps=cfg.bwd_warps)
+    return (du, ddelta, dA_part.sum(0), dB_part.sum(1), dC_part.sum(1),
+            dD_part.sum(0) if D is not None else None, dz,
+            dbias_part.sum(0) if delta_bias is not None else None, dh0)
+
+
 class SelectiveScanTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
         ctx.set_materialize_grads(False)  # dout / dlast are None when unused: skip them
-        dtypes = [None if x is None else x.dtype for x in (u, delta, A, B, C, D, z, delta_bias, initial_state)]
-        u, delta, B, C = (_time_contiguous(x) for x in (u, delta, B, C))
-        z = _time_contiguous(z) if z is not None else None
-        A = A.float().contiguous()
-        D = D.float().contiguous() if D is not None else None
-        delta_bias = delta_bias.float().contiguous() if delta_bias is not None else None
-        h0 = initial_state.float().contiguous() if initial_state is not None else None
-        cfg = config(u.shape[1], u.shape[2], A.shape[1])
-        y, hlast, _ = _fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, cfg)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, h0)
-        ctx.softplus, ctx.cfg, ctx.dtypes = delta_softplus, cfg, dtypes
+        ctx.dtypes = [None if x is None else x.dtype for x in (u, delta, A, B, C, D, z, delta_bias, initial_state)]
+        x = prepare(u, delta, A, B, C, D, z, delta_bias, initial_state)
+        y, hlast = scan_fwd(*x[:8], delta_softplus, x[8])
+        ctx.save_for_backward(*x)
+        ctx.softplus = delta_softplus
         return y, hlast
 
     @staticmethod
     def backward(ctx, dout, dlast):
-        u, delta, A, B, C, D, z, delta_bias, h0 = ctx.saved_tensors
-        cfg = ctx.cfg
-        b, E, L = u.shape
-        N = A.shape[1]
-        f32 = {"dtype": torch.float32, "device": u.device}
-        _, _, states = _fwd(u, delta, A, B, C, D, z, delta_bias, ctx.softplus, h0, cfg,
-                            write_y=False, store_states=True)
-        if dout is not None:
-            dout = _time_contiguous(dout)
-        if dlast is not None:
-            dlast = dlast.float().contiguous()
-        n_eb = triton.cdiv(E, cfg.bwd_e)
-        du = torch.empty(b, E, L, dtype=u.dtype, device=u.device)
-        ddelta = torch.empty(b, E, L, dtype=delta.dtype, device=u.device)
-        dz = torch.empty(b, E, L, dtype=z.dtype, device=u.device) if z is not None else None
-        dB_part, dC_part = torch.empty(2, b, n_eb, N, L, **f32)
-        dA_part, dh0 = torch.empty(2, b, E, N, **f32)
-        dD_part, dbias_part = torch.empty(2, b, E, **f32)
-        do = dout if dout is not None else u
-        zz = z if z is not None else u
-        _bwd_kernel[(n_eb, b)](
-            u, delta, A, B, C, D if D is not None else A, zz, delta_bias if delta_bias is not None else A,
-            states, do, dlast if dlast is not None else A,
-            du, ddelta, dz if dz is not None else du, dB_part, dC_part, dA_part, dD_part, dbias_part, dh0,
-            E, N, L, triton.cdiv(L, cfg.t),
-            u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), B.stride(0), B.stride(1),
-            C.stride(0), C.stride(1), zz.stride(0), zz.stride(1), do.stride(0), do.stride(1),
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=ctx.softplus,
-            HAS_DOUT=dout is not None, HAS_DLAST=dlast is not None,
-            BLOCK_E=cfg.bwd_e, BLOCK_N=triton.next_power_of_2(N), BLOCK_T=cfg.t, num_warps=cfg.bwd_warps)
-        grads = (du, ddelta, dA_part.sum(0), dB_part.sum(1), dC_part.sum(1),
-                 dD_part.sum(0) if D is not None else None, dz,
-                 dbias_part.sum(0) if delta_bias is not None else None, None, dh0)
+        x = ctx.saved_tensors
+        grads = scan_bwd(*x[:8], ctx.softplus, x[8], dout, dlast)
+        grads = grads[:8] + (None,) + grads[8:]   # none for delta_softplus
         dtypes = ctx.dtypes[:8] + [None] + ctx.dtypes[8:]
         return tuple(None if g is None or dtype is None or not need else g.to(dtype)
                      for g, dtype, need in zip(grads, dtypes, ctx.needs_input_grad))
