@@ -32,8 +32,6 @@ import torch
 from mambapeft.ops import scan_chunked
 from mambapeft.ops.scan import selective_scan
 
-NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
-
 
 def make_inputs(b, E, N, L, device, dtype=torch.float32):
     g = torch.Generator().manual_seed(0)
