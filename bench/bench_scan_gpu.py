@@ -1,5 +1,6 @@
 """Selective scan on a GPU without the mamba_ssm kernels: the chunked backend against the cpu backend
 (plain torch, one launch per step) and the reference loop, forward and forward+backward.
+With --triton: the Triton scan (ops/scan_triton.py) against mamba_ssm's selective_scan_fn instead.
 
 Inputs as a Mamba mixer gives them (delta_softplus, D, z, delta_bias), fp32, all of them requiring
 grad. Reports the median time and the peak memory above the inputs (torch.cuda.max_memory_allocated,
@@ -7,6 +8,17 @@ gradients included), and the largest difference from the reference relative to e
 
     PYTHONPATH=src python bench/bench_scan_gpu.py --b 8 --E 1536 --N 16 --L 1024 --seg-mb 64,256,1024
 Appends one JSON line per row to --out/scan_gpu.jsonl and prints the table.
+
+--triton: bf16 inputs, forward+backward of the Triton scan and of mamba_ssm's kernel on the same
+tensors, ratios from one run. A shape "b,E,N,L+n" is affix tuning with n tokens: mamba_ssm scans L+n
+steps (past 1024 its 2048-step template), Triton scans the n tokens, then L steps from their last
+state (gradients through it), and also L+n in one scan. --triton-sweep adds rows for other block
+sizes (ops/scan_triton.py Config: fwd_e,fwd_warps,bwd_e,bwd_warps,t), at the first shape only.
+
+    PYTHONPATH=src python bench/bench_scan_gpu.py --triton --triton-sweep default
+    TRITON_INTERPRET=1 PYTHONPATH=src python bench/bench_scan_gpu.py --triton --device cpu \
+        --shapes 1,8,4,40+3 --iters 1 --out /tmp     # the CPU check, under Triton's interpreter
+Appends to --out/scan_triton_gpu.jsonl.
 """
 import argparse
 import json
@@ -20,17 +32,16 @@ import torch
 from mambapeft.ops import scan_chunked
 from mambapeft.ops.scan import selective_scan
 
-NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
-
-def make_inputs(b, E, N, L, device):
+def make_inputs(b, E, N, L, device, dtype=torch.float32):
     g = torch.Generator().manual_seed(0)
     xz = torch.randn(b, L, 3 * E, generator=g)
     x = {"u": xz[..., :E].transpose(1, 2), "delta": (xz[..., E:2 * E] * 0.5 - 1.0).transpose(1, 2),
          "A": -torch.exp(torch.rand(E, N, generator=g) * 3), "B": torch.randn(b, N, L, generator=g),
          "C": torch.randn(b, N, L, generator=g), "D": torch.randn(E, generator=g),
          "z": xz[..., 2 * E:].transpose(1, 2), "delta_bias": torch.randn(E, generator=g) * 0.3}
-    x = {k: v.to(device).requires_grad_() for k, v in x.items()}
+    x = {k: v.to(device, dtype if k in ("u", "delta", "B", "C", "z") else torch.float32).requires_grad_()
+         for k, v in x.items()}
     dy = torch.randn(b, E, L, generator=g).to(device)
     return x, dy
 
@@ -42,9 +53,12 @@ def sync(device):
 
 def measure(backend, x, dy, iters, warmup, device):
     """Median ms of forward and of forward+backward, peak MB above the inputs, and the results."""
-    def fwd():
-        return selective_scan(**x, delta_softplus=True, backend=backend)
+    return measure_fn(lambda: selective_scan(**x, delta_softplus=True, backend=backend), x, dy, iters, warmup,
+                      device)
 
+
+def measure_fn(fwd, x, dy, iters, warmup, device):
+    """measure() for any fwd() -> y over the leaves x."""
     def fwd_bwd():
         for v in x.values():
             v.grad = None
@@ -76,7 +90,82 @@ def measure(backend, x, dy, iters, warmup, device):
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
         y = fwd_bwd()
-    return times, peak, [y.detach()] + [x[k].grad.detach().clone() for k in NAMES]
+    return times, peak, [y.detach()] + [x[k].grad.detach().clone() for k in x]
+
+
+SWEEP = "16,4,8,4,32;16,8,16,8,32;4,4,8,8,32;8,2,8,4,32;8,4,16,8,32;8,4,8,8,16;8,4,8,8,64"
+
+
+def parse_shape(text):
+    """"b,E,N,L" or "b,E,N,L+n" (n affix tokens) -> (b, E, N, L, n)."""
+    b, E, N, L = text.split(",")
+    L, _, n = L.partition("+")
+    return int(b), int(E), int(N), int(L), int(n or 0)
+
+
+def rel_diff(outs, ref):
+    return max(((o.float() - r.float()).abs().max() / r.float().abs().max().clamp_min(1.0)).item()
+               for o, r in zip(outs, ref))
+
+
+def bench_triton(a, device):
+    """The Triton scan against mamba_ssm's selective_scan_fn, bf16, fwd and fwd+bwd, at each shape."""
+    from mambapeft.ops import scan_cuda, scan_triton
+    from mambapeft.ops.scan_triton import Config, selective_scan_triton
+    scan_triton.vectorize_interpreter_scan()  # only acts under TRITON_INTERPRET=1 (the CPU check)
+    has_mamba = scan_cuda.available() and device.type == "cuda"
+    if not has_mamba:
+        print("mamba_ssm's kernel is not available here: Triton rows only, no ratios")
+    sweep = a.triton_sweep.replace("default", SWEEP)
+    configs = [None] + [Config(*map(int, c.split(","))) for c in sweep.split(";") if c]
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    print(f"selective scan bf16 (state fp32), {dev_name}, torch {torch.__version__}; median of {a.iters}")
+    print(f"{'':50s}{'fwd ms':>9s}{'fwd+bwd ms':>12s}{'peak MB':>9s}{'vs mamba_ssm':>14s}{'max rel diff':>14s}")
+    rows = []
+    for k, shape in enumerate(a.shapes.split(";")):
+        b, E, N, L, n = parse_shape(shape)
+        x, dy = make_inputs(b, E, N, L + n, device, torch.bfloat16)
+        base = None
+        if has_mamba:
+            base = measure_fn(lambda: selective_scan(**x, delta_softplus=True, backend="cuda"), x, dy,
+                              a.iters, 2, device)
+            rows.append((shape, f"mamba_ssm L={L + n}", None, base, None))
+
+        def prefill():  # the n affix tokens, then L steps from their (differentiable) last state
+            pre = {k: v[..., :n] if k in ("u", "delta", "B", "C", "z") else v for k, v in x.items()}
+            main = {k: v[..., n:] if k in ("u", "delta", "B", "C", "z") else v for k, v in x.items()}
+            y1, h = selective_scan_triton(**pre, delta_softplus=True, return_last_state=True)
+            return torch.cat([y1, selective_scan_triton(**main, delta_softplus=True, initial_state=h)], -1)
+
+        whole = lambda: selective_scan_triton(**x, delta_softplus=True)  # noqa: E731
+        for cfg in configs if k == 0 else configs[:1]:  # the sweep at the first shape: compiles take time
+            scan_triton.OVERRIDE = cfg
+            used = scan_triton.config(E, L + n, N)
+            name = "default" if cfg is None else ",".join(map(str, cfg))
+            variants = [(f"triton L={L + n} [{name}]", whole)]
+            if n:
+                variants.insert(0, (f"triton {n} + L={L} from state [{name}]", prefill))
+            for label, fn in variants:
+                res = measure_fn(fn, x, dy, a.iters, 2, device)
+                rows.append((shape, label, used, res, base))
+        scan_triton.OVERRIDE = None
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "scan_triton_gpu.jsonl"), "a") as f:
+        for shape, label, used, (times, peak, outs), base in rows:
+            ratio = diff = None
+            if base is not None:
+                ratio = base[0]["fwd_bwd"] / times["fwd_bwd"]
+                diff = rel_diff(outs, base[2])
+            print(f"{shape + ' ' + label:50s}{times['fwd']:9.2f}{times['fwd_bwd']:12.2f}"
+                  f"{'-' if peak is None else f'{peak:.0f}':>9s}{'-' if ratio is None else f'{ratio:.2f}x':>14s}"
+                  f"{'-' if diff is None else f'{diff:.1e}':>14s}")
+            f.write(json.dumps({"shape": shape, "label": label, "config": used and used._asdict(),
+                                "device": dev_name, "torch": torch.__version__, "dtype": "bf16",
+                                "fwd_ms": times["fwd"], "fwd_bwd_ms": times["fwd_bwd"], "peak_mb": peak,
+                                "mamba_fwd_bwd_over_this": ratio, "max_rel_diff_vs_mamba": diff,
+                                "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+    print("vs mamba_ssm: mamba_ssm's fwd+bwd ms / this row's (above 1: faster than mamba_ssm); max rel diff: "
+          "y and every gradient against mamba_ssm's, relative to each tensor's largest value")
 
 
 def main():
@@ -91,8 +180,15 @@ def main():
     p.add_argument("--ref-iters", type=int, default=2, help="iterations for the (slow) reference")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--triton", action="store_true", help="the Triton scan against mamba_ssm's kernel (bf16)")
+    p.add_argument("--shapes", default="8,1536,16,1024;8,1536,16,1024+3;2,4096,16,2048",
+                   help="--triton: b,E,N,L[+affix tokens], ';'-separated")
+    p.add_argument("--triton-sweep", default="", help="--triton: extra block configs fwd_e,fwd_warps,bwd_e,"
+                   "bwd_warps,t ';'-separated ('default' expands to a built-in set)")
     a = p.parse_args()
     device = torch.device(a.device)
+    if a.triton:
+        return bench_triton(a, device)
     x, dy = make_inputs(a.b, a.E, a.N, a.L, device)
     default_seg = scan_chunked.SEG_BYTES
     runs = [(f"{bk} (seg {default_seg >> 20} MB)" if bk == "chunked" else bk, bk, default_seg)

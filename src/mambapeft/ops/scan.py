@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 from .scan_ref import selective_scan_ref
 
-BACKENDS = ("auto", "reference", "cpu", "cuda", "chunked")
+BACKENDS = ("auto", "reference", "cpu", "cuda", "chunked", "triton")
 _forced = [os.environ.get("MAMBAPEFT_SCAN_BACKEND", "auto")]
 
 
@@ -37,13 +37,25 @@ def _cuda_available():
     return scan_cuda.available()
 
 
+def _triton_available():
+    try:  # triton is optional: not in the dev extra, absent on CI
+        from . import scan_triton
+    except ImportError:
+        return False
+    return scan_triton.available()
+
+
 def resolve_backend(u, backend=None, initial_state=None):
+    """auto: on CUDA, mamba_ssm's kernel where it can (no initial state), else the Triton scan, else the
+    chunked torch scan; on CPU the cpu backend."""
     name = backend or _forced[0]
     if name == "auto":
-        if u.is_cuda:
-            name = "cuda" if initial_state is None and _cuda_available() else "chunked"
-        else:
+        if not u.is_cuda:
             name = "cpu"
+        elif initial_state is None and _cuda_available():
+            name = "cuda"
+        else:
+            name = "triton" if _triton_available() else "chunked"
     return name
 
 
@@ -57,6 +69,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         from .scan_cpu import selective_scan_cpu as fn
     elif name == "chunked":
         from .scan_chunked import selective_scan_chunked as fn
+    elif name == "triton":
+        from .scan_triton import selective_scan_triton as fn
     elif name == "cuda":
         if initial_state is not None:
             raise ValueError("the cuda scan backend cannot start from an initial state; use 'chunked'")
