@@ -1,7 +1,12 @@
 """ops/mamba_inner.py (our fused inner function) on the CPU, its kernels replaced by the torch
 stand-ins of kernel_fakes.py: outputs and gradients equal plain autograd through the readable path,
 frozen weights get no gradient and their weight-gradient GEMMs are not run, any xz layout works.
-The real kernels are held against the reference path in test_gpu.py."""
+The real kernels are held against the reference path in test_gpu.py. The affix prefill runs the Triton
+scan, under Triton's interpreter on the CPU (TRITON_INTERPRET=1, set before scan_triton is imported);
+those tests are skipped without triton."""
+import importlib.util
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +19,10 @@ from mambapeft.ops import mamba_inner
 from mambapeft.ops.scan import scan_backend
 from mambapeft.ops.scan_ref import selective_scan_ref
 from mambapeft.peft import PeftConfig, get_peft_model
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")   # read when scan_triton is imported
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="the prefill needs triton")
 
 b, E, L, N, R, Dm, k = 2, 8, 7, 4, 3, 6, 4
 NAMES = ["conv_w", "conv_b", "x_proj_w", "dt_w", "out_w", "out_b", "A", "D", "dt_b", "out_extra"]
@@ -111,6 +120,33 @@ def test_xz_gradient_keeps_the_flat_layout():
     assert mamba_inner.is_flat(xz.grad), xz.grad.stride()
 
 
+@pytest.fixture
+def interpreted_triton():
+    from mambapeft.ops import scan_triton
+    if not torch.cuda.is_available() and not scan_triton.INTERPRET:
+        pytest.skip("no CUDA, and TRITON_INTERPRET was set to something other than 1")
+    scan_triton.vectorize_interpreter_scan()
+
+
+@needs_triton
+@pytest.mark.parametrize("frozen", [(), ("conv_w", "conv_b", "x_proj_w", "dt_w", "out_w", "out_b", "A", "D", "dt_b")],
+                         ids=["all", "only_xz_extra"])
+def test_prefill_equals_extra_positions(frozen, interpreted_triton):
+    """Affix tokens as a prefill (Triton scan, state handed on) = the tokens as extra positions whose
+    output rows are dropped: the output and every gradient, the tokens' xz columns included."""
+    n = 3
+    xz, w = tensors()
+    for name in frozen:
+        w[name].requires_grad_(False)
+    ref_out, ref_grads = grads_of(lambda x, t: mamba_inner.mamba_inner(x, *t.values())[:, n:], xz, w)
+    out, grads = grads_of(lambda x, t: mamba_inner.mamba_inner(x, *t.values(), n_pre=n), xz, w)
+    assert out.shape == (b, L - n, Dm + 3)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    assert ref_grads[0][:, :E, :n].abs().sum() > 0, "the tokens' x columns should get a gradient"
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
 # ---- the whole model through mixer_cuda's fused route ------------------------------------------
 def make(kind):
     if kind == "lm":
@@ -139,13 +175,17 @@ def build(kind, methods):
     return peft.train()
 
 
-def run(model, x, fused, monkeypatch):
+def run(model, x, fused, monkeypatch, affix_scan=None):
     calls = [0]
     if fused:   # send every mixer through mixer_cuda.forward, as on a GPU
         inner = mamba_inner.mamba_inner
+        if affix_scan:
+            monkeypatch.setenv("MAMBAPEFT_AFFIX_SCAN", affix_scan)
 
         def counting(*a, **kw):
             calls[0] += 1
+            if affix_scan == "triton":
+                assert kw.get("n_pre", 0) > 0, "the affix tokens were not a prefill"
             assert mamba_inner.is_flat(a[0]), f"xz reached the inner function with strides {a[0].stride()}"
             return inner(*a, **kw)
         monkeypatch.setattr(mamba_inner, "mamba_inner", counting)
@@ -162,12 +202,14 @@ def run(model, x, fused, monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["lm", "vim"])
-@pytest.mark.parametrize("method", list(METHODS))
-def test_fused_route_equals_reference(kind, method, monkeypatch):
-    model = build(kind, METHODS[method])
+@pytest.mark.parametrize("method", list(METHODS) + [pytest.param("affix_prefill", marks=needs_triton)])
+def test_fused_route_equals_reference(kind, method, monkeypatch, request):
+    if method == "affix_prefill":   # the affix tokens as a Triton prefill (MAMBAPEFT_AFFIX_SCAN=triton)
+        request.getfixturevalue("interpreted_triton")
+    model = build(kind, METHODS[method.replace("_prefill", "")])
     x = torch.randint(0, 31, (2, 9)) if kind == "lm" else torch.randn(2, 3, 16, 16)
     ref_out, ref_grads, _ = run(model, x, False, monkeypatch)
-    out, grads, calls = run(model, x, True, monkeypatch)
+    out, grads, calls = run(model, x, True, monkeypatch, "triton" if method == "affix_prefill" else None)
     assert calls > 0, "the fused route was not taken"
     torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
     for n, g in grads.items():

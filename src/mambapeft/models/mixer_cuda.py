@@ -113,6 +113,28 @@ def inner_impl():
     return name
 
 
+def affix_scan(device):
+    """How our fused inner function scans prefix affix tokens, from MAMBAPEFT_AFFIX_SCAN (read at each
+    call so one process can compare both): "triton" (the tokens are a prefill whose last state starts a
+    Triton scan of the sequence: no extra positions, no 2048-long template for 1024 + n) or
+    "mamba_ssm" (the tokens are extra positions of mamba_ssm's scan, their outputs dropped). Default:
+    triton where it runs (CUDA with triton installed), else mamba_ssm."""
+    name = os.environ.get("MAMBAPEFT_AFFIX_SCAN")
+    if name is None:
+        return "triton" if device.type == "cuda" and _triton_runs() else "mamba_ssm"
+    if name not in ("triton", "mamba_ssm"):
+        raise ValueError(f"MAMBAPEFT_AFFIX_SCAN={name!r}: expected 'triton' or 'mamba_ssm'")
+    return name
+
+
+def _triton_runs():
+    try:
+        from ..ops import scan_triton
+    except Exception:  # noqa: BLE001 - triton absent or broken: the mamba_ssm scan
+        return False
+    return scan_triton.available()
+
+
 def _fused(m, c, xz, affix):
     taps = _output_taps(m)
     if taps is None:
@@ -135,16 +157,18 @@ def _fused(m, c, xz, affix):
     out = None
     for d, s in enumerate(c.dirs):
         xz_d = xz if d == 0 else xz.flip(-1)
-        drop = None
+        drop, n_pre = None, 0
         if affix[d] is not None and ours and not s.affix_infix:   # one copy, straight into the flat layout
             xz_d, drop = _prefix_flat(xz_d, affix[d])
+            if affix_scan(xz.device) == "triton":   # a prefill: the inner function returns only the sequence
+                n_pre, drop = affix[d][0].shape[1], None
         elif affix[d] is not None:  # x and z halves of the tokens become extra xz columns
             x, z = xz_d.chunk(2, dim=1)
             x, z, _, drop = m.insert_affix(x, z, s, affix[d], None)
             xz_d = torch.cat([x, z], 1)
         if ours:   # xz stays in the layout _project_in_channels_first made; frozen weights get no gradient
             o = mamba_inner.mamba_inner(xz_d, s.conv_w, s.conv_b, s.x_proj, s.dt_w, W,
-                                        bias if d == 0 else None, s.A, s.D, s.dt_b, extra)
+                                        bias if d == 0 else None, s.A, s.D, s.dt_b, extra, n_pre=n_pre)
         else:
             o = mamba_inner_fn(xz_d.contiguous(), s.conv_w[:, None], s.conv_b, s.x_proj, s.dt_w, W,
                                bias if d == 0 else None, s.A, None, None, s.D.float(),

@@ -104,9 +104,50 @@ def _bc(rows, b):
     return _3d(rows, b).unsqueeze(1)
 
 
+# ---- affix tokens as a prefill (Triton scan with an initial state) ----------------------------
+def _triton():
+    from . import scan_triton   # lazily: triton is optional, and its interpreter flag is read at import
+    return scan_triton
+
+
+def _split(n, u, delta, B, C, z):
+    """The first n positions (the prefill: tokens) and the rest, as the Triton scan's (b, E|N, L) views."""
+    B3, C3 = B[:, 0], C[:, 0]
+    pre = (u[..., :n], delta[..., :n], B3[..., :n], C3[..., :n])
+    main = (u[..., n:], delta[..., n:], B3[..., n:], C3[..., n:], z[..., n:])
+    return pre, main
+
+
+def _prefill_fwd(n, u, delta, A, B, C, D, z, delta_bias):
+    """Scan the first n positions from zero (their outputs are not wanted: no D, no z), then the rest
+    from the state they leave. -> the gated output of the rest (b, E, L - n) and that state."""
+    st = _triton()
+    (pu, pd, pB, pC), (mu, md, mB, mC, mz) = _split(n, u, delta, B, C, z)
+    _, h = st.scan_fwd(pu, pd, A, pB, pC, None, None, delta_bias, True, None)
+    y, _ = st.scan_fwd(mu, md, A, mB, mC, D, mz, delta_bias, True, h)
+    return y, h
+
+
+def _prefill_bwd(n, u, delta, A, B, C, D, z, delta_bias, h, dy, dz, want_out_z):
+    """Gradients of the prefilled scan: the main scan's backward gives the state's gradient, which is
+    the prefill's dlast. -> du, ddelta, dA, dB, dC (b, N, L) fp32, dD, ddelta_bias, out_z (or None);
+    dz (b, E, L) is written: the rest's gradient, zero on the tokens (their outputs were dropped)."""
+    st = _triton()
+    (pu, pd, pB, pC), (mu, md, mB, mC, mz) = _split(n, u, delta, B, C, z)
+    mdu, mdd, dA, mdB, mdC, dD, mdz, dbias, dh = st.scan_bwd(mu, md, A, mB, mC, D, mz, delta_bias, True, h,
+                                                            dy, None)
+    pdu, pdd, pdA, pdB, pdC, _, _, pdbias, _ = st.scan_bwd(pu, pd, A, pB, pC, None, None, delta_bias, True,
+                                                           None, None, dh)
+    dz[..., :n].zero_()
+    dz[..., n:].copy_(mdz)
+    out_z = st.scan_fwd(mu, md, A, mB, mC, D, mz, delta_bias, True, h)[0] if want_out_z else None
+    return (torch.cat([pdu, mdu], -1), torch.cat([pdd, mdd], -1), dA + pdA, torch.cat([pdB, mdB], -1),
+            torch.cat([pdC, mdC], -1), dD, dbias + pdbias, out_z)
+
+
 class MambaInner(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, xz, conv_w, conv_b, x_proj_w, dt_w, out_w, out_b, A, D, dt_b, out_extra):
+    def forward(ctx, xz, conv_w, conv_b, x_proj_w, dt_w, out_w, out_b, A, D, dt_b, out_extra, n_pre=0):
         with torch.autocast(xz.device.type, enabled=False):
             xz = flat(xz)
             dtype, b = xz.dtype, xz.shape[0]
@@ -123,15 +164,20 @@ class MambaInner(torch.autograd.Function):
             N = (x_dbl.shape[0] - R) // 2
             B, C = _bc(x_dbl[R:R + N], b), _bc(x_dbl[R + N:], b)
             Ac, Df, dtbf = A.contiguous(), D.float().contiguous(), dt_b.float().contiguous()
-            out_z, saved = SCAN.forward(u, delta, Ac, B, C, Df, z, dtbf)
-            y = _2d(out_z).t()                                    # (bL, E)
+            if n_pre:   # affix tokens: a prefill, then the main positions only (b, E, L - n)
+                out_z, h = _prefill_fwd(n_pre, u, delta, Ac, B, C, Df, z, dtbf)
+                saved = (h,)
+                y = out_z.transpose(1, 2).reshape(-1, E)          # (b(L - n), E)
+            else:
+                out_z, saved = SCAN.forward(u, delta, Ac, B, C, Df, z, dtbf)
+                y = _2d(out_z).t()                                # (bL, E)
             if bo is not None:
                 bias = bo if out_extra is None else torch.cat([bo, bo.new_zeros(out_extra.shape[0])])
                 out = torch.addmm(bias, y, wo.t())
             else:
                 out = y @ wo.t()
         ctx.save_for_backward(xz, cw, cb, x_dbl, wx, wdt, wo, Ac, Df, dtbf, *saved)
-        ctx.D_out = out_w.shape[0]
+        ctx.D_out, ctx.n_pre = out_w.shape[0], n_pre
         ctx.dtypes = [t.dtype if t is not None else None for t in (conv_w, conv_b, x_proj_w, dt_w, out_w, out_b,
                                                                    A, D, dt_b, out_extra)]
         return out.view(b, -1, out.shape[-1])
@@ -151,13 +197,19 @@ class MambaInner(torch.autograd.Function):
             dout = dout.reshape(-1, dout.shape[-1]).to(xz.dtype)       # (bL, D [+ extra])
             dxz = torch.empty_like(xz)                                  # flat, like xz
             dx, dz = dxz[:, :E], dxz[:, E:]
-            dy = _3d(wo.t() @ dout.t(), b)                              # (b, E, L), flat
-            du, ddelta, dA, dB, dC, dD, ddt_b, out_z = SCAN.backward(
-                u, delta, A, B, C, Df, z, dtbf, saved, dy, dz)
-            if dz.data_ptr() != dxz[:, E:].data_ptr():                  # a scan that allocated its own
-                dxz[:, E:].copy_(dz)
-            y = _2d(out_z)                                              # (E, bL)
-            Dm = ctx.D_out
+            dy = _3d(wo.t() @ dout.t(), b)                              # (b, E, L [- n]), flat
+            Dm, n = ctx.D_out, ctx.n_pre
+            if n:
+                du, ddelta, dA, dB, dC, dD, ddt_b, out_z = _prefill_bwd(
+                    n, u, delta, A, B, C, Df, z, dtbf, saved[0], dy, dz, need[5] or need[10])
+                dB, dC = dB[:, None], dC[:, None]
+                y = _2d(flat(out_z)) if out_z is not None else None    # (E, b(L - n))
+            else:
+                du, ddelta, dA, dB, dC, dD, ddt_b, out_z = SCAN.backward(
+                    u, delta, A, B, C, Df, z, dtbf, saved, dy, dz)
+                if dz.data_ptr() != dxz[:, E:].data_ptr():              # a scan that allocated its own
+                    dxz[:, E:].copy_(dz)
+                y = _2d(out_z)                                          # (E, bL)
             d_out_w = dout[:, :Dm].t() @ y.t() if need[5] else None
             d_out_b = dout[:, :Dm].sum(0) if need[6] else None
             d_extra = dout[:, Dm:].t() @ y.t() if need[10] else None
@@ -175,13 +227,19 @@ class MambaInner(torch.autograd.Function):
         grads = [dxz, d_conv_w if need[1] else None, d_conv_b if need[2] else None, d_x_proj, d_dt_w,
                  d_out_w, d_out_b, dA if need[7] else None, dD if need[8] else None,
                  ddt_b if need[9] else None, d_extra]
-        return tuple([grads[0]] + [g.to(dt) if g is not None else None for g, dt in zip(grads[1:], ctx.dtypes)])
+        return tuple([grads[0]] + [g.to(dt) if g is not None else None for g, dt in zip(grads[1:], ctx.dtypes)]
+                     + [None])
 
 
-def mamba_inner(xz, conv_w, conv_b, x_proj_w, dt_w, out_w, out_b, A, D, dt_b, out_extra=None):
+def mamba_inner(xz, conv_w, conv_b, x_proj_w, dt_w, out_w, out_b, A, D, dt_b, out_extra=None, n_pre=0):
     """xz (b, 2E, L) -> out_proj(gated scan) (b, L, D [+ rows of out_extra]).
 
     conv_w (E, k), conv_b (E,) or None, x_proj_w (R + 2N, E), dt_w (E, R), out_w (D, E), out_b (D,)
     or None, A (E, N) fp32 (= -exp(A_log)), D and dt_b (E,), out_extra (r, E) or None. Computes in
-    xz's dtype (bf16 under autocast), with the scan state and A, D, dt_b in fp32."""
-    return MambaInner.apply(xz, conv_w, conv_b, x_proj_w, dt_w, out_w, out_b, A, D, dt_b, out_extra)
+    xz's dtype (bf16 under autocast), with the scan state and A, D, dt_b in fp32.
+
+    n_pre > 0: the first n_pre columns of xz are prefix (affix) tokens whose outputs are not wanted.
+    They still feed the conv windows, but the scan over them is a prefill (ops/scan_triton.py) whose
+    last state, carrying gradient, starts the Triton scan of the rest; the output is then
+    (b, L - n_pre, D [+ extra]) and the tokens' z columns get a zero gradient."""
+    return MambaInner.apply(xz, conv_w, conv_b, x_proj_w, dt_w, out_w, out_b, A, D, dt_b, out_extra, n_pre)
