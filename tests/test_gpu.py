@@ -317,6 +317,47 @@ def test_our_inner_matches_mamba_inner_fn_and_reference(kind, method, autocast, 
     assert any(g is not None and g.any() for g in ours.values()), "no trainable tensor got a gradient"
 
 
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind", ["lm", "vim"])
+def test_affix_prefill_matches_extra_positions_and_reference(kind, autocast, monkeypatch):
+    """Affix tokens through our fused inner function as a Triton prefill (MAMBAPEFT_AFFIX_SCAN=triton)
+    = as extra positions of mamba_ssm's scan (=mamba_ssm) = the reference scan."""
+    pytest.importorskip("triton")
+    from mambapeft.ops import mamba_inner
+    model, x = build(kind, {"affix": {}})
+    n_pre = []
+    inner = mamba_inner.mamba_inner
+
+    def recording(*a, **k):
+        n_pre.append(k.get("n_pre", 0))
+        return inner(*a, **k)
+    monkeypatch.setattr(mamba_inner, "mamba_inner", recording)
+    monkeypatch.setenv("MAMBAPEFT_INNER", "ours")
+    runs = {}
+    for scan in ("mamba_ssm", "triton"):
+        monkeypatch.setenv("MAMBAPEFT_AFFIX_SCAN", scan)
+        n_pre.clear()
+        runs[scan] = forward_backward(model, x, "auto", autocast)
+        assert n_pre and all((n > 0) == (scan == "triton") for n in n_pre), (scan, n_pre)
+    true_out, truth = forward_backward(model, x, "reference", False)
+    (p_out, prefill), (e_out, extra) = runs["triton"], runs["mamba_ssm"]
+    assert prefill.keys() == extra.keys() == truth.keys()
+    pairs = [("output", p_out, e_out, true_out)] + [(f"grad of {n}", prefill[n], extra[n], truth[n]) for n in truth]
+    for what, a, r, t in pairs:
+        if not autocast:
+            assert_close(a, r, FP32_TOL, what + " (prefill vs extra positions)")
+            assert_close(a, t, FP32_TOL, what + " (prefill vs reference)")
+        elif t is None or not t.any():
+            assert_close(a, r, BF16_TOL, what)
+        else:   # as close to the fp32 truth as the extra positions under bf16 (or within BF16_TOL of it)
+            err_p, err_e = (a.float() - t).norm().item(), (r.float() - t).norm().item()
+            assert err_p <= 2 * err_e + BF16_TOL * t.norm().item(), \
+                f"{what}: bf16 error {err_p:.3g} with the prefill vs {err_e:.3g} with extra positions"
+    assert any(g is not None and g.any() for n, g in prefill.items() if "affix" in n), "no gradient to the tokens"
+
+
 def _inner_tensors(frozen=()):
     g = torch.Generator().manual_seed(0)
     b, E, L, N, R, D, k = 2, 64, 37, 16, 4, 32, 4
