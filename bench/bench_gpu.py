@@ -14,7 +14,9 @@ tokens a step as the 130m runs, and it fits both us and transformers + peft (abo
 theirs) with room to spare, while a step stays near a second, so a round takes about a minute. Its
 files get a _1.4b suffix.
 Runs named NAME_mamba_inner train NAME with MAMBAPEFT_INNER=mamba_ssm (mamba_ssm's mamba_inner_fn
-in place of ours), so both inner functions are compared in one process.
+in place of ours), so both inner functions are compared in one process; runs named NAME_mamba_scan
+(e.g. affix_3_mamba_scan) with MAMBAPEFT_AFFIX_SCAN=mamba_ssm: affix tokens as extra positions of
+mamba_ssm's scan instead of a Triton prefill (the default on CUDA).
 --graphs RUNS: each run trained eagerly and as one captured CUDA graph of the whole step (forward,
 backward, AdamW) from the same initial weights; tokens/s of both, and the losses and weight updates
 must agree (PASS/FAIL); a capture that fails is reported and the run stays eager.
@@ -104,27 +106,43 @@ def hf_model(lora=True, dtype=torch.float32):
 
 
 DEFAULT_INNER = os.environ.get("MAMBAPEFT_INNER", "ours")
+DEFAULT_AFFIX_SCAN = os.environ.get("MAMBAPEFT_AFFIX_SCAN")   # None: mixer_cuda's default (triton on CUDA)
+SUFFIXES = ("_mamba_inner", "_mamba_scan")
 
 
 class inner_env:
-    """MAMBAPEFT_INNER for one run: "mamba_ssm" for runs named *_mamba_inner, else the process's."""
+    """MAMBAPEFT_INNER and MAMBAPEFT_AFFIX_SCAN for one run: MAMBAPEFT_INNER=mamba_ssm for runs named
+    *_mamba_inner, MAMBAPEFT_AFFIX_SCAN=mamba_ssm (affix tokens as extra positions of mamba_ssm's scan,
+    not a Triton prefill) for runs named *_mamba_scan, else the process's."""
 
     def __init__(self, name):
         self.value = "mamba_ssm" if name.endswith("_mamba_inner") else DEFAULT_INNER
+        self.affix_scan = "mamba_ssm" if name.endswith("_mamba_scan") else DEFAULT_AFFIX_SCAN
 
     def __enter__(self):
-        self.old = os.environ.get("MAMBAPEFT_INNER")
-        os.environ["MAMBAPEFT_INNER"] = self.value
+        self.old = {k: os.environ.get(k) for k in ("MAMBAPEFT_INNER", "MAMBAPEFT_AFFIX_SCAN")}
+        for k, v in (("MAMBAPEFT_INNER", self.value), ("MAMBAPEFT_AFFIX_SCAN", self.affix_scan)):
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
     def __exit__(self, *exc):
-        if self.old is None:
-            os.environ.pop("MAMBAPEFT_INNER", None)
-        else:
-            os.environ["MAMBAPEFT_INNER"] = self.old
+        for k, v in self.old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def base_name(name):
+    for suffix in SUFFIXES:
+        name = name.removesuffix(suffix)
+    return name
 
 
 def methods_of(name):
-    return OURS[name.removesuffix("_mamba_inner")]
+    return OURS[base_name(name)]
 
 
 def train(name, build, batch, seqlen, steps, warmup, hf=False, backend=None):
@@ -162,6 +180,7 @@ def _train(name, build, batch, seqlen, steps, warmup, hf=False, backend=None):
     med = sorted(times)[len(times) // 2]
     row = dict(run=name, kind="train", impl="transformers+peft" if hf else "mambapeft", backend=backend or "auto",
                inner=None if hf else inner_env(name).value,
+               affix_scan=None if hf else inner_env(name).affix_scan,
                batch=batch, seqlen=seqlen, steps=steps, median_step_s=med, tokens_per_s=batch * seqlen / med,
                peak_mem_gib=torch.cuda.max_memory_allocated() / 2 ** 30,
                trainable=sum(p.numel() for p in params), scan_kernel_calls_per_forward=counter.calls,
@@ -451,10 +470,11 @@ def main():
     args.batch, args.seqlen = args.batch or shape["batch"], args.seqlen or shape["seqlen"]
     names = [n for n in args.runs.split(",") if n]
     for n in names + [n for n in args.graphs.split(",") if n]:
-        if n.removesuffix("_mamba_inner") not in OURS:
-            ap.error(f"unknown run {n!r}; expected one of {', '.join(OURS)} (optionally with _mamba_inner)")
+        if base_name(n) not in OURS:
+            ap.error(f"unknown run {n!r}; expected one of {', '.join(OURS)} (optionally with _mamba_inner "
+                     "or _mamba_scan)")
     for n in filter(None, args.profile.split(",")):
-        if n != "hf_lora" and n.removesuffix("_mamba_inner") not in OURS:
+        if n != "hf_lora" and base_name(n) not in OURS:
             ap.error(f"unknown run to profile {n!r}; expected hf_lora or one of {', '.join(OURS)}")
     if not torch.cuda.is_available():
         ap.error("needs a CUDA device")
@@ -591,6 +611,10 @@ def targets(rows, shape):
     inner = ratio("lora_X_r64", "lora_X_r64_mamba_inner")
     if inner:
         lines.append(f"  (our inner function / mamba_inner_fn, LoRA_p(X) r64 tokens/s: {inner:.2f})")
+    prefill = ratio("affix_3", "affix_3_mamba_scan")
+    if prefill:
+        lines.append(f"  (affix 3 tokens as a Triton prefill / as extra positions of mamba_ssm's scan, tokens/s: "
+                     f"{prefill:.2f})")
     for b in (1, 32):
         h, o = by.get(f"gen_hf_b{b}"), by.get(f"gen_ours_b{b}")
         if h and o:
