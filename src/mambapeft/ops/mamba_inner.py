@@ -22,11 +22,17 @@ the adapter's small GEMM.
 
 The scan is called through `SCAN` (a forward and a backward function, see ScanKernel): the seam
 where a scan of our own (ops/scan_triton.py, which also takes an initial state) can be dropped in
-(`mamba_inner.SCAN = ScanKernel(fwd, bwd)`). Affix tokens as a prefill would then take one more
-input here: the state after the tokens (b, E, N) fp32, passed to SCAN.forward as `initial_state`, its
-gradient returned by SCAN.backward and from this function, and the tokens' x halves as the conv's
-k-1 initial columns; mamba_ssm's kernel takes no initial state, which is why the tokens are extra
-positions today (mixer_cuda._prefix_flat).
+(`mamba_inner.SCAN = ScanKernel(fwd, bwd)`).
+
+Affix tokens as a prefill (`n_pre`, chosen by mixer_cuda with MAMBAPEFT_AFFIX_SCAN): the tokens stay
+the first n columns of xz, so the conv, x_proj and dt_proj (cheap) see them as before and the tokens
+feed the first positions' conv windows; but the scan runs on ops/scan_triton.py: the n token positions
+from a zero state (no D, no z: their outputs are dropped), then the sequence from the state they leave
+(scan_fwd's initial_state), and only the sequence's rows go to out_proj. In backward, the sequence's
+scan_bwd returns the state's gradient, which is the prefill's dlast: the tokens get their gradient
+through the state and through the conv. mamba_ssm's kernel takes no initial state, and 1024 + 3
+positions run its 2048 template; without n_pre the tokens are extra positions of SCAN
+(mixer_cuda._prefix_flat) and their output rows are dropped by the caller.
 """
 from dataclasses import dataclass
 from typing import Callable
