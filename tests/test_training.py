@@ -324,6 +324,8 @@ def test_eval_base_reports_the_untouched_base_model_and_the_summary_shows_before
     assert result["total_params"] >= peft_total and 0 < result["trainable_params"] <= result["total_params"]
     if how == "before any update":
         assert result["trainable_params"] == peft_total
+    else:   # the fine-tuned numbers are the adapter's, not the base model's again
+        assert result["test"]["loss"] < result["base"]["test"]["loss"]
     summary = captured.err.strip().splitlines()[-7:]
     assert f"trainable parameters: {result['trainable_params']:,d} of {result['total_params']:,d}" in captured.err
     assert f"  loss  {result['base']['test']['loss']:.4f} -> {result['test']['loss']:.4f}" in summary

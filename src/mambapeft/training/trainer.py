@@ -319,7 +319,7 @@ def _base_metrics(ctx, run_dir, peft, task, autocast, log, start):
     or, for methods that change base weights in place (full, head), as initialised: before any update.
     A resumed run reads what its first start measured (None if that run did not)."""
     path = run_dir / BASE
-    if start > 0:
+    if start > 0 or path.is_file():   # resumed (the file is there even when killed before step 1's checkpoint)
         base = read_json(path) if ctx.main and path.is_file() else None
         return distributed.broadcast(ctx, base)
     with contextlib.ExitStack() as stack:
