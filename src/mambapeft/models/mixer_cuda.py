@@ -118,12 +118,16 @@ def affix_scan(device):
     call so one process can compare both): "triton" (the tokens are a prefill whose last state starts a
     Triton scan of the sequence: no extra positions, no 2048-long template for 1024 + n) or
     "mamba_ssm" (the tokens are extra positions of mamba_ssm's scan, their outputs dropped). Default:
-    triton where it runs (CUDA with triton installed), else mamba_ssm."""
+    mamba_ssm: on the H200 our Triton scan is 4x slower than mamba_ssm's, so the prefill trains affix at
+    0.56x the extra positions' speed (bench/results/issue13/)."""
     name = os.environ.get("MAMBAPEFT_AFFIX_SCAN")
     if name is None:
-        return "triton" if device.type == "cuda" and _triton_runs() else "mamba_ssm"
+        return "mamba_ssm"
     if name not in ("triton", "mamba_ssm"):
         raise ValueError(f"MAMBAPEFT_AFFIX_SCAN={name!r}: expected 'triton' or 'mamba_ssm'")
+    if name == "triton" and not _triton_runs():
+        raise ValueError("MAMBAPEFT_AFFIX_SCAN=triton: the Triton scan needs the triton package "
+                         "(and CUDA, or TRITON_INTERPRET=1)")
     return name
 
 
