@@ -16,10 +16,16 @@ CHUNK_ELEMENTS = 1 << 26   # logits per chunk (256 MB in fp32)
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, labels, compute_dtype, want_grad, ignore_index):
-        n, V = h.shape[0], weight.shape[0]
+        V = weight.shape[0]
         hc, wc = h.to(compute_dtype), weight.to(compute_dtype)
         need_h = want_grad and ctx.needs_input_grad[0]
         need_w = want_grad and ctx.needs_input_grad[1]
+        rows = None
+        if h.device.type == "cpu":   # only the labelled rows: instruction data labels a tenth of them
+            keep = (labels != ignore_index).nonzero()[:, 0]   # (on CUDA this would be a host sync)
+            if len(keep) < len(labels):
+                rows, hc, labels = keep, hc.index_select(0, keep), labels.index_select(0, keep)
+        n = hc.shape[0]
         dh = torch.empty_like(hc) if need_h else None
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         valid = labels != ignore_index
@@ -40,6 +46,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     dh[s:e] = g @ wc
                 if need_w:
                     dw += (g.t() @ hc[s:e]).float()
+        if rows is not None and dh is not None:   # unlabelled rows get no gradient
+            dh = torch.zeros((len(h), dh.shape[1]), dtype=dh.dtype).index_copy_(0, rows, dh)
         ctx.save_for_backward(dh, dw)
         ctx.dtypes = (h.dtype, weight.dtype)
         return total / count
