@@ -14,9 +14,9 @@ tokens a step as the 130m runs, and it fits both us and transformers + peft (abo
 theirs) with room to spare, while a step stays near a second, so a round takes about a minute. Its
 files get a _1.4b suffix.
 Runs named NAME_mamba_inner train NAME with MAMBAPEFT_INNER=mamba_ssm (mamba_ssm's mamba_inner_fn
-in place of ours), so both inner functions are compared in one process; runs named NAME_mamba_scan
-(e.g. affix_3_mamba_scan) with MAMBAPEFT_AFFIX_SCAN=mamba_ssm: affix tokens as extra positions of
-mamba_ssm's scan instead of a Triton prefill (the default on CUDA).
+in place of ours), so both inner functions are compared in one process; runs named NAME_triton_scan
+(e.g. affix_3_triton_scan) with MAMBAPEFT_AFFIX_SCAN=triton: affix tokens as a Triton prefill instead
+of extra positions of mamba_ssm's scan (the default).
 --graphs RUNS: each run trained eagerly and as one captured CUDA graph of the whole step (forward,
 backward, AdamW) from the same initial weights; tokens/s of both, and the losses and weight updates
 must agree (PASS/FAIL); a capture that fails is reported and the run stays eager.
@@ -106,18 +106,18 @@ def hf_model(lora=True, dtype=torch.float32):
 
 
 DEFAULT_INNER = os.environ.get("MAMBAPEFT_INNER", "ours")
-DEFAULT_AFFIX_SCAN = os.environ.get("MAMBAPEFT_AFFIX_SCAN")   # None: mixer_cuda's default (triton on CUDA)
-SUFFIXES = ("_mamba_inner", "_mamba_scan")
+DEFAULT_AFFIX_SCAN = os.environ.get("MAMBAPEFT_AFFIX_SCAN")   # None: mixer_cuda's default (mamba_ssm)
+SUFFIXES = ("_mamba_inner", "_triton_scan")
 
 
 class inner_env:
     """MAMBAPEFT_INNER and MAMBAPEFT_AFFIX_SCAN for one run: MAMBAPEFT_INNER=mamba_ssm for runs named
-    *_mamba_inner, MAMBAPEFT_AFFIX_SCAN=mamba_ssm (affix tokens as extra positions of mamba_ssm's scan,
-    not a Triton prefill) for runs named *_mamba_scan, else the process's."""
+    *_mamba_inner, MAMBAPEFT_AFFIX_SCAN=triton (affix tokens as a Triton prefill, not extra positions of
+    mamba_ssm's scan) for runs named *_triton_scan, else the process's."""
 
     def __init__(self, name):
         self.value = "mamba_ssm" if name.endswith("_mamba_inner") else DEFAULT_INNER
-        self.affix_scan = "mamba_ssm" if name.endswith("_mamba_scan") else DEFAULT_AFFIX_SCAN
+        self.affix_scan = "triton" if name.endswith("_triton_scan") else DEFAULT_AFFIX_SCAN
 
     def __enter__(self):
         self.old = {k: os.environ.get(k) for k in ("MAMBAPEFT_INNER", "MAMBAPEFT_AFFIX_SCAN")}
@@ -472,7 +472,7 @@ def main():
     for n in names + [n for n in args.graphs.split(",") if n]:
         if base_name(n) not in OURS:
             ap.error(f"unknown run {n!r}; expected one of {', '.join(OURS)} (optionally with _mamba_inner "
-                     "or _mamba_scan)")
+                     "or _triton_scan)")
     for n in filter(None, args.profile.split(",")):
         if n != "hf_lora" and base_name(n) not in OURS:
             ap.error(f"unknown run to profile {n!r}; expected hf_lora or one of {', '.join(OURS)}")
@@ -611,7 +611,7 @@ def targets(rows, shape):
     inner = ratio("lora_X_r64", "lora_X_r64_mamba_inner")
     if inner:
         lines.append(f"  (our inner function / mamba_inner_fn, LoRA_p(X) r64 tokens/s: {inner:.2f})")
-    prefill = ratio("affix_3", "affix_3_mamba_scan")
+    prefill = ratio("affix_3_triton_scan", "affix_3")
     if prefill:
         lines.append(f"  (affix 3 tokens as a Triton prefill / as extra positions of mamba_ssm's scan, tokens/s: "
                      f"{prefill:.2f})")

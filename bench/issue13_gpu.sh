@@ -12,37 +12,30 @@ if ls .gpu/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH=$PWD/src:${PYTHONPATH:-} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-# 1. GPU tests (about 1 minute): our inner function against mamba_inner_fn and the reference path,
-#    then every method on the (now default) fused route.
-python3 -m pytest -q -m gpu tests/test_gpu.py -k "our_inner" -p no:warnings > "$OUT/gpu_tests.txt" 2>&1
-status=$?
-tail -25 "$OUT/gpu_tests.txt"
-if [ $status -eq 0 ]; then echo "PASS: our inner function equals mamba_inner_fn and the reference on the GPU"; fi
-if [ $status -ne 0 ]; then
-    echo "FALLBACK: our inner function failed its GPU tests (pytest exit $status); the benchmark runs on" \
-         "mamba_ssm's mamba_inner_fn (MAMBAPEFT_INNER=mamba_ssm)" | tee -a "$OUT/gpu_tests.txt"
+# 1. GPU tests (about 1 minute). gpu_tests KEYWORD LINES WHAT: run the GPU tests matching KEYWORD, show the
+#    log's last LINES lines and print PASS or FAIL for WHAT; returns pytest's exit status.
+gpu_tests() {
+    python3 -m pytest -q -m gpu tests/test_gpu.py -k "$1" -p no:warnings >> "$OUT/gpu_tests.txt" 2>&1
+    local status=$?
+    tail -"$2" "$OUT/gpu_tests.txt"
+    echo "$([ $status -eq 0 ] && echo PASS || echo FAIL): $3 (pytest exit $status)"
+    return $status
+}
+: > "$OUT/gpu_tests.txt"
+if ! gpu_tests "our_inner" 25 "our inner function equals mamba_inner_fn and the reference on the GPU"; then
+    echo "FALLBACK: the benchmark runs on mamba_ssm's mamba_inner_fn (MAMBAPEFT_INNER=mamba_ssm)" \
+        | tee -a "$OUT/gpu_tests.txt"
     export MAMBAPEFT_INNER=mamba_ssm
 fi
-# affix tokens as a Triton prefill (the default on CUDA) against extra positions and the reference
-python3 -m pytest -q -m gpu tests/test_gpu.py -k "affix_prefill" -p no:warnings >> "$OUT/gpu_tests.txt" 2>&1
-status=$?
-tail -8 "$OUT/gpu_tests.txt"
-if [ $status -eq 0 ]; then echo "PASS: the affix prefill equals extra positions and the reference on the GPU"; fi
-if [ $status -ne 0 ]; then
-    echo "FALLBACK: the affix prefill failed its GPU tests (pytest exit $status); affix runs as extra positions" \
-         "of mamba_ssm's scan (MAMBAPEFT_AFFIX_SCAN=mamba_ssm)" | tee -a "$OUT/gpu_tests.txt"
-    export MAMBAPEFT_AFFIX_SCAN=mamba_ssm
-fi
-python3 -m pytest -q -m gpu tests/test_gpu.py -k "not our_inner and not affix_prefill" -p no:warnings >> "$OUT/gpu_tests.txt" 2>&1
-status=$?
-tail -15 "$OUT/gpu_tests.txt"
-echo "$([ $status -eq 0 ] && echo PASS || echo FAIL): every method on the fused route against the reference (pytest exit $status)"
+# affix tokens as a Triton prefill (opt-in: MAMBAPEFT_AFFIX_SCAN=triton) against extra positions and the reference
+gpu_tests "affix_prefill" 8 "the affix prefill equals extra positions and the reference on the GPU"
+gpu_tests "not our_inner and not affix_prefill" 15 "every method on the fused route against the reference"
 
 # 2. mamba-130m shape, 8x1024 (about 2.5 minutes): ours vs transformers + peft, our inner function vs
 #    mamba_inner_fn, eager vs one CUDA graph per step, and the profile with the GPU busy fraction.
 python3 bench/bench_gpu.py --out "$OUT" --only train,hf_lora --rounds 2 --steps 8 \
-    --runs lora_X_r64,lora_X_r64_mamba_inner,affix_3,affix_3_mamba_scan,additional_scan_6,lora_in_proj_r8 \
-    --interleave hf_lora_in_proj_r8,lora_X_r64,lora_X_r64_mamba_inner,affix_3,affix_3_mamba_scan,additional_scan_6 \
+    --runs lora_X_r64,lora_X_r64_mamba_inner,affix_3,affix_3_triton_scan,additional_scan_6,lora_in_proj_r8 \
+    --interleave hf_lora_in_proj_r8,lora_X_r64,lora_X_r64_mamba_inner,affix_3,affix_3_triton_scan,additional_scan_6 \
     --graphs lora_X_r64,affix_3,additional_scan_6 --profile lora_X_r64,hf_lora 2>&1 | grep -v '^{' | tail -45
 
 # 3. mamba-1.4b shape, 4x2048 (about 1.5 minutes).
