@@ -24,4 +24,4 @@ python3 bench/method_table.py --lm src/mambapeft/assets/mamba-default --vim src/
     --workers ${WORKERS:-12} --time-limit ${LIMIT:-420} --commit "$COMMIT" \
     --out "$OUT" --docs "$OUT/method_table.md" --work /tmp/method_table 2>&1 | grep -v "^\s*$" | tail -60
 wait
-tail -5 "$OUT/job_language.txt" "$OUT/job_vision.txt"
+tail -n 5 "$OUT/job_language.txt" "$OUT/job_vision.txt"

@@ -303,18 +303,24 @@ def test_our_inner_matches_mamba_inner_fn_and_reference(kind, method, autocast, 
     assert ours.keys() == theirs.keys() == truth.keys()
     pairs = [("output", ours_out, theirs_out, true_out)] + [
         (f"grad of {n}", ours[n], theirs[n], truth[n]) for n in ours]
-    for what, a, r, t in pairs:
-        if not autocast:
-            assert_close(a, r, FP32_TOL, what + " (ours vs mamba_inner_fn)")
-            assert_close(a, t, FP32_TOL, what + " (ours vs reference)")
-        elif t is None or not t.any():
-            assert_close(a, r, BF16_TOL, what)
-        else:   # as close to the fp32 truth as mamba_inner_fn under bf16 (or within BF16_TOL of it)
-            err_o, err_t = (a.float() - t).norm().item(), (r.float() - t).norm().item()
-            assert err_o <= 2 * err_t + BF16_TOL * t.norm().item(), \
-                f"{what}: bf16 error {err_o:.3g} with ours vs {err_t:.3g} with mamba_inner_fn"
+    assert_as_close_as(pairs, autocast, "ours", "mamba_inner_fn")
     assert all(g is not None and g.any() for g in ours.values() if g is not None)
     assert any(g is not None and g.any() for g in ours.values()), "no trainable tensor got a gradient"
+
+
+def assert_as_close_as(pairs, autocast, name, base):
+    """pairs [(what, tensor, base's tensor, fp32 reference)]: in fp32 equal to both; under bf16 equal to
+    base's where the reference is zero, else as close to the fp32 reference as base (or within BF16_TOL)."""
+    for what, a, r, t in pairs:
+        if not autocast:
+            assert_close(a, r, FP32_TOL, f"{what} ({name} vs {base})")
+            assert_close(a, t, FP32_TOL, f"{what} ({name} vs reference)")
+        elif t is None or not t.any():
+            assert_close(a, r, BF16_TOL, what)
+        else:
+            err_a, err_r = (a.float() - t).norm().item(), (r.float() - t).norm().item()
+            assert err_a <= 2 * err_r + BF16_TOL * t.norm().item(), \
+                f"{what}: bf16 error {err_a:.3g} with {name} vs {err_r:.3g} with {base}"
 
 
 @gpu
@@ -345,16 +351,7 @@ def test_affix_prefill_matches_extra_positions_and_reference(kind, autocast, mon
     (p_out, prefill), (e_out, extra) = runs["triton"], runs["mamba_ssm"]
     assert prefill.keys() == extra.keys() == truth.keys()
     pairs = [("output", p_out, e_out, true_out)] + [(f"grad of {n}", prefill[n], extra[n], truth[n]) for n in truth]
-    for what, a, r, t in pairs:
-        if not autocast:
-            assert_close(a, r, FP32_TOL, what + " (prefill vs extra positions)")
-            assert_close(a, t, FP32_TOL, what + " (prefill vs reference)")
-        elif t is None or not t.any():
-            assert_close(a, r, BF16_TOL, what)
-        else:   # as close to the fp32 truth as the extra positions under bf16 (or within BF16_TOL of it)
-            err_p, err_e = (a.float() - t).norm().item(), (r.float() - t).norm().item()
-            assert err_p <= 2 * err_e + BF16_TOL * t.norm().item(), \
-                f"{what}: bf16 error {err_p:.3g} with the prefill vs {err_e:.3g} with extra positions"
+    assert_as_close_as(pairs, autocast, "prefill", "extra positions")
     assert any(g is not None and g.any() for n, g in prefill.items() if "affix" in n), "no gradient to the tokens"
 
 
