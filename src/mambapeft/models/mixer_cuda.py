@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import mamba_inner
+from ..ops.scan import triton_available
 from .mixer import ssm_inputs
 
 try:
@@ -125,18 +126,10 @@ def affix_scan(device):
         return "mamba_ssm"
     if name not in ("triton", "mamba_ssm"):
         raise ValueError(f"MAMBAPEFT_AFFIX_SCAN={name!r}: expected 'triton' or 'mamba_ssm'")
-    if name == "triton" and not _triton_runs():
+    if name == "triton" and not triton_available():
         raise ValueError("MAMBAPEFT_AFFIX_SCAN=triton: the Triton scan needs the triton package "
                          "(and CUDA, or TRITON_INTERPRET=1)")
     return name
-
-
-def _triton_runs():
-    try:
-        from ..ops import scan_triton
-    except Exception:  # noqa: BLE001 - triton absent or broken: the mamba_ssm scan
-        return False
-    return scan_triton.available()
 
 
 def _fused(m, c, xz, affix):

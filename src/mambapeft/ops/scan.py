@@ -37,7 +37,7 @@ def _cuda_available():
     return scan_cuda.available()
 
 
-def _triton_available():
+def triton_available():
     try:  # triton is optional: not in the dev extra, absent on CI
         from . import scan_triton
     except ImportError:
@@ -55,7 +55,7 @@ def resolve_backend(u, backend=None, initial_state=None):
         elif initial_state is None and _cuda_available():
             name = "cuda"
         else:
-            name = "triton" if _triton_available() else "chunked"
+            name = "triton" if triton_available() else "chunked"
     return name
 
 
