@@ -351,6 +351,11 @@ def profile(name, build, batch, seqlen, path, graphed=False):
     return row
 
 
+# "relaxed": the kernels' launch code may call CUDA APIs that global mode forbids during a capture
+# (e.g. cudaFuncSetAttribute before a launch with more than 48 KB of shared memory)
+CAPTURE_MODE = os.environ.get("BENCH_CAPTURE_MODE", "relaxed")
+
+
 def _capture(step, opt, warmup):
     """Warm up on a side stream, then capture the whole step in one CUDA graph (the recipe of
     torch.cuda.graph's docs: grads None before capture, so backward allocates them in the graph's
@@ -363,7 +368,7 @@ def _capture(step, opt, warmup):
             opt.zero_grad(set_to_none=True)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, capture_error_mode=CAPTURE_MODE):
         loss = step()
     return graph, loss
 
@@ -393,11 +398,11 @@ def _diagnose_capture(model, ids):
     finally:
         torch.cuda.set_sync_debug_mode(0)
         model.zero_grad(set_to_none=True)
-    for backward in (False, True):
-        what = "forward + backward" if backward else "forward"
+    for backward, mode in ((False, "global"), (True, "global"), (True, "relaxed")):
+        what = f"{'forward + backward' if backward else 'forward'} ({mode} mode)"
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, capture_error_mode=mode):
                 fwd(backward)
             found.append(f"capture of the {what}: ok")
         except Exception as e:  # noqa: BLE001
@@ -434,6 +439,9 @@ def graphs(name, build, batch, seqlen, steps, warmup, lr=1e-4):
             torch.cuda.synchronize()
             eager_times.append(time.perf_counter() - t0)
             eager_losses.append(loss.item())
+        # the last loss keeps its autograd graph alive, and with it AccumulateGrad nodes bound to the
+        # default stream: a capture on the side stream would then wait on the default stream and break
+        del loss
         eager_delta = [p.detach() - p0 for p, p0 in zip(params, init)]
         with torch.no_grad():
             for p, p0 in zip(params, init):
@@ -571,16 +579,13 @@ def main():
             if row["run"] in tps:
                 row["interleaved_tokens_per_s"] = tps[row["run"]]
         print(json.dumps({"interleaved_tokens_per_s": tps}), flush=True)
-    for name in filter(None, args.graphs.split(",")):
-        try:
-            emit(graphs(name, lambda m=methods_of(name): ours_model(m), args.batch, args.seqlen, args.steps,
-                        args.warmup))
-        except Exception as e:  # noqa: BLE001
-            print(f"RUN FAILED graphs {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
     if "generate" in only:
         for b in (1, 32):
-            emit(generate(f"gen_hf_b{b}", b, args.new_tokens, hf=True))
-            emit(generate(f"gen_ours_b{b}", b, args.new_tokens))
+            for name, hf in ((f"gen_hf_b{b}", True), (f"gen_ours_b{b}", False)):
+                try:
+                    emit(generate(name, b, args.new_tokens, hf=hf))
+                except Exception as e:  # noqa: BLE001
+                    print(f"RUN FAILED {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
     if "torch" in only:
         be = torch_backend()
         shape = args.torch_shape
@@ -596,10 +601,20 @@ def main():
         else:
             print("no-kernel transformers run failed:\n", child.stdout[-3000:], child.stderr[-3000:])
     prof_path = os.path.join(args.out, f"gpu_profile{tag}.txt")
-    for name in filter(None, args.profile.split(",")):
-        build = hf_model if name == "hf_lora" else (lambda m=methods_of(name): ours_model(m))
-        modes = [False] + ([True] if name in args.graphs.split(",") else [])
-        for graphed in modes:
+    # captures last: a failed one can leave the CUDA generator unusable for the rest of the process
+    for graphed in (False, True):
+        if graphed:
+            for name in filter(None, args.graphs.split(",")):
+                try:
+                    emit(graphs(name, lambda m=methods_of(name): ours_model(m), args.batch, args.seqlen,
+                                args.steps, args.warmup))
+                except Exception as e:  # noqa: BLE001
+                    print(f"RUN FAILED graphs {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        for name in filter(None, args.profile.split(",")):
+            if graphed and (name not in args.graphs.split(",") or
+                            any("graph_error" in r for r in rows if r["run"] == name and r["kind"] == "graphs")):
+                continue
+            build = hf_model if name == "hf_lora" else (lambda m=methods_of(name): ours_model(m))
             try:
                 emit(profile(name, build, args.batch, args.seqlen, prof_path, graphed))
             except Exception as e:  # noqa: BLE001 - a failed profile must not lose the table

@@ -135,6 +135,17 @@ def test_generate_stops_at_eos_and_pads():
     assert out[0, 4] == first[0] and bool((out[0, 5:] == 0).all())
 
 
+def test_generate_stops_at_the_step_every_row_finished():
+    """The host looks for the end only every few steps; the tokens made after it are trimmed."""
+    model = tiny_lm()
+    ids = torch.randint(1, 97, (1, 4))
+    free = model.generate(ids, max_new_tokens=20, eos_token_id=-1)
+    eos = int(free[0, 4 + 2])
+    k = int((free[0, 4:] == eos).nonzero()[0, 0])                # where the eos first appears
+    out = model.generate(ids, max_new_tokens=20, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(out, free[:, :4 + k + 1])
+
+
 def test_generate_left_padded_batch_equals_alone():
     model = tiny_lm()
     batch, mask = check_left_padded_generation(model)

@@ -127,6 +127,10 @@ class MambaForCausalLM(nn.Module):
         cache = MambaCache(len(self.backbone.layers))
         logits = self(input_ids, attention_mask, cache=cache).logits[:, -1]
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        # the step at which every row had finished, kept on the device: asking the host every step
+        # would stall the GPU behind Python once per token, so it asks every STOP_CHECK steps and
+        # trims the (padding) tokens made after that step
+        finished = torch.full((), max_new_tokens, device=input_ids.device)
         out, graph = [input_ids], None
         for step in range(max_new_tokens):
             token = sample(logits, do_sample, temperature, top_k, top_p, generator)
@@ -135,14 +139,20 @@ class MambaForCausalLM(nn.Module):
             out.append(token[:, None])
             if eos is not None:
                 done |= token == eos
-                if bool(done.all()):
+                finished = torch.where(done.all(), torch.minimum(finished, torch.full_like(finished, step + 1)),
+                                       finished)
+                if (step + 1) % STOP_CHECK == 0 and bool(finished <= step + 1):
                     break
             if step + 1 < max_new_tokens:
                 if graph is None and step > 0 and use_cuda_graph and cuda_graph.usable(self, cache):
                     graph = cuda_graph.GraphStep(self, cache, token[:, None])
                 logits = (graph(token[:, None]) if graph is not None else
                           self(token[:, None], cache=cache).logits)[:, -1]
-        return torch.cat(out, 1)
+        out = torch.cat(out, 1)
+        return out[:, :input_ids.shape[1] + int(finished)] if eos is not None else out
+
+
+STOP_CHECK = 8   # generate(): steps between the host's looks at whether every row has finished
 
 
 def check_inputs(ids, mask, labels, vocab, values=None):

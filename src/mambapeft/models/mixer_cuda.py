@@ -198,15 +198,33 @@ def _prefix_flat(xz, affix, align=1):
     16-byte boundary for bf16 (align 8), which mamba_ssm's vectorised loads of an even-length
     sequence need. Zeros there equal the conv's own left padding. Returns it, `drop` (takes the
     prefix's rows out of the (b, p+T, D) output) and the number of zero columns."""
-    b, E2, T = xz.shape
-    E, n = E2 // 2, affix[0].shape[1]
+    T, n = xz.shape[-1], affix[0].shape[1]
     p = -(-n // align) * align
-    buf = xz.new_empty(E2, b, p + T)
-    buf[:, :, p:] = xz.transpose(0, 1)
-    buf[:, :, :p - n].zero_()
-    buf[:E, :, p - n:p] = affix[0].to(xz.dtype)[:, None, :]
-    buf[E:, :, p - n:p] = affix[1].to(xz.dtype)[:, None, :]
-    return buf.transpose(0, 1), lambda y: y.narrow(-1, p, T), p - n
+    return _Prefixed.apply(xz, affix[0], affix[1], p), lambda y: y.narrow(-1, p, T), p - n
+
+
+class _Prefixed(torch.autograd.Function):
+    """_prefix_flat's copy, with a backward that hands out views of the incoming gradient (sliced
+    assignments would make autograd clone the whole buffer first)."""
+
+    @staticmethod
+    def forward(ctx, xz, tok_x, tok_z, p):
+        b, E2, T = xz.shape
+        E, n = E2 // 2, tok_x.shape[1]
+        buf = xz.new_empty(E2, b, p + T)
+        buf[:, :, p:] = xz.transpose(0, 1)
+        buf[:, :, :p - n].zero_()
+        buf[:E, :, p - n:p] = tok_x.to(xz.dtype)[:, None, :]
+        buf[E:, :, p - n:p] = tok_z.to(xz.dtype)[:, None, :]
+        ctx.p, ctx.n, ctx.dtypes = p, n, (tok_x.dtype, tok_z.dtype)
+        return buf.transpose(0, 1)
+
+    @staticmethod
+    def backward(ctx, g):
+        p, n = ctx.p, ctx.n
+        E = g.shape[1] // 2
+        tok = g[..., p - n:p].sum(0)                        # (2E, n): the tokens are shared by every row
+        return g[..., p:], tok[:E].to(ctx.dtypes[0]), tok[E:].to(ctx.dtypes[1]), None
 
 
 # ---- unfused: conv kernel + scan kernel, returning g -----------------------------------------
