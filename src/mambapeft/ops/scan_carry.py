@@ -15,9 +15,9 @@ Affix tuning uses it: the affix tokens are a short prefill (ops/scan_triton.py) 
 sequence continues from, while the sequence itself runs on mamba_ssm's 1024-position template instead
 of 1024 + n positions on its 2048 one (ops/mamba_inner.py).
 
-Layout: one program per (block of BLOCK_E channels, batch row), time in tiles of BLOCK_T, all N states
-of a tile at once as (BLOCK_E, N, BLOCK_T) (a loop over the states was latency-bound: 0.9 ms a layer
-on the H200 at 8 x 1536 x 1024). The backward walks the tiles in reverse (cs from a first pass's total), so the reverse
+Layout: one program per (block of BLOCK_E channels, batch row), time in tiles of BLOCK_T, a loop over
+the N states. (All N states of a tile at once, as (BLOCK_E, N, BLOCK_T) tensors, measured 2.5x slower
+on the H200; the backward's per-state reductions over time and channels are what limits this one.) The backward walks the tiles in reverse (cs from a first pass's total), so the reverse
 cumulative sum that turns d/d(cs) into d/d(dt) is a running carry, as the forward's cs is. dC sums over
 channels, which span programs: per-program partials (b, E / BLOCK_E, N, L) that torch adds.
 Runs on CUDA, or on the CPU under TRITON_INTERPRET=1 (set before import), like scan_triton.
@@ -27,8 +27,7 @@ import triton
 import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
-BLOCK_E, BLOCK_T = 16, 32
-FWD_WARPS, BWD_WARPS = 4, 8
+BLOCK_E, BLOCK_T, WARPS = 32, 64, 4
 
 
 @triton.jit
@@ -44,16 +43,11 @@ def _load(ptr, offs_e, s_e, tt, mask):
 @triton.jit
 def _fwd_kernel(y0_ptr, z_ptr, delta_ptr, bias_ptr, A_ptr, C_ptr, h0_ptr, out_ptr,
                 E, N, L, s_yb, s_ye, s_zb, s_ze, s_db, s_de, s_Cb, s_Cn, s_ob, s_oe,
-                BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
+                BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr):
     pid_e, b = tl.program_id(0), tl.program_id(1)
     offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_t = tl.arange(0, BLOCK_T)
-    me, mn = offs_e < E, offs_n < N
-    men = me[:, None] & mn[None, :]
-    en = offs_e[:, None] * N + offs_n[None, :]
-    A2 = tl.load(A_ptr + en, mask=men, other=0.0) * LOG2E                    # (E, N)
-    h = tl.load(h0_ptr + b * E * N + en, mask=men, other=0.0)                 # (E, N); 0 on padding
+    me = offs_e < E
     bias = tl.load(bias_ptr + offs_e, mask=me, other=0.0)
     cs_in = tl.zeros([BLOCK_E], dtype=tl.float32)             # cumulative step before this tile
     t0 = 0
@@ -64,12 +58,17 @@ def _fwd_kernel(y0_ptr, z_ptr, delta_ptr, bias_ptr, A_ptr, C_ptr, h0_ptr, out_pt
         dt = tl.where(m2, _softplus(_load(delta_ptr + b * s_db, offs_e, s_de, tt, m2) + bias[:, None]), 0.0)
         cs = cs_in[:, None] + tl.cumsum(dt, axis=1)
         cs_in += tl.sum(dt, axis=1)
-        C = _load(C_ptr + b * s_Cb, offs_n, s_Cn, tt, mn[:, None] & mt[None, :])     # (N, T)
-        decay = tl.exp2(A2[:, :, None] * cs[:, None, :])                             # (E, N, T)
-        y = _load(y0_ptr + b * s_yb, offs_e, s_ye, tt, m2) + tl.sum(decay * C[None, :, :] * h[:, :, None], axis=1)
+        acc = _load(y0_ptr + b * s_yb, offs_e, s_ye, tt, m2)
+        n = 0
+        while n < N:
+            A2 = tl.load(A_ptr + offs_e * N + n, mask=me, other=0.0) * LOG2E
+            h = tl.load(h0_ptr + (b * E + offs_e) * N + n, mask=me, other=0.0)
+            C = tl.load(C_ptr + b * s_Cb + n * s_Cn + tt, mask=mt, other=0.0).to(tl.float32)
+            acc += C[None, :] * tl.exp2(A2[:, None] * cs) * h[:, None]
+            n += 1
         z = _load(z_ptr + b * s_zb, offs_e, s_ze, tt, m2)
-        tl.store(out_ptr + b * s_ob + offs_e[:, None] * s_oe + tt[None, :],
-                 (y * z / (1.0 + tl.exp(-z))).to(out_ptr.dtype.element_ty), mask=m2)
+        out = acc * z / (1.0 + tl.exp(-z))
+        tl.store(out_ptr + b * s_ob + offs_e[:, None] * s_oe + tt[None, :], out.to(out_ptr.dtype.element_ty), mask=m2)
         t0 += BLOCK_T
 
 
@@ -84,12 +83,7 @@ def _bwd_kernel(dout_ptr, y0_ptr, z_ptr, delta_ptr, bias_ptr, A_ptr, C_ptr, h0_p
     offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     offs_n = tl.arange(0, BLOCK_N)
     offs_t = tl.arange(0, BLOCK_T)
-    me, mn = offs_e < E, offs_n < N
-    men = me[:, None] & mn[None, :]
-    en = offs_e[:, None] * N + offs_n[None, :]
-    A = tl.load(A_ptr + en, mask=men, other=0.0)
-    A2 = A * LOG2E
-    h = tl.load(h0_ptr + b * E * N + en, mask=men, other=0.0)
+    me = offs_e < E
     bias = tl.load(bias_ptr + offs_e, mask=me, other=0.0)
     n_tiles = tl.cdiv(L, BLOCK_T)
     total = tl.zeros([BLOCK_E], dtype=tl.float32)            # cs at the last step
@@ -111,7 +105,6 @@ def _bwd_kernel(dout_ptr, y0_ptr, z_ptr, delta_ptr, bias_ptr, A_ptr, C_ptr, h0_p
         tt = i * BLOCK_T + offs_t
         mt = tt < L
         m2 = me[:, None] & mt[None, :]
-        mnt = mn[:, None] & mt[None, :]
         raw = _load(delta_ptr + b * s_db, offs_e, s_de, tt, m2) + bias[:, None]
         dt = tl.where(m2, _softplus(raw), 0.0)
         cs = total[:, None] - later[:, None] - (tl.cumsum(dt, axis=1, reverse=True) - dt)
@@ -120,15 +113,24 @@ def _bwd_kernel(dout_ptr, y0_ptr, z_ptr, delta_ptr, bias_ptr, A_ptr, C_ptr, h0_p
         z = _load(z_ptr + b * s_zb, offs_e, s_ze, tt, m2)
         sz = 1.0 / (1.0 + tl.exp(-z))
         g = do * z * sz                                       # d/d(ungated output)
-        C = _load(C_ptr + b * s_Cb, offs_n, s_Cn, tt, mnt)                       # (N, T)
-        decay = tl.exp2(A2[:, :, None] * cs[:, None, :])                         # (E, N, T)
-        gd = g[:, None, :] * decay
-        tl.store(dC_ptr + offs_n[:, None] * L + tt[None, :], tl.sum(gd * h[:, :, None], axis=0), mask=mnt)
-        dh0 += tl.sum(gd * C[None, :, :], axis=2)
-        gterm = gd * C[None, :, :] * h[:, :, None]            # g times the state's share of the output
-        dA += tl.sum(gterm * cs[:, None, :], axis=2)
-        dcs = tl.sum(gterm * A[:, :, None], axis=1)
-        pre = _load(y0_ptr + b * s_yb, offs_e, s_ye, tt, m2) + tl.sum(decay * C[None, :, :] * h[:, :, None], axis=1)
+        pre = _load(y0_ptr + b * s_yb, offs_e, s_ye, tt, m2)
+        dcs = tl.zeros([BLOCK_E, BLOCK_T], dtype=tl.float32)
+        n = 0
+        while n < N:
+            A = tl.load(A_ptr + offs_e * N + n, mask=me, other=0.0)
+            h = tl.load(h0_ptr + (b * E + offs_e) * N + n, mask=me, other=0.0)
+            C = tl.load(C_ptr + b * s_Cb + n * s_Cn + tt, mask=mt, other=0.0).to(tl.float32)
+            decay = tl.exp2(A[:, None] * LOG2E * cs)
+            gd = g * decay
+            term = C[None, :] * decay * h[:, None]
+            pre += term
+            gterm = g * term
+            dcs += A[:, None] * gterm
+            col = offs_n[None, :] == n
+            dh0 += tl.where(col, tl.sum(gd * C[None, :], axis=1)[:, None], 0.0)
+            dA += tl.where(col, tl.sum(gterm * cs, axis=1)[:, None], 0.0)
+            tl.store(dC_ptr + n * L + tt, tl.sum(gd * h[:, None], axis=0), mask=mt)
+            n += 1
         tl.store(g_ptr + b * s_gb + offs_e[:, None] * s_ge + tt[None, :], g.to(g_ptr.dtype.element_ty), mask=m2)
         dz = do * pre * sz * (1.0 + z * (1.0 - sz))
         tl.store(dz_ptr + b * s_dzb + offs_e[:, None] * s_dze + tt[None, :], dz.to(dz_ptr.dtype.element_ty), mask=m2)
@@ -142,6 +144,8 @@ def _bwd_kernel(dout_ptr, y0_ptr, z_ptr, delta_ptr, bias_ptr, A_ptr, C_ptr, h0_p
         dbias += tl.sum(ddt, axis=1)
         tl.store(ddelta_ptr + b * s_xb + offs_e[:, None] * s_xe + tt[None, :], ddt, mask=m2)
         i -= 1
+    men = me[:, None] & (offs_n < N)[None, :]
+    en = offs_e[:, None] * N + offs_n[None, :]
     tl.store(dh0_ptr + b * E * N + en, dh0, mask=men)
     tl.store(dA_ptr + b * E * N + en, dA, mask=men)
     tl.store(dbias_ptr + b * E + offs_e, dbias, mask=me)
@@ -167,8 +171,7 @@ def carry_fwd(y0, z, delta, delta_bias, A, C, h0, out=None):
     _fwd_kernel[_grid(y0)](
         y0, z, delta, delta_bias, A, C, h0, out, E, A.shape[1], L,
         y0.stride(0), y0.stride(1), z.stride(0), z.stride(1), delta.stride(0), delta.stride(1),
-        C.stride(0), C.stride(1), out.stride(0), out.stride(1),
-        BLOCK_E=BLOCK_E, BLOCK_N=triton.next_power_of_2(A.shape[1]), BLOCK_T=BLOCK_T, num_warps=FWD_WARPS)
+        C.stride(0), C.stride(1), out.stride(0), out.stride(1), BLOCK_E=BLOCK_E, BLOCK_T=BLOCK_T, num_warps=WARPS)
     return out
 
 
@@ -193,5 +196,5 @@ def carry_bwd(dout, y0, z, delta, delta_bias, A, C, h0, dz, g=None, want_out=Fal
         E, N, L, dout.stride(0), dout.stride(1), y0.stride(0), y0.stride(1), z.stride(0), z.stride(1),
         delta.stride(0), delta.stride(1), C.stride(0), C.stride(1), g.stride(0), g.stride(1),
         dz.stride(0), dz.stride(1), ddelta.stride(0), ddelta.stride(1),
-        WRITE_OUT=want_out, BLOCK_E=BLOCK_E, BLOCK_N=triton.next_power_of_2(N), BLOCK_T=BLOCK_T, num_warps=BWD_WARPS)
+        WRITE_OUT=want_out, BLOCK_E=BLOCK_E, BLOCK_N=triton.next_power_of_2(N), BLOCK_T=BLOCK_T, num_warps=WARPS)
     return g, ddelta, dA_part.sum(0), dC_part.sum(1), dh0, dbias_part.sum(0), out if want_out else None
