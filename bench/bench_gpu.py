@@ -16,7 +16,12 @@ files get a _1.4b suffix.
 Runs named NAME_mamba_inner train NAME with MAMBAPEFT_INNER=mamba_ssm (mamba_ssm's mamba_inner_fn
 in place of ours), so both inner functions are compared in one process; runs named NAME_triton_scan
 (e.g. affix_3_triton_scan) with MAMBAPEFT_AFFIX_SCAN=triton: affix tokens as a Triton prefill instead
-of extra positions of mamba_ssm's scan (the default).
+of extra positions of mamba_ssm's scan (the default); runs named NAME_frozen_bf16 (e.g.
+lora_X_r64_frozen_bf16) store the frozen mixer weights in bf16 after get_peft_model (PeftModel.cast_frozen:
+the same losses, without autocast's per-step weight casts and their saved copies). Suffixes combine
+(lora_X_r64_frozen_bf16_mamba_inner). hf_lora_in_proj_r8_bf16_base is the transformers + peft baseline in
+that recipe: the model loaded in bf16, then peft's LoRA (whose adapter weights peft keeps in fp32,
+autocast_adapter_dtype=True), trained under the same bf16 autocast.
 --graphs RUNS: each run trained eagerly and as one captured CUDA graph of the whole step (forward,
 backward, AdamW) from the same initial weights; tokens/s of both, and the losses and weight updates
 must agree (PASS/FAIL); a capture that fails is reported and the run stays eager.
@@ -83,21 +88,24 @@ class KernelCounter:
             self.mod.fwd = self.orig
 
 
-def ours_model(methods, dtype=torch.float32):
+def ours_model(methods, dtype=torch.float32, frozen_bf16=False, device="cuda"):
     from mambapeft.models import MambaConfig, MambaForCausalLM
     from mambapeft.peft import PeftConfig, get_peft_model
-    with torch.device("cuda"):
+    with torch.device(device):
         model = MambaForCausalLM(MambaConfig(vocab_size=V, hidden_size=D, num_hidden_layers=L)).to(dtype)
     if methods is None:
         return model
-    return get_peft_model(model, PeftConfig(methods)).cuda()   # adapters are created on the CPU
+    peft = get_peft_model(model, PeftConfig(methods)).to(device)   # adapters are created on the CPU
+    if frozen_bf16:
+        peft.cast_frozen(torch.bfloat16)
+    return peft
 
 
-def hf_model(lora=True, dtype=torch.float32):
+def hf_model(lora=True, dtype=torch.float32, device="cuda"):
     import transformers
     cfg = transformers.MambaConfig(vocab_size=V, hidden_size=D, num_hidden_layers=L, state_size=16, expand=2,
                                    conv_kernel=4)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = transformers.MambaForCausalLM(cfg).to(dtype)
     if lora:
         import peft
@@ -107,7 +115,9 @@ def hf_model(lora=True, dtype=torch.float32):
 
 DEFAULT_INNER = os.environ.get("MAMBAPEFT_INNER", "ours")
 DEFAULT_AFFIX_SCAN = os.environ.get("MAMBAPEFT_AFFIX_SCAN")   # None: mixer_cuda's default (mamba_ssm)
-SUFFIXES = ("_mamba_inner", "_triton_scan")
+SUFFIXES = ("_mamba_inner", "_triton_scan", "_frozen_bf16")
+HF_RUNS = {"hf_lora_in_proj_r8": lambda: hf_model(),   # fp32 weights, as ours
+           "hf_lora_in_proj_r8_bf16_base": lambda: hf_model(dtype=torch.bfloat16)}   # peft keeps LoRA fp32
 
 
 class inner_env:
@@ -116,8 +126,8 @@ class inner_env:
     mamba_ssm's scan) for runs named *_triton_scan, else the process's."""
 
     def __init__(self, name):
-        self.value = "mamba_ssm" if name.endswith("_mamba_inner") else DEFAULT_INNER
-        self.affix_scan = "triton" if name.endswith("_triton_scan") else DEFAULT_AFFIX_SCAN
+        self.value = "mamba_ssm" if "_mamba_inner" in run_suffixes(name) else DEFAULT_INNER
+        self.affix_scan = "triton" if "_triton_scan" in run_suffixes(name) else DEFAULT_AFFIX_SCAN
 
     def __enter__(self):
         self.old = {k: os.environ.get(k) for k in ("MAMBAPEFT_INNER", "MAMBAPEFT_AFFIX_SCAN")}
@@ -135,14 +145,30 @@ class inner_env:
                 os.environ[k] = v
 
 
+def run_suffixes(name):
+    """The SUFFIXES a run name ends with, in any order."""
+    found = []
+    while any(name.endswith(s) for s in SUFFIXES):
+        s = next(s for s in SUFFIXES if name.endswith(s))
+        found.append(s)
+        name = name.removesuffix(s)
+    return found
+
+
 def base_name(name):
-    for suffix in SUFFIXES:
+    for suffix in run_suffixes(name):
         name = name.removesuffix(suffix)
     return name
 
 
 def methods_of(name):
     return OURS[base_name(name)]
+
+
+def ours_build(name):
+    """The model builder of our run `name`."""
+    methods, frozen = methods_of(name), "_frozen_bf16" in run_suffixes(name)
+    return lambda: ours_model(methods, frozen_bf16=frozen)
 
 
 def train(name, build, batch, seqlen, steps, warmup, hf=False, backend=None):
@@ -449,10 +475,12 @@ def main():
     ap.add_argument("--seqlen", type=int, default=None, help="default: the shape's")
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--only", default="train,hf,generate,torch",
-                    help="parts to run: train (ours), hf (transformers+peft LoRA and full) or hf_lora (LoRA only), "
+                    help="parts to run: train (ours), hf (transformers+peft LoRA on an fp32 and on a bf16 base, and full) "
+                         "or hf_lora (the two LoRA runs only), "
                          "generate, torch (no kernels)")
-    ap.add_argument("--runs", default=",".join(list(OURS) + ["lora_X_r64_mamba_inner"]),
-                    help="our training runs (names of OURS, or NAME_mamba_inner for mamba_ssm's inner function)")
+    ap.add_argument("--runs", default=",".join(list(OURS) + ["lora_X_r64_mamba_inner", "lora_X_r64_frozen_bf16"]),
+                    help="our training runs (names of OURS, with _mamba_inner for mamba_ssm's inner function, "
+                         "_triton_scan for affix as a Triton prefill, _frozen_bf16 for frozen weights stored in bf16)")
     ap.add_argument("--interleave", default="",
                     help="comma list of training runs to also time step by step in turn (e.g. "
                          "hf_lora_in_proj_r8,lora_X_r64,affix_3,additional_scan_6)")
@@ -471,8 +499,8 @@ def main():
     names = [n for n in args.runs.split(",") if n]
     for n in names + [n for n in args.graphs.split(",") if n]:
         if base_name(n) not in OURS:
-            ap.error(f"unknown run {n!r}; expected one of {', '.join(OURS)} (optionally with _mamba_inner "
-                     "or _triton_scan)")
+            ap.error(f"unknown run {n!r}; expected one of {', '.join(OURS)} (optionally with _mamba_inner, "
+                     "_triton_scan or _frozen_bf16)")
     for n in filter(None, args.profile.split(",")):
         if n != "hf_lora" and base_name(n) not in OURS:
             ap.error(f"unknown run to profile {n!r}; expected hf_lora or one of {', '.join(OURS)}")
@@ -494,12 +522,12 @@ def main():
         print(json.dumps(row), flush=True)
 
     runs = []
-    if "hf" in only or "hf_lora" in only:   # hf_lora: only the LoRA(in_proj) baseline, not full fine-tuning
-        runs.append(("hf_lora_in_proj_r8", hf_model, True))
+    if "hf" in only or "hf_lora" in only:   # hf_lora: only the LoRA(in_proj) baselines, not full fine-tuning
+        runs += [(name, build, True) for name, build in HF_RUNS.items()]
     if "hf" in only:
         runs.append(("hf_full", lambda: hf_model(lora=False), True))
     if "train" in only:
-        runs += [(name, lambda m=methods_of(name): ours_model(m), False) for name in names]
+        runs += [(name, ours_build(name), False) for name in names]
     pooled = {}
     for _ in range(args.rounds):  # interleaved rounds: drifts of the machine hit every run alike
         for name, build, hf in runs:
@@ -528,8 +556,7 @@ def main():
         print(json.dumps({"interleaved_tokens_per_s": tps}), flush=True)
     for name in filter(None, args.graphs.split(",")):
         try:
-            emit(graphs(name, lambda m=methods_of(name): ours_model(m), args.batch, args.seqlen, args.steps,
-                        args.warmup))
+            emit(graphs(name, ours_build(name), args.batch, args.seqlen, args.steps, args.warmup))
         except Exception as e:  # noqa: BLE001
             print(f"RUN FAILED graphs {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
     if "generate" in only:
@@ -552,7 +579,7 @@ def main():
             print("no-kernel transformers run failed:\n", child.stdout[-3000:], child.stderr[-3000:])
     prof_path = os.path.join(args.out, f"gpu_profile{tag}.txt")
     for name in filter(None, args.profile.split(",")):
-        build = hf_model if name == "hf_lora" else (lambda m=methods_of(name): ours_model(m))
+        build = hf_model if name == "hf_lora" else ours_build(name)
         modes = [False] + ([True] if name in args.graphs.split(",") else [])
         for graphed in modes:
             try:
@@ -608,6 +635,15 @@ def targets(rows, shape):
         if p or not graphed:
             line(f"GPU busy fraction of a LoRA_p(X) step{' (CUDA graph)' if graphed else ' (eager)'}",
                  p["gpu_busy_fraction"] if p else None, 0.9)
+    for hf_name, what in (("hf_lora_in_proj_r8", "fp32"), ("hf_lora_in_proj_r8_bf16_base", "bf16")):
+        if by.get("lora_X_r64_frozen_bf16") and by.get(hf_name):
+            line(f"LoRA_p(X) r64 bf16-frozen / hf+peft LoRA r8, {what} base", ratio(
+                "lora_X_r64_frozen_bf16", hf_name), goal)
+            line(f"  same, peak memory", by["lora_X_r64_frozen_bf16"]["peak_mem_gib"] / by[hf_name]["peak_mem_gib"],
+                 0.5, higher=False)
+    frozen = ratio("lora_X_r64_frozen_bf16", "lora_X_r64")
+    if frozen:
+        lines.append(f"  (LoRA_p(X) r64 with bf16 frozen weights / with fp32 ones, tokens/s: {frozen:.2f})")
     inner = ratio("lora_X_r64", "lora_X_r64_mamba_inner")
     if inner:
         lines.append(f"  (our inner function / mamba_inner_fn, LoRA_p(X) r64 tokens/s: {inner:.2f})")

@@ -3,6 +3,7 @@ very loss and gradients that fp32 weights give (autocast casts them to the same 
 import pytest
 import torch
 from helpers import tiny_falcon, tiny_lm
+from test_gpu import gpu
 from test_peft import ALL_LM, ALL_VIM, tiny_vim
 from test_training import TOY, losses
 
@@ -19,23 +20,23 @@ CASES = [("lm", {"lora_X": {"r": 4}}), ("lm", {"lora_in_proj": {}}), ("lm", {"lo
          ("vim", {"lora_in_proj": {}}), ("vim", {"additional_scan": {}, "affix": {}}), ("vim", ALL_VIM)]
 
 
-def build(kind, methods, cast):
+def build(kind, methods, cast, device="cpu"):
     torch.manual_seed(0)
     model = tiny_lm() if kind == "lm" else tiny_falcon() if kind == "falcon" else tiny_vim()
-    peft = get_peft_model(model, PeftConfig(methods)).train()
+    peft = get_peft_model(model.to(device), PeftConfig(methods)).train()
     with torch.no_grad():   # off the initial values (zero up-projections would hide a wrong delta)
         for p in peft.method_of:
             p.add_(torch.randn_like(p) * 0.05)
     return peft, peft.cast_frozen(BF16) if cast else 0
 
 
-def loss_and_grads(peft, kind):
+def loss_and_grads(peft, kind, device="cpu"):
     torch.manual_seed(1)   # the same dropout masks in both runs
-    with torch.autocast("cpu", BF16):
+    with torch.autocast(device, BF16):
         if kind == "vim":
-            loss = peft(torch.randn(2, 3, 32, 32)).pow(2).mean()
+            loss = peft(torch.randn(2, 3, 32, 32, device=device)).pow(2).mean()
         else:
-            ids = torch.randint(0, 97, (2, 11))
+            ids = torch.randint(0, 97, (2, 11), device=device)
             loss = peft(input_ids=ids, labels=ids).loss
     loss.backward()
     return loss.detach(), {n: p.grad for n, p in peft.base_model.named_parameters() if p.requires_grad}
@@ -52,6 +53,26 @@ def test_bf16_frozen_weights_give_the_same_loss_and_gradients_bit_for_bit(kind, 
     for name, g in grads.items():
         assert g is not None and grads2[name].dtype == torch.float32
         assert torch.equal(g, grads2[name]), name
+
+
+GPU_CASES = [("lm", {"lora_X": {"r": 4}}), ("lm", {"lora_x_proj": {}, "additional_scan": {}}), ("lm", {"affix": {}}),
+             ("lm", {"lora_out_proj": {}, "parallel_adapter": {}}), ("vim", {"lora_in_proj": {}, "affix": {}})]
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("inner", ["ours", "mamba_ssm"])
+@pytest.mark.parametrize("kind,methods", GPU_CASES, ids=["+".join(m) for _, m in GPU_CASES])
+def test_on_the_kernels_bf16_frozen_weights_give_the_same_loss_and_gradients(kind, methods, inner, monkeypatch):
+    """The fused inner functions cast weights to xz's dtype themselves: a bf16 weight is that cast.
+    The loss is the same bit for bit; gradients to float summation order (the scan's backward sums
+    dA, dD and the dt bias's gradient over the batch with atomic adds, in any order)."""
+    monkeypatch.setenv("MAMBAPEFT_INNER", inner)
+    loss, grads = loss_and_grads(build(kind, methods, False, "cuda")[0], kind, "cuda")
+    loss2, grads2 = loss_and_grads(build(kind, methods, True, "cuda")[0], kind, "cuda")
+    assert torch.equal(loss, loss2)
+    for name, g in grads.items():
+        torch.testing.assert_close(grads2[name], g, rtol=1e-5, atol=1e-6 * g.abs().max().item(), msg=name)
 
 
 def test_a_weight_a_method_adds_to_stays_fp32_and_casting_it_anyway_would_change_the_loss(monkeypatch):
