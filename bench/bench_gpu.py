@@ -475,9 +475,8 @@ def main():
     ap.add_argument("--seqlen", type=int, default=None, help="default: the shape's")
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--only", default="train,hf,generate,torch",
-                    help="parts to run: train (ours), hf (transformers+peft LoRA on an fp32 and on a bf16 base, and full) "
-                         "or hf_lora (the two LoRA runs only), "
-                         "generate, torch (no kernels)")
+                    help="parts to run: train (ours), hf (transformers+peft LoRA on an fp32 and on a bf16 base, "
+                         "and full) or hf_lora (the two LoRA runs only), generate, torch (no kernels)")
     ap.add_argument("--runs", default=",".join(list(OURS) + ["lora_X_r64_mamba_inner", "lora_X_r64_frozen_bf16"]),
                     help="our training runs (names of OURS, with _mamba_inner for mamba_ssm's inner function, "
                          "_triton_scan for affix as a Triton prefill, _frozen_bf16 for frozen weights stored in bf16)")

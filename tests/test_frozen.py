@@ -4,6 +4,7 @@ import pytest
 import torch
 from helpers import tiny_falcon, tiny_lm
 from test_gpu import gpu
+from test_gpu import make as gpu_model
 from test_peft import ALL_LM, ALL_VIM, tiny_vim
 from test_training import TOY, losses
 
@@ -22,7 +23,10 @@ CASES = [("lm", {"lora_X": {"r": 4}}), ("lm", {"lora_in_proj": {}}), ("lm", {"lo
 
 def build(kind, methods, cast, device="cpu"):
     torch.manual_seed(0)
-    model = tiny_lm() if kind == "lm" else tiny_falcon() if kind == "falcon" else tiny_vim()
+    if device == "cuda":   # test_gpu's widths, which the kernels take
+        model = gpu_model(kind)
+    else:
+        model = tiny_lm() if kind == "lm" else tiny_falcon() if kind == "falcon" else tiny_vim()
     peft = get_peft_model(model.to(device), PeftConfig(methods)).train()
     with torch.no_grad():   # off the initial values (zero up-projections would hide a wrong delta)
         for p in peft.method_of:
