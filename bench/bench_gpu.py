@@ -14,14 +14,15 @@ tokens a step as the 130m runs, and it fits both us and transformers + peft (abo
 theirs) with room to spare, while a step stays near a second, so a round takes about a minute. Its
 files get a _1.4b suffix.
 Runs named NAME_mamba_inner train NAME with MAMBAPEFT_INNER=mamba_ssm (mamba_ssm's mamba_inner_fn
-in place of ours), so both inner functions are compared in one process; runs named NAME_triton_scan
-(e.g. affix_3_triton_scan) with MAMBAPEFT_AFFIX_SCAN=triton: affix tokens as a Triton prefill instead
-of extra positions of mamba_ssm's scan (the default); runs named NAME_frozen_bf16 (e.g.
-lora_X_r64_frozen_bf16) store the frozen mixer weights in bf16 after get_peft_model (PeftModel.cast_frozen:
-the same losses, without autocast's per-step weight casts and their saved copies). Suffixes combine
-(lora_X_r64_frozen_bf16_mamba_inner). hf_lora_in_proj_r8_bf16_base is the transformers + peft baseline in
-that recipe: the model loaded in bf16, then peft's LoRA (whose adapter weights peft keeps in fp32,
-autocast_adapter_dtype=True), trained under the same bf16 autocast.
+in place of ours), so both inner functions are compared in one process; affix runs named
+NAME_extra_positions (MAMBAPEFT_AFFIX_SCAN=mamba_ssm: the tokens as extra positions of mamba_ssm's
+scan) and NAME_triton_scan (=triton: the sequence on our Triton scan from the tokens' state) against
+the default (the tokens' state carried into mamba_ssm's scan, ops/scan_carry.py); runs named
+NAME_frozen_bf16 (e.g. lora_X_r64_frozen_bf16) store the frozen mixer weights in bf16 after
+get_peft_model (PeftModel.cast_frozen: the same losses, without autocast's per-step weight casts and
+their saved copies). Suffixes combine (lora_X_r64_frozen_bf16_mamba_inner). hf_lora_in_proj_r8_bf16_base
+is the transformers + peft baseline in that recipe: the model loaded in bf16, then peft's LoRA (whose
+adapter weights peft keeps in fp32, autocast_adapter_dtype=True), trained under the same bf16 autocast.
 --graphs RUNS: each run trained eagerly and as one captured CUDA graph of the whole step (forward,
 backward, AdamW) from the same initial weights; tokens/s of both, and the losses and weight updates
 must agree (PASS/FAIL); a capture that fails is reported and the run stays eager.
@@ -114,20 +115,23 @@ def hf_model(lora=True, dtype=torch.float32, device="cuda"):
 
 
 DEFAULT_INNER = os.environ.get("MAMBAPEFT_INNER", "ours")
-DEFAULT_AFFIX_SCAN = os.environ.get("MAMBAPEFT_AFFIX_SCAN")   # None: mixer_cuda's default (mamba_ssm)
-SUFFIXES = ("_mamba_inner", "_triton_scan", "_frozen_bf16")
+DEFAULT_AFFIX_SCAN = os.environ.get("MAMBAPEFT_AFFIX_SCAN")   # None: mixer_cuda's default (carry)
+AFFIX_SUFFIXES = {"_triton_scan": "triton", "_extra_positions": "mamba_ssm"}
+SUFFIXES = ("_mamba_inner", "_frozen_bf16") + tuple(AFFIX_SUFFIXES)
 HF_RUNS = {"hf_lora_in_proj_r8": lambda: hf_model(),   # fp32 weights, as ours
            "hf_lora_in_proj_r8_bf16_base": lambda: hf_model(dtype=torch.bfloat16)}   # peft keeps LoRA fp32
 
 
 class inner_env:
     """MAMBAPEFT_INNER and MAMBAPEFT_AFFIX_SCAN for one run: MAMBAPEFT_INNER=mamba_ssm for runs named
-    *_mamba_inner, MAMBAPEFT_AFFIX_SCAN=triton (affix tokens as a Triton prefill, not extra positions of
-    mamba_ssm's scan) for runs named *_triton_scan, else the process's."""
+    *_mamba_inner; MAMBAPEFT_AFFIX_SCAN=triton (the affix prefill, the sequence on the Triton scan) for
+    *_triton_scan and =mamba_ssm (the tokens as extra positions of mamba_ssm's scan) for
+    *_extra_positions; else the process's (default: the prefill carried into mamba_ssm's scan)."""
 
     def __init__(self, name):
-        self.value = "mamba_ssm" if "_mamba_inner" in run_suffixes(name) else DEFAULT_INNER
-        self.affix_scan = "triton" if "_triton_scan" in run_suffixes(name) else DEFAULT_AFFIX_SCAN
+        found = run_suffixes(name)
+        self.value = "mamba_ssm" if "_mamba_inner" in found else DEFAULT_INNER
+        self.affix_scan = next((v for k, v in AFFIX_SUFFIXES.items() if k in found), DEFAULT_AFFIX_SCAN)
 
     def __enter__(self):
         self.old = {k: os.environ.get(k) for k in ("MAMBAPEFT_INNER", "MAMBAPEFT_AFFIX_SCAN")}
@@ -391,6 +395,46 @@ def _capture(step, opt, warmup):
     return graph, loss
 
 
+def _diagnose_capture(model, ids):
+    """Where a failed capture breaks: a forward and backward under sync-debug mode "error" (an op that
+    synchronises with the host raises there, with its traceback), then captures of the forward alone
+    and of forward + backward, each with the innermost frames of its error."""
+    import traceback
+
+    def frames(e):
+        tb = [f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in traceback.extract_tb(e.__traceback__)]
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:160]} at " + " <- ".join(tb[::-1][:6])
+
+    def fwd(backward):
+        with torch.autocast("cuda", torch.bfloat16, cache_enabled=False):
+            loss = model(input_ids=ids, labels=ids).loss
+        if backward:
+            loss.backward()
+    found = []
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fwd(True)
+        found.append("sync debug: no host synchronisation in forward + backward")
+    except Exception as e:  # noqa: BLE001
+        found.append("sync debug: " + frames(e))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        model.zero_grad(set_to_none=True)
+    for backward in (False, True):
+        what = "forward + backward" if backward else "forward"
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                fwd(backward)
+            found.append(f"capture of the {what}: ok")
+        except Exception as e:  # noqa: BLE001
+            found.append(f"capture of the {what}: " + frames(e))
+        torch.cuda.synchronize()
+        model.zero_grad(set_to_none=True)
+        del graph
+    return found
+
+
 def graphs(name, build, batch, seqlen, steps, warmup, lr=1e-4):
     """Eager against one captured CUDA graph of the whole step, same initial weights and data, dropout
     off: tokens/s of both; the losses of every step and the final weight updates must agree."""
@@ -432,6 +476,8 @@ def graphs(name, build, batch, seqlen, steps, warmup, lr=1e-4):
             row["graph_error"] = f"{type(e).__name__}: {e}"[:400]
             print(f"{name}: CUDA graph capture failed, the step stays eager: {row['graph_error']}", flush=True)
             torch.cuda.synchronize()
+            row["graph_diagnosis"] = _diagnose_capture(model, ids)
+            print(f"{name}: where capture breaks:\n  " + "\n  ".join(row["graph_diagnosis"]), flush=True)
             return row
         # capture records without running, so the replays are steps warmup + 1, ... as in eager
         losses, times = [], []
@@ -479,7 +525,7 @@ def main():
                          "and full) or hf_lora (the two LoRA runs only), generate, torch (no kernels)")
     ap.add_argument("--runs", default=",".join(list(OURS) + ["lora_X_r64_mamba_inner", "lora_X_r64_frozen_bf16"]),
                     help="our training runs (names of OURS, with _mamba_inner for mamba_ssm's inner function, "
-                         "_triton_scan for affix as a Triton prefill, _frozen_bf16 for frozen weights stored in bf16)")
+                         "_triton_scan or _extra_positions for affix's scan, _frozen_bf16 for frozen weights in bf16)")
     ap.add_argument("--interleave", default="",
                     help="comma list of training runs to also time step by step in turn (e.g. "
                          "hf_lora_in_proj_r8,lora_X_r64,affix_3,additional_scan_6)")
@@ -498,8 +544,8 @@ def main():
     names = [n for n in args.runs.split(",") if n]
     for n in names + [n for n in args.graphs.split(",") if n]:
         if base_name(n) not in OURS:
-            ap.error(f"unknown run {n!r}; expected one of {', '.join(OURS)} (optionally with _mamba_inner, "
-                     "_triton_scan or _frozen_bf16)")
+            ap.error(f"unknown run {n!r}; expected one of {', '.join(OURS)} (optionally with any of "
+                     f"the suffixes {', '.join(SUFFIXES)})")
     for n in filter(None, args.profile.split(",")):
         if n != "hf_lora" and base_name(n) not in OURS:
             ap.error(f"unknown run to profile {n!r}; expected hf_lora or one of {', '.join(OURS)}")
@@ -646,10 +692,11 @@ def targets(rows, shape):
     inner = ratio("lora_X_r64", "lora_X_r64_mamba_inner")
     if inner:
         lines.append(f"  (our inner function / mamba_inner_fn, LoRA_p(X) r64 tokens/s: {inner:.2f})")
-    prefill = ratio("affix_3_triton_scan", "affix_3")
-    if prefill:
-        lines.append(f"  (affix 3 tokens as a Triton prefill / as extra positions of mamba_ssm's scan, tokens/s: "
-                     f"{prefill:.2f})")
+    for run, what in (("affix_3_extra_positions", "as extra positions of mamba_ssm's scan"),
+                      ("affix_3_triton_scan", "a prefill, the sequence on the Triton scan")):
+        r = ratio("affix_3", run)
+        if r:
+            lines.append(f"  (affix 3 tokens, the prefill carried into mamba_ssm's scan / {what}, tokens/s: {r:.2f})")
     for b in (1, 32):
         h, o = by.get(f"gen_hf_b{b}"), by.get(f"gen_ours_b{b}")
         if h and o:

@@ -46,45 +46,68 @@ def conv_bwd(x, weight, bias, dout, seq_idx, initial_states, dfinal_states, dx, 
     return dx, grads[1].to(weight.dtype), grads[2].to(bias.dtype) if bias is not None else None, None
 
 
+def _check_aligned_if_even(L, *ts):
+    """The kernel loads a sequence whose length fills its chunks (128, 256, 512, 1024 or 2048 positions)
+    with 16-byte vector loads: every row it reads must start on a 16-byte boundary."""
+    chunk = 128 if L <= 128 else 256 if L <= 256 else 512 if L <= 512 else 1024 if L <= 1024 else 2048
+    if L % chunk:
+        return
+    for t in ts:
+        size = t.element_size()
+        assert t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in t.stride()[:-1]), \
+            f"misaligned rows for the kernel's vector loads: offset {t.storage_offset()}, strides {t.stride()}"
+
+
 class FakeSelectiveScanCuda:
-    """selective_scan_cuda.fwd / .bwd (variable B and C of shape (b, 1, N, L), z given)."""
+    """selective_scan_cuda.fwd / .bwd (variable B and C of shape (b, 1, N, L), with or without z: without,
+    fwd returns [out, states] and bwd no dz / out_z, as the kernel does)."""
 
     @staticmethod
     def _checks(u, delta, A, B, C, D, z, delta_bias):
         it = u.dtype
-        assert delta.dtype == it and B.dtype == it and C.dtype == it and z.dtype == it, "input dtypes differ"
+        assert delta.dtype == it and B.dtype == it and C.dtype == it, "input dtypes differ"
+        assert z is None or z.dtype == it, "input dtypes differ"
         assert A.dtype == torch.float32 and D.dtype == torch.float32 and delta_bias.dtype == torch.float32
         assert B.dim() == 4 and B.shape[1] == 1 and C.shape == B.shape
-        _check_time_contiguous(u, delta, B, C, z)
+        _check_time_contiguous(u, delta, B, C, *(() if z is None else (z,)))
+        _check_aligned_if_even(u.shape[-1], u, delta, B, C, *(() if z is None else (z,)))
 
     @staticmethod
     def _math(u, delta, A, B, C, D, z, delta_bias):
         y = selective_scan_ref(u.float(), delta.float(), A, B[:, 0].float(), C[:, 0].float(), D, None,
                                delta_bias, True)
-        return y, y * F.silu(z.float())
+        return y, y if z is None else y * F.silu(z.float())
 
     def fwd(self, u, delta, A, B, C, D, z, delta_bias, softplus):
         assert softplus
         self._checks(u, delta, A, B, C, D, z, delta_bias)
         y, yz = self._math(u, delta, A, B, C, D, z, delta_bias)
-        out, out_z = torch.empty_like(delta), torch.empty_like(z)
+        out = torch.empty_like(delta)
         out.copy_(y)
-        out_z.copy_(yz)
         states = torch.zeros(u.shape[0], u.shape[1], 1, 2 * A.shape[1])   # the kernel's chunk states (unused here)
+        if z is None:
+            return [out, states]
+        out_z = torch.empty_like(z)
+        out_z.copy_(yz)
         return [out, states, out_z]
 
     def bwd(self, u, delta, A, B, C, D, z, delta_bias, dout, states, out, dz, softplus, recompute_out_z):
         assert softplus
         self._checks(u, delta, A, B, C, D, z, delta_bias)
-        assert dout.dtype == u.dtype and out.dtype == u.dtype
-        _check_time_contiguous(dout, out)
-        leaves = [t.detach().float().requires_grad_() for t in (u, delta, A, B, C, D, z, delta_bias)]
+        assert dout.dtype == u.dtype and (z is None) == (out is None)
+        assert out is None or out.dtype == u.dtype
+        _check_time_contiguous(dout, *(() if out is None else (out,)))
+        leaves = [t if t is None else t.detach().float().requires_grad_() for t in (u, delta, A, B, C, D, z, delta_bias)]
         with torch.enable_grad():
             _, yz = self._math(*leaves)
-            grads = torch.autograd.grad(yz, leaves, dout.float())
+            grads = torch.autograd.grad(yz, [t for t in leaves if t is not None], dout.float())
+        if z is None:
+            grads = grads[:6] + (None,) + grads[6:]
         du, ddelta = torch.empty_like(u), torch.empty_like(delta)
         du.copy_(grads[0])
         ddelta.copy_(grads[1])
+        if z is None:
+            return [du, ddelta, grads[2], grads[3].to(B.dtype), grads[4].to(C.dtype), grads[5], grads[7]]
         if dz is None:
             dz = torch.empty_like(z)
         dz.copy_(grads[6])

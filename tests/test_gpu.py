@@ -326,33 +326,39 @@ def assert_as_close_as(pairs, autocast, name, base):
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("kind", ["lm", "vim"])
+@pytest.mark.parametrize("kind", ["lm", "lm_1024", "vim"])
 def test_affix_prefill_matches_extra_positions_and_reference(kind, autocast, monkeypatch):
-    """Affix tokens through our fused inner function as a Triton prefill (MAMBAPEFT_AFFIX_SCAN=triton)
-    = as extra positions of mamba_ssm's scan (=mamba_ssm) = the reference scan."""
+    """Affix tokens through our fused inner function as a prefill, the sequence on mamba_ssm's scan plus
+    the carried state (MAMBAPEFT_AFFIX_SCAN=carry) or on the Triton scan (=triton) = as extra positions
+    of mamba_ssm's scan (=mamba_ssm) = the reference scan. lm_1024: a sequence that fills the kernel's
+    chunk, read with vector loads (the prefix is padded to keep its rows aligned)."""
     pytest.importorskip("triton")
     from mambapeft.ops import mamba_inner
-    model, x = build(kind, {"affix": {}})
-    n_pre = []
+    model, x = build(kind.split("_")[0], {"affix": {}})
+    if kind == "lm_1024":
+        x = torch.randint(0, 97, (2, 1024), generator=torch.Generator().manual_seed(0)).cuda()
+    modes = []
     inner = mamba_inner.mamba_inner
 
     def recording(*a, **k):
-        n_pre.append(k.get("n_pre", 0))
+        modes.append((k.get("prefill") or ("mamba_ssm",))[0])
         return inner(*a, **k)
     monkeypatch.setattr(mamba_inner, "mamba_inner", recording)
     monkeypatch.setenv("MAMBAPEFT_INNER", "ours")
     runs = {}
-    for scan in ("mamba_ssm", "triton"):
+    for scan in ("mamba_ssm", "triton", "carry"):
         monkeypatch.setenv("MAMBAPEFT_AFFIX_SCAN", scan)
-        n_pre.clear()
+        modes.clear()
         runs[scan] = forward_backward(model, x, "auto", autocast)
-        assert n_pre and all((n > 0) == (scan == "triton") for n in n_pre), (scan, n_pre)
+        assert modes and set(modes) == {scan}, (scan, modes)
     true_out, truth = forward_backward(model, x, "reference", False)
-    (p_out, prefill), (e_out, extra) = runs["triton"], runs["mamba_ssm"]
-    assert prefill.keys() == extra.keys() == truth.keys()
-    pairs = [("output", p_out, e_out, true_out)] + [(f"grad of {n}", prefill[n], extra[n], truth[n]) for n in truth]
-    assert_as_close_as(pairs, autocast, "prefill", "extra positions")
-    assert any(g is not None and g.any() for n, g in prefill.items() if "affix" in n), "no gradient to the tokens"
+    e_out, extra = runs["mamba_ssm"]
+    for scan in ("triton", "carry"):
+        p_out, prefill = runs[scan]
+        assert prefill.keys() == extra.keys() == truth.keys()
+        pairs = [("output", p_out, e_out, true_out)] + [(f"grad of {n}", prefill[n], extra[n], truth[n]) for n in truth]
+        assert_as_close_as(pairs, autocast, f"prefill ({scan})", "extra positions")
+        assert any(g is not None and g.any() for n, g in prefill.items() if "affix" in n), "no gradient to the tokens"
 
 
 def _inner_tensors(frozen=()):

@@ -129,22 +129,44 @@ def interpreted_triton():
 
 
 @needs_triton
+@pytest.mark.parametrize("mode", ["carry", "triton"])
 @pytest.mark.parametrize("frozen", [(), ("conv_w", "conv_b", "x_proj_w", "dt_w", "out_w", "out_b", "A", "D", "dt_b")],
                          ids=["all", "only_xz_extra"])
-def test_prefill_equals_extra_positions(frozen, interpreted_triton):
-    """Affix tokens as a prefill (Triton scan, state handed on) = the tokens as extra positions whose
-    output rows are dropped: the output and every gradient, the tokens' xz columns included."""
-    n = 3
+def test_prefill_equals_extra_positions(mode, frozen, interpreted_triton):
+    """Affix tokens as a prefill (state handed on), behind zero alignment columns = the tokens as extra
+    positions whose output rows are dropped: the output and every gradient, the tokens' xz columns
+    included."""
+    n, pad = 3, 2
     xz, w = tensors()
     for name in frozen:
         w[name].requires_grad_(False)
     ref_out, ref_grads = grads_of(lambda x, t: mamba_inner.mamba_inner(x, *t.values())[:, n:], xz, w)
-    out, grads = grads_of(lambda x, t: mamba_inner.mamba_inner(x, *t.values(), n_pre=n), xz, w)
+
+    def prefilled(x, t):
+        x = mamba_inner.flat(F.pad(x, (pad, 0)))
+        return mamba_inner.mamba_inner(x, *t.values(), prefill=(mode, pad, pad + n))
+    out, grads = grads_of(prefilled, xz, w)
     assert out.shape == (b, L - n, Dm + 3)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
     assert ref_grads[0][:, :E, :n].abs().sum() > 0, "the tokens' x columns should get a gradient"
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+@needs_triton
+def test_carry_prefill_aligns_an_even_length_sequence(interpreted_triton, monkeypatch):
+    """A 128-long sequence fills the kernel's chunk, so it loads rows with 16-byte vectors: after 3
+    affix tokens the fused route pads the prefix to 8 columns (the fake kernel asserts the alignment)
+    and gives the reference path's output and gradients."""
+    model = build("lm", {"affix": {}})
+    x = torch.randint(0, 31, (2, 128))
+    ref_out, ref_grads, _ = run(model, x, False, monkeypatch)
+    out, grads, calls = run(model, x, True, monkeypatch, "carry")
+    assert calls > 0
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
+    for n, g in grads.items():
+        if g is not None:
+            torch.testing.assert_close(g, ref_grads[n], rtol=1e-4, atol=1e-5, msg=n)
 
 
 # ---- the whole model through mixer_cuda's fused route ------------------------------------------
@@ -184,8 +206,8 @@ def run(model, x, fused, monkeypatch, affix_scan=None):
 
         def counting(*a, **kw):
             calls[0] += 1
-            if affix_scan == "triton":
-                assert kw.get("n_pre", 0) > 0, "the affix tokens were not a prefill"
+            if affix_scan in ("carry", "triton"):
+                assert kw.get("prefill") and kw["prefill"][0] == affix_scan, "the affix tokens were not a prefill"
             assert mamba_inner.is_flat(a[0]), f"xz reached the inner function with strides {a[0].stride()}"
             return inner(*a, **kw)
         monkeypatch.setattr(mamba_inner, "mamba_inner", counting)
@@ -202,14 +224,16 @@ def run(model, x, fused, monkeypatch, affix_scan=None):
 
 
 @pytest.mark.parametrize("kind", ["lm", "vim"])
-@pytest.mark.parametrize("method", list(METHODS) + [pytest.param("affix_prefill", marks=needs_triton)])
+@pytest.mark.parametrize("method", list(METHODS) + [pytest.param(f"affix_{scan}", marks=needs_triton)
+                                                    for scan in ("carry", "triton")])
 def test_fused_route_equals_reference(kind, method, monkeypatch, request):
-    if method == "affix_prefill":   # the affix tokens as a Triton prefill (MAMBAPEFT_AFFIX_SCAN=triton)
+    scan = method[len("affix_"):] if method in ("affix_carry", "affix_triton") else None
+    if scan:   # the affix tokens as a prefill (MAMBAPEFT_AFFIX_SCAN=carry|triton); else extra positions
         request.getfixturevalue("interpreted_triton")
-    model = build(kind, METHODS[method.replace("_prefill", "")])
+    model = build(kind, METHODS["affix" if scan else method])
     x = torch.randint(0, 31, (2, 9)) if kind == "lm" else torch.randn(2, 3, 16, 16)
     ref_out, ref_grads, _ = run(model, x, False, monkeypatch)
-    out, grads, calls = run(model, x, True, monkeypatch, "triton" if method == "affix_prefill" else None)
+    out, grads, calls = run(model, x, True, monkeypatch, scan or "mamba_ssm")
     assert calls > 0, "the fused route was not taken"
     torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
     for n, g in grads.items():

@@ -114,20 +114,26 @@ def inner_impl():
     return name
 
 
+AFFIX_SCANS = ("carry", "triton", "mamba_ssm")
+
+
 def affix_scan(device):
     """How our fused inner function scans prefix affix tokens, from MAMBAPEFT_AFFIX_SCAN (read at each
-    call so one process can compare both): "triton" (the tokens are a prefill whose last state starts a
-    Triton scan of the sequence: no extra positions, no 2048-long template for 1024 + n) or
-    "mamba_ssm" (the tokens are extra positions of mamba_ssm's scan, their outputs dropped). Default:
-    mamba_ssm: on the H200 our Triton scan is 4x slower than mamba_ssm's, so the prefill trains affix at
-    0.56x the extra positions' speed (bench/results/issue13/)."""
+    call so one process can compare them):
+    - "carry" (the default where triton imports): the tokens are a prefill whose last state the
+      sequence continues from, on mamba_ssm's scan from zero plus the state carried forward
+      (ops/scan_carry.py): 1024 + n positions cost 1024 on mamba_ssm's templates, not its 2048 one;
+    - "triton": the same prefill, the sequence on our Triton scan (4x slower than mamba_ssm's on the
+      H200, bench/results/issue13/);
+    - "mamba_ssm" (the default without triton): the tokens are extra positions of mamba_ssm's scan,
+      their outputs dropped."""
     name = os.environ.get("MAMBAPEFT_AFFIX_SCAN")
     if name is None:
-        return "mamba_ssm"
-    if name not in ("triton", "mamba_ssm"):
-        raise ValueError(f"MAMBAPEFT_AFFIX_SCAN={name!r}: expected 'triton' or 'mamba_ssm'")
-    if name == "triton" and not triton_available():
-        raise ValueError("MAMBAPEFT_AFFIX_SCAN=triton: the Triton scan needs the triton package "
+        return "carry" if triton_available() else "mamba_ssm"
+    if name not in AFFIX_SCANS:
+        raise ValueError(f"MAMBAPEFT_AFFIX_SCAN={name!r}: expected one of {', '.join(AFFIX_SCANS)}")
+    if name != "mamba_ssm" and not triton_available():
+        raise ValueError(f"MAMBAPEFT_AFFIX_SCAN={name}: the prefill needs the triton package "
                          "(and CUDA, or TRITON_INTERPRET=1)")
     return name
 
@@ -154,18 +160,19 @@ def _fused(m, c, xz, affix):
     out = None
     for d, s in enumerate(c.dirs):
         xz_d = xz if d == 0 else xz.flip(-1)
-        drop, n_pre = None, 0
+        drop, prefill = None, None
         if affix[d] is not None and ours and not s.affix_infix:   # one copy, straight into the flat layout
-            xz_d, drop = _prefix_flat(xz_d, affix[d])
-            if affix_scan(xz.device) == "triton":   # a prefill: the inner function returns only the sequence
-                n_pre, drop = affix[d][0].shape[1], None
+            mode = affix_scan(xz.device)
+            xz_d, drop, pad = _prefix_flat(xz_d, affix[d], align=8 if mode != "mamba_ssm" else 1)
+            if mode != "mamba_ssm":   # a prefill: the inner function returns only the sequence
+                prefill, drop = (mode, pad, xz_d.shape[-1] - xz.shape[-1]), None
         elif affix[d] is not None:  # x and z halves of the tokens become extra xz columns
             x, z = xz_d.chunk(2, dim=1)
             x, z, _, drop = m.insert_affix(x, z, s, affix[d], None)
             xz_d = torch.cat([x, z], 1)
         if ours:   # xz stays in the layout _project_in_channels_first made; frozen weights get no gradient
             o = mamba_inner.mamba_inner(xz_d, s.conv_w, s.conv_b, s.x_proj, s.dt_w, W,
-                                        bias if d == 0 else None, s.A, s.D, s.dt_b, extra, n_pre=n_pre)
+                                        bias if d == 0 else None, s.A, s.D, s.dt_b, extra, prefill=prefill)
         else:
             o = mamba_inner_fn(xz_d.contiguous(), s.conv_w[:, None], s.conv_b, s.x_proj, s.dt_w, W,
                                bias if d == 0 else None, s.A, None, None, s.D.float(),
@@ -184,17 +191,22 @@ def _fused(m, c, xz, affix):
     return res
 
 
-def _prefix_flat(xz, affix):
+def _prefix_flat(xz, affix, align=1):
     """Affix tokens (x half, z half), each (E, n), in front of every sequence of xz (b, 2E, T), built
-    in one copy in the layout ops/mamba_inner.py takes ((2E, b*(n+T)) memory). Returns it and `drop`,
-    which takes the tokens' rows out of the (b, n+T, D) output."""
+    in one copy in the layout ops/mamba_inner.py takes ((2E, b*(p+T)) memory). With align > 1, zero
+    columns go in front of the tokens so that p is a multiple of align: the sequence then starts on a
+    16-byte boundary for bf16 (align 8), which mamba_ssm's vectorised loads of an even-length
+    sequence need. Zeros there equal the conv's own left padding. Returns it, `drop` (takes the
+    prefix's rows out of the (b, p+T, D) output) and the number of zero columns."""
     b, E2, T = xz.shape
     E, n = E2 // 2, affix[0].shape[1]
-    buf = xz.new_empty(E2, b, n + T)
-    buf[:, :, n:] = xz.transpose(0, 1)
-    buf[:E, :, :n] = affix[0].to(xz.dtype)[:, None, :]
-    buf[E:, :, :n] = affix[1].to(xz.dtype)[:, None, :]
-    return buf.transpose(0, 1), lambda y: y.narrow(-1, n, T)
+    p = -(-n // align) * align
+    buf = xz.new_empty(E2, b, p + T)
+    buf[:, :, p:] = xz.transpose(0, 1)
+    buf[:, :, :p - n].zero_()
+    buf[:E, :, p - n:p] = affix[0].to(xz.dtype)[:, None, :]
+    buf[E:, :, p - n:p] = affix[1].to(xz.dtype)[:, None, :]
+    return buf.transpose(0, 1), lambda y: y.narrow(-1, p, T), p - n
 
 
 # ---- unfused: conv kernel + scan kernel, returning g -----------------------------------------

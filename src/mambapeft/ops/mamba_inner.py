@@ -24,15 +24,16 @@ The scan is called through `SCAN` (a forward and a backward function, see ScanKe
 where a scan of our own (ops/scan_triton.py, which also takes an initial state) can be dropped in
 (`mamba_inner.SCAN = ScanKernel(fwd, bwd)`).
 
-Affix tokens as a prefill (`n_pre`, chosen by mixer_cuda with MAMBAPEFT_AFFIX_SCAN): the tokens stay
-the first n columns of xz, so the conv, x_proj and dt_proj (cheap) see them as before and the tokens
-feed the first positions' conv windows; but the scan runs on ops/scan_triton.py: the n token positions
-from a zero state (no D, no z: their outputs are dropped), then the sequence from the state they leave
-(scan_fwd's initial_state), and only the sequence's rows go to out_proj. In backward, the sequence's
-scan_bwd returns the state's gradient, which is the prefill's dlast: the tokens get their gradient
-through the state and through the conv. mamba_ssm's kernel takes no initial state, and 1024 + 3
-positions run its 2048 template; without n_pre the tokens are extra positions of SCAN
-(mixer_cuda._prefix_flat) and their output rows are dropped by the caller.
+Affix tokens as a prefill (`prefill`, chosen by mixer_cuda with MAMBAPEFT_AFFIX_SCAN): the tokens stay
+columns of xz in front of the sequence, so the conv, x_proj and dt_proj (cheap) see them as before and
+they feed the first positions' conv windows; but only the sequence's rows are scanned with D and the
+gate and go to out_proj. The token positions are scanned from a zero state (ops/scan_triton.py), and
+the sequence continues from the state they leave: with mode "carry" (the default) on mamba_ssm's
+kernel from zero plus that state carried forward (ops/scan_carry.py), so 1024 + 3 positions cost
+1024 on mamba_ssm's templates rather than its 2048 one; with mode "triton" on the Triton scan started
+from the state. In backward the state's gradient is the prefill's dlast: the tokens get their
+gradient through the state and through the conv. Without `prefill` the tokens are extra positions of
+SCAN (mixer_cuda._prefix_flat) and the caller drops their output rows.
 """
 from dataclasses import dataclass
 from typing import Callable
@@ -110,50 +111,85 @@ def _bc(rows, b):
     return _3d(rows, b).unsqueeze(1)
 
 
-# ---- affix tokens as a prefill (Triton scan with an initial state) ----------------------------
+# ---- affix tokens as a prefill (a state handed on to the sequence's scan) -----------------------
 def _triton():
     from . import scan_triton   # lazily: triton is optional, and its interpreter flag is read at import
     return scan_triton
 
 
-def _split(n, u, delta, B, C, z):
-    """The first n positions (the prefill: tokens) and the rest, as the Triton scan's (b, E|N, L) views."""
+def _carry():
+    from . import scan_carry
+    return scan_carry
+
+
+PREFILL_MODES = ("carry", "triton")
+
+
+def _split(pre, u, delta, B, C, z):
+    """pre = (pad, n): columns pad..n-1 are the tokens (the prefill), n.. the sequence; the first `pad`
+    columns are zeros that only align the sequence's start (see mixer_cuda._prefix_flat) and are not
+    scanned. -> the prefill's and the sequence's (b, E|N, L) views."""
+    pad, n = pre
     B3, C3 = B[:, 0], C[:, 0]
-    pre = (u[..., :n], delta[..., :n], B3[..., :n], C3[..., :n])
+    tokens = (u[..., pad:n], delta[..., pad:n], B3[..., pad:n], C3[..., pad:n])
     main = (u[..., n:], delta[..., n:], B3[..., n:], C3[..., n:], z[..., n:])
-    return pre, main
+    return tokens, main
 
 
-def _prefill_fwd(n, u, delta, A, B, C, D, z, delta_bias):
-    """Scan the first n positions from zero (their outputs are not wanted: no D, no z), then the rest
-    from the state they leave. -> the gated output of the rest (b, E, L - n) and that state."""
+def _prefill_fwd(mode, pre, u, delta, A, B, C, D, z, delta_bias):
+    """Scan the tokens from zero (their outputs are not wanted: no D, no z), then the sequence from the
+    state h they leave. mode "carry": the sequence on mamba_ssm's kernel from zero, plus h carried
+    forward (ops/scan_carry.py); "triton": the sequence on the Triton scan from h.
+    -> the gated output of the sequence (b, E, L - n), flat, and what backward needs."""
     st = _triton()
-    (pu, pd, pB, pC), (mu, md, mB, mC, mz) = _split(n, u, delta, B, C, z)
-    _, h = st.scan_fwd(pu, pd, A, pB, pC, None, None, delta_bias, True, None)
-    y, _ = st.scan_fwd(mu, md, A, mB, mC, D, mz, delta_bias, True, h)
-    return y, h
+    (tu, td, tB, tC), (mu, md, mB, mC, mz) = _split(pre, u, delta, B, C, z)
+    _, h = st.scan_fwd(tu, td, A, tB, tC, None, None, delta_bias, True, None)
+    if mode == "triton":
+        y, _ = st.scan_fwd(mu, md, A, mB, mC, D, mz, delta_bias, True, h)
+        return y, (h,)
+    n = pre[1]
+    y0, states = selective_scan_cuda.fwd(mu, md, A, B[..., n:], C[..., n:], D, None, delta_bias, True)[:2]
+    out = _3d(u.new_empty(u.shape[1], u.shape[0] * mu.shape[-1]), u.shape[0])
+    return _carry().carry_fwd(y0, mz, md, delta_bias, A, mC, h, out=out), (h, states, y0)
 
 
-def _prefill_bwd(n, u, delta, A, B, C, D, z, delta_bias, h, dy, dz, want_out_z):
-    """Gradients of the prefilled scan: the main scan's backward gives the state's gradient, which is
-    the prefill's dlast. -> du, ddelta, dA, dB, dC (b, N, L) fp32, dD, ddelta_bias, out_z (or None);
-    dz (b, E, L) is written: the rest's gradient, zero on the tokens (their outputs were dropped)."""
+def _prefill_bwd(mode, pre, u, delta, A, B, C, D, z, delta_bias, saved, dy, dz, want_out_z):
+    """Gradients of the prefilled scan: the sequence's backward gives the gradient of the state h, which
+    is the prefill's dlast. -> du, ddelta (b, E, L) flat, dA, dB, dC (b, 1, N, L) fp32, dD, ddelta_bias,
+    out_z (or None); dz (b, E, L) is written: the sequence's gradient, zero on the prefix columns
+    (their outputs were dropped), as are du, ddelta, dB and dC there except the tokens' own."""
     st = _triton()
-    (pu, pd, pB, pC), (mu, md, mB, mC, mz) = _split(n, u, delta, B, C, z)
-    mdu, mdd, dA, mdB, mdC, dD, mdz, dbias, dh = st.scan_bwd(mu, md, A, mB, mC, D, mz, delta_bias, True, h,
-                                                            dy, None)
-    pdu, pdd, pdA, pdB, pdC, _, _, pdbias, _ = st.scan_bwd(pu, pd, A, pB, pC, None, None, delta_bias, True,
-                                                           None, None, dh)
+    (tu, td, tB, tC), (mu, md, mB, mC, mz) = _split(pre, u, delta, B, C, z)
+    pad, n = pre
+    h = saved[0]
+    if mode == "triton":
+        mdu, mdd, dA, mdB, mdC, dD, mdz, dbias, dh = st.scan_bwd(mu, md, A, mB, mC, D, mz, delta_bias, True, h,
+                                                                dy, None)
+        dz[..., n:].copy_(mdz)
+        out_z = st.scan_fwd(mu, md, A, mB, mC, D, mz, delta_bias, True, h)[0] if want_out_z else None
+    else:
+        _, states, y0 = saved
+        g, ddc, dAc, dCc, dh, dbc, out_z = _carry().carry_bwd(dy, y0, mz, md, delta_bias, A, mC, h, dz[..., n:],
+                                                               want_out=want_out_z)
+        mdu, mdd, dA, mdB, mdC, dD, dbias = selective_scan_cuda.bwd(
+            mu, md, A, B[..., n:], C[..., n:], D, None, delta_bias, g, states, None, None, True, False)[:7]
+        mdd, dA, dbias = ddc.add_(mdd), dA + dAc, dbias + dbc
+        mdB, mdC = mdB[:, 0], dCc.add_(mdC[:, 0])
     dz[..., :n].zero_()
-    dz[..., n:].copy_(mdz)
-    out_z = st.scan_fwd(mu, md, A, mB, mC, D, mz, delta_bias, True, h)[0] if want_out_z else None
-    return (torch.cat([pdu, mdu], -1), torch.cat([pdd, mdd], -1), dA + pdA, torch.cat([pdB, mdB], -1),
-            torch.cat([pdC, mdC], -1), dD, dbias + pdbias, out_z)
+    tdu, tdd, tdA, tdB, tdC, _, _, tdbias, _ = st.scan_bwd(tu, td, A, tB, tC, None, None, delta_bias, True,
+                                                           None, None, dh)
+    du, ddelta = torch.empty_like(u), torch.empty_like(delta)
+    dB, dC = (torch.zeros(B.shape, dtype=torch.float32, device=B.device) for _ in range(2))
+    for full, tok, seq in ((du, tdu, mdu), (ddelta, tdd, mdd), (dB[:, 0], tdB, mdB), (dC[:, 0], tdC, mdC)):
+        full[..., :pad].zero_()
+        full[..., pad:n].copy_(tok)
+        full[..., n:].copy_(seq)
+    return du, ddelta, dA + tdA, dB, dC, dD, dbias + tdbias, out_z
 
 
 class MambaInner(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, xz, conv_w, conv_b, x_proj_w, dt_w, out_w, out_b, A, D, dt_b, out_extra, n_pre=0):
+    def forward(ctx, xz, conv_w, conv_b, x_proj_w, dt_w, out_w, out_b, A, D, dt_b, out_extra, prefill=None):
         with torch.autocast(xz.device.type, enabled=False):
             xz = flat(xz)
             dtype, b = xz.dtype, xz.shape[0]
@@ -170,20 +206,18 @@ class MambaInner(torch.autograd.Function):
             N = (x_dbl.shape[0] - R) // 2
             B, C = _bc(x_dbl[R:R + N], b), _bc(x_dbl[R + N:], b)
             Ac, Df, dtbf = A.contiguous(), D.float().contiguous(), dt_b.float().contiguous()
-            if n_pre:   # affix tokens: a prefill, then the main positions only (b, E, L - n)
-                out_z, h = _prefill_fwd(n_pre, u, delta, Ac, B, C, Df, z, dtbf)
-                saved = (h,)
-                y = out_z.transpose(1, 2).reshape(-1, E)          # (b(L - n), E)
+            if prefill:   # affix tokens: a prefill, then the sequence's positions only (b, E, L - n)
+                out_z, saved = _prefill_fwd(prefill[0], prefill[1:], u, delta, Ac, B, C, Df, z, dtbf)
             else:
                 out_z, saved = SCAN.forward(u, delta, Ac, B, C, Df, z, dtbf)
-                y = _2d(out_z).t()                                # (bL, E)
+            y = _2d(flat(out_z)).t()                              # (b(L [- n]), E)
             if bo is not None:
                 bias = bo if out_extra is None else torch.cat([bo, bo.new_zeros(out_extra.shape[0])])
                 out = torch.addmm(bias, y, wo.t())
             else:
                 out = y @ wo.t()
         ctx.save_for_backward(xz, cw, cb, x_dbl, wx, wdt, wo, Ac, Df, dtbf, *saved)
-        ctx.D_out, ctx.n_pre = out_w.shape[0], n_pre
+        ctx.D_out, ctx.prefill = out_w.shape[0], prefill
         ctx.dtypes = [t.dtype if t is not None else None for t in (conv_w, conv_b, x_proj_w, dt_w, out_w, out_b,
                                                                    A, D, dt_b, out_extra)]
         return out.view(b, -1, out.shape[-1])
@@ -204,11 +238,10 @@ class MambaInner(torch.autograd.Function):
             dxz = torch.empty_like(xz)                                  # flat, like xz
             dx, dz = dxz[:, :E], dxz[:, E:]
             dy = _3d(wo.t() @ dout.t(), b)                              # (b, E, L [- n]), flat
-            Dm, n = ctx.D_out, ctx.n_pre
-            if n:
+            Dm, pre = ctx.D_out, ctx.prefill
+            if pre:
                 du, ddelta, dA, dB, dC, dD, ddt_b, out_z = _prefill_bwd(
-                    n, u, delta, A, B, C, Df, z, dtbf, saved[0], dy, dz, need[5] or need[10])
-                dB, dC = dB[:, None], dC[:, None]
+                    pre[0], pre[1:], u, delta, A, B, C, Df, z, dtbf, saved, dy, dz, need[5] or need[10])
                 y = _2d(flat(out_z)) if out_z is not None else None    # (E, b(L - n))
             else:
                 du, ddelta, dA, dB, dC, dD, ddt_b, out_z = SCAN.backward(
@@ -237,15 +270,20 @@ class MambaInner(torch.autograd.Function):
                      + [None])
 
 
-def mamba_inner(xz, conv_w, conv_b, x_proj_w, dt_w, out_w, out_b, A, D, dt_b, out_extra=None, n_pre=0):
+def mamba_inner(xz, conv_w, conv_b, x_proj_w, dt_w, out_w, out_b, A, D, dt_b, out_extra=None, prefill=None):
     """xz (b, 2E, L) -> out_proj(gated scan) (b, L, D [+ rows of out_extra]).
 
     conv_w (E, k), conv_b (E,) or None, x_proj_w (R + 2N, E), dt_w (E, R), out_w (D, E), out_b (D,)
     or None, A (E, N) fp32 (= -exp(A_log)), D and dt_b (E,), out_extra (r, E) or None. Computes in
     xz's dtype (bf16 under autocast), with the scan state and A, D, dt_b in fp32.
 
-    n_pre > 0: the first n_pre columns of xz are prefix (affix) tokens whose outputs are not wanted.
-    They still feed the conv windows, but the scan over them is a prefill (ops/scan_triton.py) whose
-    last state, carrying gradient, starts the Triton scan of the rest; the output is then
-    (b, L - n_pre, D [+ extra]) and the tokens' z columns get a zero gradient."""
-    return MambaInner.apply(xz, conv_w, conv_b, x_proj_w, dt_w, out_w, out_b, A, D, dt_b, out_extra, n_pre)
+    prefill = (mode, pad, n): the first n columns of xz are a prefix whose outputs are not wanted: `pad`
+    zero columns (they align the sequence's start for mamba_ssm's vectorised loads; never scanned),
+    then affix tokens. The tokens feed the conv windows, and the scan over them is a prefill (Triton)
+    whose last state, carrying gradient, the sequence continues from: mode "carry" scans the sequence
+    with mamba_ssm's kernel from zero and adds that state carried forward (ops/scan_carry.py), mode
+    "triton" scans it with the Triton scan from the state. The output is then (b, L - n, D [+ extra])
+    and the prefix's z columns get a zero gradient."""
+    if prefill is not None and prefill[0] not in PREFILL_MODES:
+        raise ValueError(f"prefill mode {prefill[0]!r}: expected one of {PREFILL_MODES}")
+    return MambaInner.apply(xz, conv_w, conv_b, x_proj_w, dt_w, out_w, out_b, A, D, dt_b, out_extra, prefill)
