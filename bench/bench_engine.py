@@ -4,7 +4,8 @@ overhead (default): tokens/s of LoRA_p(X) r64 trained through `mambapeft.trainin
 bare step of bench/bench_gpu.py (forward with labels, backward, AdamW, zero_grad; nothing else),
 same process, same shape, random weights: bare, engine, bare, engine, ..., bare (--rounds engine
 runs, each compared with the bare runs on either side; the median is reported). On CUDA the bare
-step is bench_gpu.train itself.
+step is bench_gpu.train itself. Both store the frozen weights in bf16 on CUDA, as the engine's
+training.frozen_dtype auto does under bf16 autocast.
 
 --ddp N: the engine with one process (micro-batches accumulated) against N processes launched by
 torchrun, the same effective batch (N x --batch sequences per step); tokens/s and the largest
@@ -81,11 +82,13 @@ def bare_run(s, steps, warmup, device):
     if device == "cuda" and s is SHAPES["130m"]:
         sys.path.insert(0, str(Path(__file__).parent))
         import bench_gpu
-        row = bench_gpu.train("bare_lora_X_r64", lambda: bench_gpu.ours_model(METHODS), s["batch"], s["seqlen"],
-                              steps, warmup)
+        row = bench_gpu.train("bare_lora_X_r64", lambda: bench_gpu.ours_model(METHODS, frozen_bf16=True),
+                              s["batch"], s["seqlen"], steps, warmup)
         return {"tokens_per_s": row["tokens_per_s"]}
     from mambapeft.peft import PeftConfig, get_peft_model
     model = get_peft_model(build_model(s, device), PeftConfig(METHODS)).to(device).train()
+    if device == "cuda":
+        model.cast_frozen(torch.bfloat16)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     ids = torch.randint(0, s["vocab"], (s["batch"], s["seqlen"]), device=device)
     times = []

@@ -17,7 +17,12 @@ Runs named NAME_mamba_inner train NAME with MAMBAPEFT_INNER=mamba_ssm (mamba_ssm
 in place of ours), so both inner functions are compared in one process; affix runs named
 NAME_extra_positions (MAMBAPEFT_AFFIX_SCAN=mamba_ssm: the tokens as extra positions of mamba_ssm's
 scan) and NAME_triton_scan (=triton: the sequence on our Triton scan from the tokens' state) against
-the default (the tokens' state carried into mamba_ssm's scan, ops/scan_carry.py).
+the default (the tokens' state carried into mamba_ssm's scan, ops/scan_carry.py); runs named
+NAME_frozen_bf16 (e.g. lora_X_r64_frozen_bf16) store the frozen mixer weights in bf16 after
+get_peft_model (PeftModel.cast_frozen: the same losses, without autocast's per-step weight casts and
+their saved copies). Suffixes combine (lora_X_r64_frozen_bf16_mamba_inner). hf_lora_in_proj_r8_bf16_base
+is the transformers + peft baseline in that recipe: the model loaded in bf16, then peft's LoRA (whose
+adapter weights peft keeps in fp32, autocast_adapter_dtype=True), trained under the same bf16 autocast.
 --graphs RUNS: each run trained eagerly and as one captured CUDA graph of the whole step (forward,
 backward, AdamW) from the same initial weights; tokens/s of both, and the losses and weight updates
 must agree (PASS/FAIL); a capture that fails is reported and the run stays eager.
@@ -84,21 +89,24 @@ class KernelCounter:
             self.mod.fwd = self.orig
 
 
-def ours_model(methods, dtype=torch.float32):
+def ours_model(methods, dtype=torch.float32, frozen_bf16=False, device="cuda"):
     from mambapeft.models import MambaConfig, MambaForCausalLM
     from mambapeft.peft import PeftConfig, get_peft_model
-    with torch.device("cuda"):
+    with torch.device(device):
         model = MambaForCausalLM(MambaConfig(vocab_size=V, hidden_size=D, num_hidden_layers=L)).to(dtype)
     if methods is None:
         return model
-    return get_peft_model(model, PeftConfig(methods)).cuda()   # adapters are created on the CPU
+    peft = get_peft_model(model, PeftConfig(methods)).to(device)   # adapters are created on the CPU
+    if frozen_bf16:
+        peft.cast_frozen(torch.bfloat16)
+    return peft
 
 
-def hf_model(lora=True, dtype=torch.float32):
+def hf_model(lora=True, dtype=torch.float32, device="cuda"):
     import transformers
     cfg = transformers.MambaConfig(vocab_size=V, hidden_size=D, num_hidden_layers=L, state_size=16, expand=2,
                                    conv_kernel=4)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = transformers.MambaForCausalLM(cfg).to(dtype)
     if lora:
         import peft
@@ -109,7 +117,9 @@ def hf_model(lora=True, dtype=torch.float32):
 DEFAULT_INNER = os.environ.get("MAMBAPEFT_INNER", "ours")
 DEFAULT_AFFIX_SCAN = os.environ.get("MAMBAPEFT_AFFIX_SCAN")   # None: mixer_cuda's default (carry)
 AFFIX_SUFFIXES = {"_triton_scan": "triton", "_extra_positions": "mamba_ssm"}
-SUFFIXES = ("_mamba_inner",) + tuple(AFFIX_SUFFIXES)
+SUFFIXES = ("_mamba_inner", "_frozen_bf16") + tuple(AFFIX_SUFFIXES)
+HF_RUNS = {"hf_lora_in_proj_r8": lambda: hf_model(),   # fp32 weights, as ours
+           "hf_lora_in_proj_r8_bf16_base": lambda: hf_model(dtype=torch.bfloat16)}   # peft keeps LoRA fp32
 
 
 class inner_env:
@@ -119,8 +129,9 @@ class inner_env:
     *_extra_positions; else the process's (default: the prefill carried into mamba_ssm's scan)."""
 
     def __init__(self, name):
-        self.value = "mamba_ssm" if name.endswith("_mamba_inner") else DEFAULT_INNER
-        self.affix_scan = next((v for k, v in AFFIX_SUFFIXES.items() if name.endswith(k)), DEFAULT_AFFIX_SCAN)
+        found = run_suffixes(name)
+        self.value = "mamba_ssm" if "_mamba_inner" in found else DEFAULT_INNER
+        self.affix_scan = next((v for k, v in AFFIX_SUFFIXES.items() if k in found), DEFAULT_AFFIX_SCAN)
 
     def __enter__(self):
         self.old = {k: os.environ.get(k) for k in ("MAMBAPEFT_INNER", "MAMBAPEFT_AFFIX_SCAN")}
@@ -138,14 +149,30 @@ class inner_env:
                 os.environ[k] = v
 
 
+def run_suffixes(name):
+    """The SUFFIXES a run name ends with, in any order."""
+    found = []
+    while any(name.endswith(s) for s in SUFFIXES):
+        s = next(s for s in SUFFIXES if name.endswith(s))
+        found.append(s)
+        name = name.removesuffix(s)
+    return found
+
+
 def base_name(name):
-    for suffix in SUFFIXES:
+    for suffix in run_suffixes(name):
         name = name.removesuffix(suffix)
     return name
 
 
 def methods_of(name):
     return OURS[base_name(name)]
+
+
+def ours_build(name):
+    """The model builder of our run `name`."""
+    methods, frozen = methods_of(name), "_frozen_bf16" in run_suffixes(name)
+    return lambda: ours_model(methods, frozen_bf16=frozen)
 
 
 def train(name, build, batch, seqlen, steps, warmup, hf=False, backend=None):
@@ -502,10 +529,11 @@ def main():
     ap.add_argument("--seqlen", type=int, default=None, help="default: the shape's")
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--only", default="train,hf,generate,torch",
-                    help="parts to run: train (ours), hf (transformers+peft LoRA and full) or hf_lora (LoRA only), "
-                         "generate, torch (no kernels)")
-    ap.add_argument("--runs", default=",".join(list(OURS) + ["lora_X_r64_mamba_inner"]),
-                    help="our training runs (names of OURS, or NAME_mamba_inner for mamba_ssm's inner function)")
+                    help="parts to run: train (ours), hf (transformers+peft LoRA on an fp32 and on a bf16 base, "
+                         "and full) or hf_lora (the two LoRA runs only), generate, torch (no kernels)")
+    ap.add_argument("--runs", default=",".join(list(OURS) + ["lora_X_r64_mamba_inner", "lora_X_r64_frozen_bf16"]),
+                    help="our training runs (names of OURS, with _mamba_inner for mamba_ssm's inner function, "
+                         "_triton_scan or _extra_positions for affix's scan, _frozen_bf16 for frozen weights in bf16)")
     ap.add_argument("--interleave", default="",
                     help="comma list of training runs to also time step by step in turn (e.g. "
                          "hf_lora_in_proj_r8,lora_X_r64,affix_3,additional_scan_6)")
@@ -524,7 +552,7 @@ def main():
     names = [n for n in args.runs.split(",") if n]
     for n in names + [n for n in args.graphs.split(",") if n]:
         if base_name(n) not in OURS:
-            ap.error(f"unknown run {n!r}; expected one of {', '.join(OURS)} (optionally with one of "
+            ap.error(f"unknown run {n!r}; expected one of {', '.join(OURS)} (optionally with any of "
                      f"the suffixes {', '.join(SUFFIXES)})")
     for n in filter(None, args.profile.split(",")):
         if n != "hf_lora" and base_name(n) not in OURS:
@@ -547,12 +575,12 @@ def main():
         print(json.dumps(row), flush=True)
 
     runs = []
-    if "hf" in only or "hf_lora" in only:   # hf_lora: only the LoRA(in_proj) baseline, not full fine-tuning
-        runs.append(("hf_lora_in_proj_r8", hf_model, True))
+    if "hf" in only or "hf_lora" in only:   # hf_lora: only the LoRA(in_proj) baselines, not full fine-tuning
+        runs += [(name, build, True) for name, build in HF_RUNS.items()]
     if "hf" in only:
         runs.append(("hf_full", lambda: hf_model(lora=False), True))
     if "train" in only:
-        runs += [(name, lambda m=methods_of(name): ours_model(m), False) for name in names]
+        runs += [(name, ours_build(name), False) for name in names]
     pooled = {}
     for _ in range(args.rounds):  # interleaved rounds: drifts of the machine hit every run alike
         for name, build, hf in runs:
@@ -606,15 +634,14 @@ def main():
         if graphed:
             for name in filter(None, args.graphs.split(",")):
                 try:
-                    emit(graphs(name, lambda m=methods_of(name): ours_model(m), args.batch, args.seqlen,
-                                args.steps, args.warmup))
+                    emit(graphs(name, ours_build(name), args.batch, args.seqlen, args.steps, args.warmup))
                 except Exception as e:  # noqa: BLE001
                     print(f"RUN FAILED graphs {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
         for name in filter(None, args.profile.split(",")):
             if graphed and (name not in args.graphs.split(",") or
                             any("graph_error" in r for r in rows if r["run"] == name and r["kind"] == "graphs")):
                 continue
-            build = hf_model if name == "hf_lora" else (lambda m=methods_of(name): ours_model(m))
+            build = hf_model if name == "hf_lora" else ours_build(name)
             try:
                 emit(profile(name, build, args.batch, args.seqlen, prof_path, graphed))
             except Exception as e:  # noqa: BLE001 - a failed profile must not lose the table
@@ -668,6 +695,15 @@ def targets(rows, shape):
         if p or not graphed:
             line(f"GPU busy fraction of a LoRA_p(X) step{' (CUDA graph)' if graphed else ' (eager)'}",
                  p["gpu_busy_fraction"] if p else None, 0.9)
+    for hf_name, what in (("hf_lora_in_proj_r8", "fp32"), ("hf_lora_in_proj_r8_bf16_base", "bf16")):
+        if by.get("lora_X_r64_frozen_bf16") and by.get(hf_name):
+            line(f"LoRA_p(X) r64 bf16-frozen / hf+peft LoRA r8, {what} base", ratio(
+                "lora_X_r64_frozen_bf16", hf_name), goal)
+            line(f"  same, peak memory", by["lora_X_r64_frozen_bf16"]["peak_mem_gib"] / by[hf_name]["peak_mem_gib"],
+                 0.5, higher=False)
+    frozen = ratio("lora_X_r64_frozen_bf16", "lora_X_r64")
+    if frozen:
+        lines.append(f"  (LoRA_p(X) r64 with bf16 frozen weights / with fp32 ones, tokens/s: {frozen:.2f})")
     inner = ratio("lora_X_r64", "lora_X_r64_mamba_inner")
     if inner:
         lines.append(f"  (our inner function / mamba_inner_fn, LoRA_p(X) r64 tokens/s: {inner:.2f})")

@@ -15,7 +15,7 @@ export PYTHONPATH=$PWD/src:${PYTHONPATH:-} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=
 # 1. GPU tests (about 1 minute). gpu_tests KEYWORD LINES WHAT: run the GPU tests matching KEYWORD, show the
 #    log's last LINES lines and print PASS or FAIL for WHAT; returns pytest's exit status.
 gpu_tests() {
-    python3 -m pytest -q -m gpu tests/test_gpu.py -k "$1" -p no:warnings >> "$OUT/gpu_tests.txt" 2>&1
+    python3 -m pytest -q -m gpu tests/test_gpu.py tests/test_frozen.py -k "$1" -p no:warnings >> "$OUT/gpu_tests.txt" 2>&1
     local status=$?
     tail -"$2" "$OUT/gpu_tests.txt"
     echo "$([ $status -eq 0 ] && echo PASS || echo FAIL): $3 (pytest exit $status)"
@@ -29,16 +29,17 @@ if ! gpu_tests "our_inner" 25 "our inner function equals mamba_inner_fn and the 
 fi
 # affix tokens as a Triton prefill (opt-in: MAMBAPEFT_AFFIX_SCAN=triton) against extra positions and the reference
 gpu_tests "affix_prefill" 8 "the affix prefill equals extra positions and the reference on the GPU"
-gpu_tests "not our_inner and not affix_prefill" 15 "every method on the fused route against the reference"
+gpu_tests "not our_inner and not affix_prefill" 15 "every method on the fused route against the reference, and bf16 frozen weights"
 
 # 2. mamba-130m shape, 8x1024 (about 2.5 minutes): ours vs transformers + peft, our inner function vs
 #    mamba_inner_fn, eager vs one CUDA graph per step, and the profile with the GPU busy fraction.
 python3 bench/bench_gpu.py --out "$OUT" --only train,hf_lora --rounds 2 --steps 8 \
-    --runs lora_X_r64,lora_X_r64_mamba_inner,affix_3,affix_3_triton_scan,additional_scan_6,lora_in_proj_r8 \
-    --interleave hf_lora_in_proj_r8,lora_X_r64,lora_X_r64_mamba_inner,affix_3,affix_3_triton_scan,additional_scan_6 \
-    --graphs lora_X_r64,affix_3,additional_scan_6 --profile lora_X_r64,hf_lora 2>&1 | grep -v '^{' | tail -45
+    --runs lora_X_r64,lora_X_r64_frozen_bf16,lora_X_r64_mamba_inner,affix_3,affix_3_triton_scan,additional_scan_6,lora_in_proj_r8 \
+    --interleave hf_lora_in_proj_r8,hf_lora_in_proj_r8_bf16_base,lora_X_r64,lora_X_r64_frozen_bf16,lora_X_r64_mamba_inner,affix_3,affix_3_triton_scan,additional_scan_6 \
+    --graphs lora_X_r64,affix_3,additional_scan_6 --profile lora_X_r64,lora_X_r64_frozen_bf16,hf_lora 2>&1 \
+    | grep -v '^{' | tail -55
 
 # 3. mamba-1.4b shape, 4x2048 (about 1.5 minutes).
 python3 bench/bench_gpu.py --out "$OUT" --shape 1.4b --only train,hf_lora --steps 5 --warmup 2 \
-    --runs lora_X_r64,lora_X_r64_mamba_inner,affix_3,additional_scan_6 \
-    --graphs lora_X_r64 --profile lora_X_r64 2>&1 | grep -v '^{' | tail -30
+    --runs lora_X_r64,lora_X_r64_frozen_bf16,lora_X_r64_mamba_inner,affix_3,additional_scan_6 \
+    --graphs lora_X_r64 --profile lora_X_r64,lora_X_r64_frozen_bf16 2>&1 | grep -v '^{' | tail -36

@@ -214,6 +214,10 @@ def bad_inputs(tmp_path):
         ([good, "training.lr=fast"], "training.lr: expected a number > 0, got 'fast'"),
         ([good, "training.batch_sz=4"], "training.batch_sz: unknown setting"),
         ([good, "training.schedule=step"], "training.schedule: expected one of cosine, linear, constant"),
+        ([good, "training.frozen_dtype=fp16"], "training.frozen_dtype: expected one of auto, bf16, fp32"),
+        ([good, "training.frozen_dtype=bf16", "training.precision=fp32"], "training.frozen_dtype: expected auto or "
+                                                                          "fp32 with precision fp32"),
+        ([good, "training.frozen_dtype=bf16"], "training.frozen_dtype: bf16 needs bf16 autocast"),   # auto on CPU
         ([good, "training.batch_size=1000"], "training.batch_size: 1000 is more than the 256 training items"),
         ([good, "task.type=speech"], "task.type: unknown task type 'speech'"),
         ([good, "task.op=mul"], "task.op: expected reverse or add"),

@@ -50,6 +50,10 @@ class Composed:
     dirs: list = field(default_factory=list)  # ScanTensors, forward first
     affix_h: torch.Tensor | None = None       # (n, D) "outer" affix tokens, before in_proj
 
+    def matmul_weights(self):
+        """in_proj, out_proj, then x_proj and dt_proj per direction: the order of MambaMixer.matmul_weights."""
+        return [self.in_proj, self.out_proj] + [w for s in self.dirs for w in (s.x_proj, s.dt_w)]
+
 
 @dataclass
 class LowRankRows:
@@ -114,6 +118,15 @@ class MixerAdapter(nn.Module):
         """[(down weight V (r, E), finish(V g, out) -> out)]: V's rows are appended to out_proj's."""
         return [] if type(self).adapt_out is MixerAdapter.adapt_out else None
 
+    def edited_weights(self, mixer) -> list:
+        """The mixer's matmul weights (MambaMixer.matmul_weights) that compose() computes on, e.g. adds a
+        delta to. cast_frozen keeps these as loaded: a sum of a bf16-rounded weight is not the bf16
+        rounding of the sum. Default: every one that compose() replaces; an adapter that only reads a
+        weight, or takes whole rows of it, says which (it is exact in any dtype)."""
+        with torch.no_grad():
+            composed = mixer.compose(adapters=[self]).matmul_weights()
+        return [w for w, c in zip(mixer.matmul_weights(), composed) if c is not w]
+
 
 class MambaMixer(nn.Module):
     DIRECTION_SUFFIX = ("", "_b")
@@ -156,6 +169,13 @@ class MambaMixer(nn.Module):
             dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
             dt = dt.clamp(min=dt_floor)
             dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+    def matmul_weights(self):
+        """The weights only matrix products read (F.linear under autocast, or cast to the compute dtype
+        by the fused path): in_proj, out_proj, x_proj and dt_proj of each direction. Their biases,
+        conv1d, A_log and D are read in fp32 by the kernels and are not among them."""
+        return [self.in_proj.weight, self.out_proj.weight] + \
+            [getattr(self, n + s).weight for s in self.directions for n in ("x_proj", "dt_proj")]
 
     def adapters(self):
         return sorted(active(self.peft), key=lambda a: a.order)

@@ -40,6 +40,9 @@ class AdditionalScan(MixerAdapter):
         self.A_log = nn.Parameter(a)
         self.x_proj = nn.Linear(E, 2 * states, bias=False)  # rows: X_B then X_C
 
+    def edited_weights(self, mixer):
+        return []   # x_proj's rows are only concatenated with new ones: exact whatever its dtype
+
     def compose(self, c, mixer, merge=False):
         s = c.dirs[self.direction]
         R, N = s.dt_w.shape[1], s.state_size

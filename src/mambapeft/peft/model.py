@@ -11,6 +11,7 @@ from .. import __version__
 from ..io import CheckpointError, read_json, read_weights, write_json, write_safetensors
 from ..models.adapter import peft_dicts
 from .config import METHODS, PeftConfig
+from .frozen import cast_frozen
 from .inject import backbone, inject, mixers, model_kind
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -163,6 +164,13 @@ class PeftModel(nn.Module):
             self._detach(name)
         return self.base_model
 
+    def cast_frozen(self, dtype):
+        """Store the frozen mixer weights that only matrix products read in `dtype` (peft/frozen.py):
+        the same results under autocast to `dtype`, without its per-step casts and their saved copies.
+        Call it once every adapter is attached (an adapter attached later that adds to such a weight
+        would add to the rounded one). Returns the number of elements converted."""
+        return cast_frozen(self.base_model, dtype)
+
     # ---- counting -------------------------------------------------------------------------
     def trainable_parameters_by_method(self):
         counts = {}
@@ -266,7 +274,8 @@ class PeftModel(nn.Module):
         """Fold the active adapter's LoRA, partial LoRA, DoRA and partial-tuning deltas into the base
         weights and return the base model (other loaded adapters are removed). Prompt, affix,
         Additional-scan and the parallel adapter cannot be folded: with strict=True their presence is
-        an error; with strict=False they stay attached (and the model's save_pretrained refuses)."""
+        an error; with strict=False they stay attached (and the model's save_pretrained refuses).
+        After cast_frozen(bf16) a weight that was cast, and the delta folded into it, ends in bf16."""
         left = self.unmergeable_methods()
         if left and strict:
             raise ValueError(f"cannot merge {', '.join(left)}: these methods change the sequence, the state "

@@ -20,6 +20,9 @@ class BaseModel:
         for m in mixers(model):
             m.peft.clear()
         backbone(model).peft.clear()
+        for k, t in model.state_dict(keep_vars=True).items():   # the trainer may store frozen weights in bf16
+            if k in self.saved and t.dtype != self.saved[k].dtype:
+                t.data = torch.empty_like(self.saved[k])
         missing, unexpected = model.load_state_dict(self.saved, strict=False)
         if missing or unexpected:   # anything left means an adapter lived outside the peft dicts
             raise RuntimeError(f"the base model did not come back as loaded: missing {missing[:5]}, "

@@ -33,6 +33,9 @@ TRAINING = {
     "save_every": (None, "checkpoint every N steps (default: at each evaluation)"),
     "keep_checkpoints": (2, "keep at most this many checkpoints (the newest)"),
     "precision": ("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32"),
+    "frozen_dtype": ("auto", "dtype of the frozen mixer weights only matmuls read (in_proj, out_proj, x_proj, "
+                     "dt_proj): auto (bf16 under bf16 autocast: the same results without autocast's per-step "
+                     "casts and their saved copies), bf16 (needs bf16 autocast) or fp32 (as loaded)"),
     "device": ("auto", "auto (cuda:LOCAL_RANK when CUDA is there), cpu or cuda"),
     "num_workers": (0, "DataLoader worker processes per training process"),
     "log_every": (1, "steps between updates of the progress bar's numbers (log.jsonl has every step)"),
@@ -163,8 +166,10 @@ def _check_training(t, source):
     _expect(isinstance(b, list) and len(b) == 2 and all(isinstance(x, (int, float)) and 0 <= x < 1 for x in b),
             source, "training.betas", f"two numbers in [0, 1), got {b!r}")
     for key, choices in (("schedule", ("cosine", "linear", "constant")), ("precision", ("auto", "bf16", "fp32")),
-                         ("device", ("auto", "cpu", "cuda"))):
+                         ("frozen_dtype", ("auto", "bf16", "fp32")), ("device", ("auto", "cpu", "cuda"))):
         _expect(t[key] in choices, source, f"training.{key}", f"one of {', '.join(choices)}, got {t[key]!r}")
+    _expect(not (t["frozen_dtype"] == "bf16" and t["precision"] == "fp32"), source, "training.frozen_dtype",
+            "auto or fp32 with precision fp32 (bf16 weights need bf16 autocast)")
     _expect(t["min_lr_ratio"] <= 1, source, "training.min_lr_ratio", "a number in [0, 1]")
     for key in ("progress", "eval_base"):
         _expect(isinstance(t[key], bool), source, f"training.{key}", "true or false")

@@ -27,7 +27,7 @@ from .task import build_task
 CONFIG = "config.yaml"
 BASE = "base_metrics.json"   # the base model's metrics (training.eval_base), kept for a resumed run
 # Settings a resumed run may change: they do not alter the result.
-RESUMABLE = {"progress", "num_workers", "log_every", "device", "keep_checkpoints"}
+RESUMABLE = {"progress", "num_workers", "log_every", "device", "keep_checkpoints", "frozen_dtype"}
 
 
 class TrainingError(RuntimeError):
@@ -40,7 +40,8 @@ def train(config, task=None, model=None, callback=None, resume=False, overrides=
     config: a YAML path or a config dict (training/config.py); `overrides`: "key=value" strings.
     task: a Task to use instead of building one from config["task"].
     model: an already loaded base model (not wrapped) instead of task.load_model(config["model"]);
-        the methods are attached to it in place, so pass a fresh copy for each run.
+        the methods are attached to it in place, and its frozen mixer weights may be stored in bf16
+        (training.frozen_dtype), so pass a fresh copy for each run.
     callback(step, metrics): called on rank 0 after each validation; returning True stops the run
         after a checkpoint (an exception, e.g. optuna.TrialPruned, propagates).
     resume: continue the run in config's output_dir from its newest checkpoint."""
@@ -50,6 +51,7 @@ def train(config, task=None, model=None, callback=None, resume=False, overrides=
         config = validate(apply_overrides(config, overrides), "config")
     t = config["training"]
     ctx = distributed.setup(t["device"])
+    frozen = _frozen_dtype(t, ctx.device)
     run_dir = Path(config["output_dir"])
     _check_run_dir(run_dir, config, resume)
 
@@ -66,6 +68,8 @@ def train(config, task=None, model=None, callback=None, resume=False, overrides=
     except ValueError as e:   # a method that cannot apply to this model (ConfigError is one too)
         raise e if isinstance(e, ConfigError) else ConfigError(f"methods: {e}") from None
     peft.train()
+    if frozen is not None:   # frozen tensors only: the optimizer never sees them
+        peft.cast_frozen(frozen)
     groups = peft.param_groups(lr=t["lr"], weight_decay=t["weight_decay"])
     for g in groups:
         g["base_lr"] = g["lr"]
@@ -273,6 +277,16 @@ def _autocast(device, precision):
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _frozen_dtype(t, device):
+    """bf16 when the frozen matmul weights are to be stored in bf16 (peft/frozen.py), else None."""
+    bf16_autocast = t["precision"] == "bf16" or (t["precision"] == "auto" and device.type == "cuda")
+    if t["frozen_dtype"] == "bf16" and not bf16_autocast:
+        raise ConfigError(f"training.frozen_dtype: bf16 needs bf16 autocast, and precision {t['precision']} on "
+                          f"{device.type} runs in fp32; expected auto or fp32")
+    return torch.bfloat16 if t["frozen_dtype"] == "bf16" or (t["frozen_dtype"] == "auto" and bf16_autocast) \
+        else None
 
 
 def _non_finite_groups(groups):
