@@ -677,30 +677,31 @@ def targets(rows, shape):
         lines.append(f"  {what:58s} {value:9.2f}  {('>=' if higher else '<=') + format(goal, '.2f'):>6s}  "
                      f"{'met' if met else 'MISSED'}")
     goal = TARGET_VS_HF[shape]
-    line("LoRA_p(X) r64 tokens/s / hf+peft LoRA(in_proj) r8", ratio("lora_X_r64", "hf_lora_in_proj_r8"), goal)
-    g, hf = by.get("lora_X_r64/graphs"), by.get("hf_lora_in_proj_r8")
-    if g and hf and "graphed_tokens_per_s" in g:
-        line("  same, LoRA_p(X) as a CUDA graph (vs their eager step)", g["graphed_tokens_per_s"] / hf["tokens_per_s"],
-             goal)
-    mh, mx = by.get("hf_lora_in_proj_r8"), by.get("lora_X_r64")
-    line("LoRA_p(X) r64 peak memory / hf+peft's", mx["peak_mem_gib"] / mh["peak_mem_gib"] if mh and mx else None,
-         0.5, higher=False)
-    for n, what in (("affix_3", "Affix (3 tokens)"), ("additional_scan_6", "Additional-scan (n'=6)")):
-        line(f"{what} tokens/s / LoRA_p(X)'s", ratio(n, "lora_X_r64"), 0.95)
-        gn = by.get(f"{n}/graphs")
-        if g and gn and "graphed_tokens_per_s" in g and "graphed_tokens_per_s" in gn:
-            line("  same, both as CUDA graphs", gn["graphed_tokens_per_s"] / g["graphed_tokens_per_s"], 0.95)
-    for graphed in (False, True):
-        p = prof.get(("lora_X_r64", graphed))
-        if p or not graphed:
-            line(f"GPU busy fraction of a LoRA_p(X) step{' (CUDA graph)' if graphed else ' (eager)'}",
-                 p["gpu_busy_fraction"] if p else None, 0.9)
-    for hf_name, what in (("hf_lora_in_proj_r8", "fp32"), ("hf_lora_in_proj_r8_bf16_base", "bf16")):
-        if by.get("lora_X_r64_frozen_bf16") and by.get(hf_name):
-            line(f"LoRA_p(X) r64 bf16-frozen / hf+peft LoRA r8, {what} base", ratio(
-                "lora_X_r64_frozen_bf16", hf_name), goal)
-            line(f"  same, peak memory", by["lora_X_r64_frozen_bf16"]["peak_mem_gib"] / by[hf_name]["peak_mem_gib"],
-                 0.5, higher=False)
+    bases = (("hf_lora_in_proj_r8", "fp32 base"), ("hf_lora_in_proj_r8_bf16_base", "bf16 base"))
+    for sfx, recipe in (("", "fp32 frozen weights"), ("_frozen_bf16", "bf16 frozen weights (cast_frozen)")):
+        x = "lora_X_r64" + sfx
+        if x not in by:
+            continue
+        lines.append(f"  ours with {recipe}:")
+        g = by.get(f"{x}/graphs")
+        for hf_name, base in bases:
+            if hf_name not in by:
+                continue
+            line(f"LoRA_p(X) r64 tokens/s / hf+peft LoRA(in_proj) r8, {base}", ratio(x, hf_name), goal)
+            if g and "graphed_tokens_per_s" in g:
+                line("  same, ours as a CUDA graph (theirs eager)",
+                     g["graphed_tokens_per_s"] / by[hf_name]["tokens_per_s"], goal)
+            line("  peak memory / theirs", by[x]["peak_mem_gib"] / by[hf_name]["peak_mem_gib"], 0.5, higher=False)
+        for n, what in (("affix_3", "Affix (3 tokens)"), ("additional_scan_6", "Additional-scan (n'=6)")):
+            line(f"{what} tokens/s / LoRA_p(X)'s", ratio(n + sfx, x), 0.95)
+            gn = by.get(f"{n}{sfx}/graphs")
+            if g and gn and "graphed_tokens_per_s" in g and "graphed_tokens_per_s" in gn:
+                line("  same, both as CUDA graphs", gn["graphed_tokens_per_s"] / g["graphed_tokens_per_s"], 0.95)
+        for graphed in (False, True):
+            p = prof.get((x, graphed))
+            if p or not graphed:
+                line(f"GPU busy fraction of a LoRA_p(X) step{' (CUDA graph)' if graphed else ' (eager)'}",
+                     p["gpu_busy_fraction"] if p else None, 0.9)
     frozen = ratio("lora_X_r64_frozen_bf16", "lora_X_r64")
     if frozen:
         lines.append(f"  (LoRA_p(X) r64 with bf16 frozen weights / with fp32 ones, tokens/s: {frozen:.2f})")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 13 on one H200 (about 6 minutes): the GPU tests of the fused route, then the benchmark
+# Issue 13 on one H200 (about 10 minutes): the GPU tests of the fused route, then the benchmark
 # rounds at the mamba-130m and mamba-1.4b shapes. Run from the repository root, with the kernel
 # wheels carried in .gpu/ (see /work/shared/gpu/README.md). Results go to $OUT (default
 # bench/results/issue13): gpu_tests.txt, gpu_bench.{jsonl,txt}, gpu_profile.txt and their _1.4b twins.
@@ -21,25 +21,39 @@ gpu_tests() {
     echo "$([ $status -eq 0 ] && echo PASS || echo FAIL): $3 (pytest exit $status)"
     return $status
 }
-: > "$OUT/gpu_tests.txt"
-if ! gpu_tests "our_inner" 25 "our inner function equals mamba_inner_fn and the reference on the GPU"; then
-    echo "FALLBACK: the benchmark runs on mamba_ssm's mamba_inner_fn (MAMBAPEFT_INNER=mamba_ssm)" \
-        | tee -a "$OUT/gpu_tests.txt"
-    export MAMBAPEFT_INNER=mamba_ssm
+# Parts to run (default all): tests 130m 1.4b, e.g. `bash bench/issue13_gpu.sh 1.4b` (one device call each
+# stays under ten minutes).
+PARTS=" ${*:-tests 130m 1.4b} "
+if [[ $PARTS == *" tests "* ]]; then
+    : > "$OUT/gpu_tests.txt"
+    python3 -m pytest -q tests/test_scan_carry.py -p no:warnings >> "$OUT/gpu_tests.txt" 2>&1
+    echo "$([ $? -eq 0 ] && echo PASS || echo FAIL): the carry kernels (ops/scan_carry.py) on the GPU"
+    if ! gpu_tests "our_inner" 25 "our inner function equals mamba_inner_fn and the reference on the GPU"; then
+        echo "FALLBACK: the benchmark runs on mamba_ssm's mamba_inner_fn (MAMBAPEFT_INNER=mamba_ssm)" \
+            | tee -a "$OUT/gpu_tests.txt"
+        export MAMBAPEFT_INNER=mamba_ssm
+    fi
+    # affix tokens as a prefill (carried into mamba_ssm's scan, or on the Triton scan) against extra positions
+    gpu_tests "affix_prefill" 8 "the affix prefill equals extra positions and the reference on the GPU"
+    gpu_tests "not our_inner and not affix_prefill" 15 \
+        "every method on the fused route against the reference, and bf16 frozen weights"
 fi
-# affix tokens as a Triton prefill (opt-in: MAMBAPEFT_AFFIX_SCAN=triton) against extra positions and the reference
-gpu_tests "affix_prefill" 8 "the affix prefill equals extra positions and the reference on the GPU"
-gpu_tests "not our_inner and not affix_prefill" 15 "every method on the fused route against the reference, and bf16 frozen weights"
 
-# 2. mamba-130m shape, 8x1024 (about 2.5 minutes): ours vs transformers + peft, our inner function vs
-#    mamba_inner_fn, eager vs one CUDA graph per step, and the profile with the GPU busy fraction.
-python3 bench/bench_gpu.py --out "$OUT" --only train,hf_lora --rounds 2 --steps 8 \
-    --runs lora_X_r64,lora_X_r64_frozen_bf16,lora_X_r64_mamba_inner,affix_3,affix_3_triton_scan,additional_scan_6,lora_in_proj_r8 \
-    --interleave hf_lora_in_proj_r8,hf_lora_in_proj_r8_bf16_base,lora_X_r64,lora_X_r64_frozen_bf16,lora_X_r64_mamba_inner,affix_3,affix_3_triton_scan,additional_scan_6 \
-    --graphs lora_X_r64,affix_3,additional_scan_6 --profile lora_X_r64,lora_X_r64_frozen_bf16,hf_lora 2>&1 \
-    | grep -v '^{' | tail -55
+# 2. mamba-130m shape, 8x1024 (about 4 minutes): ours (fp32 and bf16 frozen weights) vs transformers +
+#    peft (fp32 and bf16 base), affix as a carried prefill vs extra positions, eager vs one CUDA graph per
+#    step, the profiles with the GPU busy fraction, and generation.
+if [[ $PARTS == *" 130m "* ]]; then
+    python3 bench/bench_gpu.py --out "$OUT" --only train,hf_lora,generate --rounds 2 --steps 8 \
+        --runs lora_X_r64,lora_X_r64_frozen_bf16,lora_X_r64_mamba_inner,affix_3,affix_3_extra_positions,affix_3_frozen_bf16,additional_scan_6,additional_scan_6_frozen_bf16 \
+        --interleave hf_lora_in_proj_r8,hf_lora_in_proj_r8_bf16_base,lora_X_r64,lora_X_r64_frozen_bf16,affix_3,affix_3_extra_positions,affix_3_frozen_bf16,additional_scan_6,additional_scan_6_frozen_bf16 \
+        --graphs lora_X_r64,lora_X_r64_frozen_bf16,additional_scan_6_frozen_bf16 \
+        --profile lora_X_r64,lora_X_r64_frozen_bf16,hf_lora 2>&1 | grep -v '^{' | tail -60
+fi
 
-# 3. mamba-1.4b shape, 4x2048 (about 1.5 minutes).
-python3 bench/bench_gpu.py --out "$OUT" --shape 1.4b --only train,hf_lora --steps 5 --warmup 2 \
-    --runs lora_X_r64,lora_X_r64_frozen_bf16,lora_X_r64_mamba_inner,affix_3,additional_scan_6 \
-    --graphs lora_X_r64 --profile lora_X_r64,lora_X_r64_frozen_bf16 2>&1 | grep -v '^{' | tail -36
+# 3. mamba-1.4b shape, 4x2048 (about 3 minutes).
+if [[ $PARTS == *" 1.4b "* ]]; then
+    python3 bench/bench_gpu.py --out "$OUT" --shape 1.4b --only train,hf_lora --steps 5 --warmup 2 \
+        --runs lora_X_r64,lora_X_r64_frozen_bf16,affix_3,affix_3_extra_positions,affix_3_frozen_bf16,additional_scan_6_frozen_bf16 \
+        --interleave hf_lora_in_proj_r8,hf_lora_in_proj_r8_bf16_base,lora_X_r64,lora_X_r64_frozen_bf16,affix_3_frozen_bf16,additional_scan_6_frozen_bf16 \
+        --graphs lora_X_r64_frozen_bf16 --profile lora_X_r64_frozen_bf16 2>&1 | grep -v '^{' | tail -40
+fi
