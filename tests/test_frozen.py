@@ -35,6 +35,7 @@ def build(kind, methods, cast, device="cpu"):
 
 
 def loss_and_grads(peft, kind, device="cpu"):
+    peft.zero_grad(set_to_none=True)
     torch.manual_seed(1)   # the same dropout masks in both runs
     with torch.autocast(device, BF16):
         if kind == "vim":
@@ -43,7 +44,7 @@ def loss_and_grads(peft, kind, device="cpu"):
             ids = torch.randint(0, 97, (2, 11), device=device)
             loss = peft(input_ids=ids, labels=ids).loss
     loss.backward()
-    return loss.detach(), {n: p.grad for n, p in peft.base_model.named_parameters() if p.requires_grad}
+    return loss.detach(), {n: p.grad.clone() for n, p in peft.base_model.named_parameters() if p.requires_grad}
 
 
 @pytest.mark.parametrize("kind,methods", CASES, ids=[f"{k}-{'+'.join(m) if len(m) < 4 else 'all'}" for k, m in CASES])
@@ -69,14 +70,21 @@ GPU_CASES = [("lm", {"lora_X": {"r": 4}}), ("lm", {"lora_x_proj": {}, "additiona
 @pytest.mark.parametrize("kind,methods", GPU_CASES, ids=["+".join(m) for _, m in GPU_CASES])
 def test_on_the_kernels_bf16_frozen_weights_give_the_same_loss_and_gradients(kind, methods, inner, monkeypatch):
     """The fused inner functions cast weights to xz's dtype themselves: a bf16 weight is that cast.
-    The loss is the same bit for bit; gradients to float summation order (the scan's backward sums
-    dA, dD and the dt bias's gradient over the batch with atomic adds, in any order)."""
+    The loss is the same bit for bit. Gradients are not deterministic on the kernels: the scan's
+    backward adds dB and dC over channel blocks (and dA, dD, the dt bias's gradient over the batch)
+    with atomic adds in any order, and a bf16 rounding downstream can turn that into a last-bit
+    difference. So the cast may move a gradient no further than a second fp32 run moves it (plus a
+    float32 margin)."""
     monkeypatch.setenv("MAMBAPEFT_INNER", inner)
-    loss, grads = loss_and_grads(build(kind, methods, False, "cuda")[0], kind, "cuda")
+    model = build(kind, methods, False, "cuda")[0]
+    loss, grads = loss_and_grads(model, kind, "cuda")
+    _, again = loss_and_grads(model, kind, "cuda")
     loss2, grads2 = loss_and_grads(build(kind, methods, True, "cuda")[0], kind, "cuda")
     assert torch.equal(loss, loss2)
     for name, g in grads.items():
-        torch.testing.assert_close(grads2[name], g, rtol=1e-5, atol=1e-6 * g.abs().max().item(), msg=name)
+        noise = (again[name] - g).abs().max().item()
+        err = (grads2[name] - g).abs().max().item()
+        assert err <= 2 * noise + 1e-6 * g.abs().max().item(), f"{name}: {err:.3g} off, run-to-run {noise:.3g}"
 
 
 def test_a_weight_a_method_adds_to_stays_fp32_and_casting_it_anyway_would_change_the_loss(monkeypatch):
