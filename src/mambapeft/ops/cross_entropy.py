@@ -6,11 +6,24 @@ logits live only inside the loop, and when a gradient is wanted the chunk's grad
 are computed right there (softmax - onehot), so backward only scales them by the incoming gradient.
 With a 50k vocabulary this removes the bf16 logits, their fp32 copy and the log-softmax
 (3 x tokens x vocab values) from the activations kept for backward. The matmuls run in the autocast
-dtype when autocast is on (like the LM head under autocast), else in W's dtype.
+dtype when autocast is on (like the LM head under autocast), else in W's dtype. On CUDA with triton,
+each chunk's loss and softmax gradient come from one kernel (ops/cross_entropy_triton.py) that writes
+the gradient over the chunk's logits, instead of eight torch passes over an fp32 copy.
 """
 import torch
 
 CHUNK_ELEMENTS = 1 << 26   # logits per chunk (256 MB in fp32)
+
+
+def fused_kernel(h):
+    """ops/cross_entropy_triton.py for CUDA tensors where triton imports, else None (torch)."""
+    if not h.is_cuda:
+        return None
+    try:
+        from . import cross_entropy_triton
+    except ImportError:
+        return None
+    return cross_entropy_triton
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -32,20 +45,28 @@ class _LinearCrossEntropy(torch.autograd.Function):
         count = valid.sum().float()
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         step = max(1, CHUNK_ELEMENTS // V)
+        fused = fused_kernel(h)
+        if fused is not None:
+            marked = torch.where(valid, labels, -1)                # the kernel skips negative labels
+            inv_count = 1.0 / count
         for s in range(0, n, step):
             e = min(n, s + step)
-            logits = (hc[s:e] @ wc.t()).float()
-            lab, ok = labels[s:e].clamp(min=0)[:, None], valid[s:e]
-            lse = torch.logsumexp(logits, -1)
-            total += ((lse - logits.gather(1, lab)[:, 0]) * ok).sum()
-            if need_h or need_w:
-                g = logits.sub_(lse[:, None]).exp_()                     # softmax, in place
-                g.scatter_add_(1, lab, -ok[:, None].float())
-                g = (g * (ok[:, None] / count)).to(compute_dtype)
-                if need_h:
-                    dh[s:e] = g @ wc
-                if need_w:
-                    dw += (g.t() @ hc[s:e]).float()
+            if fused is not None:   # loss and gradient in one kernel, the gradient over the logits
+                g = hc[s:e] @ wc.t()
+                total += fused.chunk_loss_and_grad(g, marked[s:e], inv_count, need_h or need_w).sum()
+            else:
+                logits = (hc[s:e] @ wc.t()).float()
+                lab, ok = labels[s:e].clamp(min=0)[:, None], valid[s:e]
+                lse = torch.logsumexp(logits, -1)
+                total += ((lse - logits.gather(1, lab)[:, 0]) * ok).sum()
+                if need_h or need_w:
+                    g = logits.sub_(lse[:, None]).exp_()                     # softmax, in place
+                    g.scatter_add_(1, lab, -ok[:, None].float())
+                    g = (g * (ok[:, None] / count)).to(compute_dtype)
+            if need_h:
+                dh[s:e] = g @ wc
+            if need_w:
+                dw += (g.t() @ hc[s:e]).float()
         if rows is not None and dh is not None:   # unlabelled rows get no gradient
             dh = torch.zeros((len(h), dh.shape[1]), dtype=dh.dtype).index_copy_(0, rows, dh)
         ctx.save_for_backward(dh, dw)
