@@ -116,6 +116,51 @@ def test_padded_batch_loss_equals_each_record_alone(tok, tiny):
     torch.testing.assert_close(total, sum(s for s, _ in alone), rtol=1e-5, atol=1e-5)
 
 
+def test_the_loss_drops_the_mask_of_right_padding_unless_a_method_places_tokens_by_it(tok, tiny, monkeypatch):
+    """Right padding changes nothing the causal loss sees, so the task leaves the mask out (the CUDA path
+    then takes its fused kernels: below, with kernel_fakes' torch stand-ins, every mixer call is fused).
+    Infix affix tokens sit between chunks of each row's real length: there the mask stays, and it
+    matters."""
+    from kernel_fakes import install
+
+    from mambapeft.language.task import LanguageTask
+    from mambapeft.models import mixer_cuda
+    from mambapeft.models.mixer import MambaMixer
+    from mambapeft.ops import mamba_inner
+    from mambapeft.peft import PeftConfig, get_peft_model
+    items = data.tokenize(sums(4) + [{"instruction": "1+2=", "output": "3"}], tok, "none", cutoff=64)
+    batch = data.collate(items, tok.pad_token_id)
+    task = LanguageTask.__new__(LanguageTask)
+    seen = []
+    forward = MambaForCausalLM.forward
+    monkeypatch.setattr(MambaForCausalLM, "forward",
+                        lambda self, ids, attention_mask=None, **kw: seen.append(attention_mask) or
+                        forward(self, ids, attention_mask=attention_mask, **kw))
+    for methods, kept in (({"lora_X": {}}, False), ({"affix": {"position": "infix"}}, True)):
+        torch.manual_seed(0)
+        model = get_peft_model(MambaForCausalLM.from_pretrained(DEFAULT_MODEL), PeftConfig(methods)).eval()
+        with torch.no_grad():
+            for p in model.method_of:
+                p.add_(torch.randn_like(p) * 0.1)
+        seen.clear()
+        total, _ = task.loss(model, batch)
+        assert (seen[-1] is not None) == kept, methods
+        masked = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        bare = model(batch["input_ids"], labels=batch["labels"]).loss
+        count = (batch["labels"][:, 1:] != -100).sum()
+        torch.testing.assert_close(total, masked * count, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(masked, bare, rtol=1e-5, atol=1e-6) != kept, "the mask should matter just for infix"
+    install(monkeypatch)
+    calls = []
+    inner = mamba_inner.mamba_inner
+    monkeypatch.setattr(mamba_inner, "mamba_inner", lambda *a, **k: calls.append(1) or inner(*a, **k))
+    monkeypatch.setattr(MambaMixer, "forward", lambda self, h, mask=None, state=None:
+                        mixer_cuda.forward(self, self.compose(), h, mask, state))
+    model = get_peft_model(MambaForCausalLM.from_pretrained(DEFAULT_MODEL), PeftConfig({"lora_X": {}}))
+    task.loss(model, batch)
+    assert len(calls) == model.config.num_hidden_layers, "every mixer should take the fused route"
+
+
 @pytest.mark.parametrize("content, expected", [
     (b"", "empty file"),
     (b"  \n", "empty file"),

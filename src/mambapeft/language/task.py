@@ -17,6 +17,7 @@ import logging
 
 import torch
 
+from ..models.mixer import MixerAdapter
 from ..peft.config import ConfigError
 from ..training.task import register_task
 from . import data
@@ -138,7 +139,11 @@ class LanguageTask:
 
     def loss(self, model, batch):
         count = (batch["labels"][:, 1:] != -100).sum()
-        out = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        # Batches are right-padded (data.collate) and the model is causal: no real token comes after
+        # a pad, and pads carry no label, so the mask changes nothing the loss sees, unless a method
+        # places tokens by each row's real length. Without it the CUDA path takes its fused kernels.
+        mask = batch["attention_mask"] if _reads_padding(model) else None
+        out = model(batch["input_ids"], attention_mask=mask, labels=batch["labels"])
         return out.loss.float() * count, count
 
     @torch.no_grad()
@@ -181,6 +186,11 @@ class LanguageTask:
         out = {f"{name}/{k}": v for name, r in res.items() for k, v in r.items() if k != "n"}
         out["acc"] = sum(r["acc"] for r in res.values()) / len(res)
         return out
+
+
+def _reads_padding(model):
+    """Does an active mixer adapter place tokens by where the padding is (MixerAdapter.reads_padding)?"""
+    return any(isinstance(m, MixerAdapter) and m.active and m.reads_padding() for m in model.modules())
 
 
 @register_task("language")

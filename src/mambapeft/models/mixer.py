@@ -102,6 +102,11 @@ class MixerAdapter(nn.Module):
         """Merging only: add an activation-form method's weight delta to c. Called after every
         adapter's compose(), since in the forward it acts on the output of the composed weight."""
 
+    def reads_padding(self) -> bool:
+        """True when the method's effect on real tokens depends on where the padding is (not only on
+        pads being zeroed): then even a right-padded batch needs its attention mask."""
+        return False
+
     def adapt_xz(self, h, xz):                           # activation form on in_proj's output
         return xz
 

@@ -72,6 +72,9 @@ class AffixLayer(MixerAdapter):
         self._tokens = [tokens]  # a plain list: the parameters belong to the model-level module
         self.layer, self.position, self.dual, self.store_z = layer, position, dual, store_z
 
+    def reads_padding(self):   # infix tokens go between chunks of each row's real length
+        return self.position == "infix"
+
     def compose(self, c, mixer, merge=False):
         tokens = self._tokens[0]
         if self.position == "outer":
