@@ -117,7 +117,9 @@ def hf_model(lora=True, dtype=torch.float32, device="cuda"):
 DEFAULT_INNER = os.environ.get("MAMBAPEFT_INNER", "ours")
 DEFAULT_AFFIX_SCAN = os.environ.get("MAMBAPEFT_AFFIX_SCAN")   # None: mixer_cuda's default (carry)
 AFFIX_SUFFIXES = {"_triton_scan": "triton", "_extra_positions": "mamba_ssm"}
-SUFFIXES = ("_mamba_inner", "_frozen_bf16") + tuple(AFFIX_SUFFIXES)
+# _masked: an all-ones attention mask, which sends every mixer down the unfused route (what language
+# training paid before its right-padded batches left the mask out)
+SUFFIXES = ("_mamba_inner", "_frozen_bf16", "_masked") + tuple(AFFIX_SUFFIXES)
 HF_RUNS = {"hf_lora_in_proj_r8": lambda: hf_model(),   # fp32 weights, as ours
            "hf_lora_in_proj_r8_bf16_base": lambda: hf_model(dtype=torch.bfloat16)}   # peft keeps LoRA fp32
 
@@ -191,6 +193,7 @@ def _train(name, build, batch, seqlen, steps, warmup, hf=False, backend=None):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     ids = torch.randint(0, V, (batch, seqlen), device="cuda")
+    kw = {"attention_mask": torch.ones_like(ids)} if "_masked" in run_suffixes(name) else {}
     times, losses = [], []
     counter = KernelCounter()
     with scan_backend(backend or "auto"):
@@ -198,7 +201,7 @@ def _train(name, build, batch, seqlen, steps, warmup, hf=False, backend=None):
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             with torch.autocast("cuda", torch.bfloat16), (counter if i == 0 else _null()):
-                out = model(input_ids=ids, labels=ids)
+                out = model(input_ids=ids, labels=ids, **kw)
             out.loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -702,6 +705,9 @@ def targets(rows, shape):
             if p or not graphed:
                 line(f"GPU busy fraction of a LoRA_p(X) step{' (CUDA graph)' if graphed else ' (eager)'}",
                      p["gpu_busy_fraction"] if p else None, 0.9)
+    masked = ratio("lora_X_r64_frozen_bf16", "lora_X_r64_frozen_bf16_masked")
+    if masked:
+        lines.append(f"  (LoRA_p(X) r64 without / with an attention mask (fused / unfused route), tokens/s: {masked:.2f})")
     frozen = ratio("lora_X_r64_frozen_bf16", "lora_X_r64")
     if frozen:
         lines.append(f"  (LoRA_p(X) r64 with bf16 frozen weights / with fp32 ones, tokens/s: {frozen:.2f})")
