@@ -12,6 +12,7 @@ torchrun, the same effective batch (N x --batch sequences per step); tokens/s an
 difference between the two loss curves.
 
     PYTHONPATH=src python bench/bench_engine.py --out bench/results                 # one GPU, 130m shape
+    PYTHONPATH=src python bench/bench_engine.py --cuda-graph --out bench/results    # the engine on CUDA graphs
     PYTHONPATH=src python bench/bench_engine.py --ddp 2 --out bench/results         # two GPUs (runs torchrun)
     PYTHONPATH=src python bench/bench_engine.py --shape small --out /tmp/b          # CPU check
 """
@@ -64,12 +65,13 @@ class RandomTokens:
         raise KeyError(split)   # no validation: the benchmark times training alone
 
 
-def engine_run(s, steps, warmup, batch, micro, out_dir):
+def engine_run(s, steps, warmup, batch, micro, out_dir, cuda_graph=False):
     from mambapeft.training import train
     task = RandomTokens(s, batch * (steps + warmup))
     config = {"model": {}, "methods": METHODS, "task": {"type": "bench"}, "output_dir": str(out_dir),
               "training": {"lr": 1e-5, "batch_size": batch, "micro_batch_size": micro, "max_steps": steps + warmup,
-                           "eval_every": 0, "save_every": 10 ** 9, "progress": False, "schedule": "constant"}}
+                           "eval_every": 0, "save_every": 10 ** 9, "progress": False, "schedule": "constant",
+                           "cuda_graph": cuda_graph}}
     train(config, task=task)
     from mambapeft.training import logs
     rec = [r for r in logs.read(Path(out_dir) / "log.jsonl") if "split" not in r]
@@ -118,11 +120,12 @@ def overhead(args, s, device):
     bare, eng = [bare_run(s, args.steps, args.warmup, device)["tokens_per_s"]], []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.rounds):
-            eng.append(engine_run(s, args.steps, args.warmup, s["batch"], s["batch"], Path(tmp) / f"run{i}")
-                       ["tokens_per_s"])
+            eng.append(engine_run(s, args.steps, args.warmup, s["batch"], s["batch"], Path(tmp) / f"run{i}",
+                                  args.cuda_graph)["tokens_per_s"])
             bare.append(bare_run(s, args.steps, args.warmup, device)["tokens_per_s"])
     ratios = [e / ((a + b) / 2) for e, a, b in zip(eng, bare, bare[1:])]   # each against its neighbours
     return {"bench": "engine_overhead", "shape": args.shape, "device": device, "methods": METHODS,
+            "cuda_graph": args.cuda_graph,
             "batch": s["batch"], "seqlen": s["seqlen"], "steps": args.steps, "rounds": args.rounds,
             "bare_tokens_per_s": bare, "engine_tokens_per_s": eng, "engine_vs_bare_per_round": ratios,
             "engine_vs_bare": sorted(ratios)[len(ratios) // 2]}
@@ -163,6 +166,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3, help="engine runs, each between two bare runs")
     ap.add_argument("--ddp", type=int, default=0, help="compare 1 process with this many (torchrun)")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="the engine's runs with training.cuda_graph (the bare step stays eager)")
     ap.add_argument("--out", help="append the result to OUT/engine_bench.jsonl")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--global-batch", type=int, help=argparse.SUPPRESS)

@@ -219,6 +219,9 @@ def bad_inputs(tmp_path):
                                                                           "fp32 with precision fp32"),
         ([good, "training.frozen_dtype=bf16"], "training.frozen_dtype: bf16 needs bf16 autocast"),   # auto on CPU
         ([good, "training.batch_size=1000"], "training.batch_size: 1000 is more than the 256 training items"),
+        ([good, "training.cuda_graph=yes please"], "training.cuda_graph: expected true or false"),
+        ([good, "training.cuda_graph=true", "training.device=cpu"], "training.cuda_graph: needs one process on a "
+                                                                    "CUDA device, got 1 on cpu"),
         ([good, "task.type=speech"], "task.type: unknown task type 'speech'"),
         ([good, "task.op=mul"], "task.op: expected reverse or add"),
         ([good, f"model.path={tmp_path / 'nomodel'}"], "no such directory"),
@@ -288,6 +291,28 @@ def test_a_cuda_run_in_bf16_autocast_lowers_the_validation_loss(tmp_path):
     result = train({**TOY, "output_dir": str(tmp_path / "run")}, task=task, model=model)
     assert next(model.parameters()).is_cuda
     assert result["best"] < 0.7 * before
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_training_equals_eager(tmp_path, monkeypatch):
+    """Two micro-batches a step, one shape: the first runs eagerly and is captured, the rest replay.
+    Without dropout the losses and the final adapter equal an eager run's."""
+    from mambapeft.training import graphs
+    made = []
+    init = graphs.GraphedLoss.__init__
+    monkeypatch.setattr(graphs.GraphedLoss, "__init__", lambda self, *a: made.append(self) or init(self, *a))
+    runs = {}
+    for name, on in (("eager", False), ("graph", True)):
+        cfg = {**TOY, "training": {**TOY["training"], "cuda_graph": on}, "output_dir": str(tmp_path / name)}
+        train(cfg, task=ToyTask(TOY["task"]))
+        runs[name] = losses(tmp_path / name)
+    assert len(made) == 1 and made[0].captured == 1 and made[0].replays == 2 * 12 - 1, made[0].stats()
+    torch.testing.assert_close(torch.tensor(runs["graph"]), torch.tensor(runs["eager"]), rtol=1e-4, atol=1e-6)
+    from safetensors.torch import load_file
+    a, b = (load_file(tmp_path / n / "last" / "adapter_model.safetensors") for n in ("eager", "graph"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-5, msg=k)
 
 
 def test_the_readme_main_job_runs_as_shipped_and_beats_the_base_model(tmp_path, capsys):

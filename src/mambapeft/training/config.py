@@ -37,6 +37,8 @@ TRAINING = {
                      "dt_proj): auto (bf16 under bf16 autocast: the same results without autocast's per-step "
                      "casts and their saved copies), bf16 (needs bf16 autocast) or fp32 (as loaded)"),
     "device": ("auto", "auto (cuda:LOCAL_RANK when CUDA is there), cpu or cuda"),
+    "cuda_graph": (False, "replay each micro-batch's forward and backward from a CUDA graph captured per input "
+                   "shape (one CUDA process): no launch gaps on small models; dropout draws differ from eager"),
     "num_workers": (0, "DataLoader worker processes per training process"),
     "log_every": (1, "steps between updates of the progress bar's numbers (log.jsonl has every step)"),
     "progress": (True, "show a tqdm progress bar"),
@@ -171,7 +173,7 @@ def _check_training(t, source):
     _expect(not (t["frozen_dtype"] == "bf16" and t["precision"] == "fp32"), source, "training.frozen_dtype",
             "auto or fp32 with precision fp32 (bf16 weights need bf16 autocast)")
     _expect(t["min_lr_ratio"] <= 1, source, "training.min_lr_ratio", "a number in [0, 1]")
-    for key in ("progress", "eval_base"):
+    for key in ("progress", "eval_base", "cuda_graph"):
         _expect(isinstance(t[key], bool), source, f"training.{key}", "true or false")
 
 

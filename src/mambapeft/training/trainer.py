@@ -19,7 +19,7 @@ from ..io import CheckpointError, read_json, read_weights, write_json
 from ..peft import PeftConfig, get_peft_model, preset
 from ..peft.config import ConfigError
 from ..peft.inject import model_kind
-from . import checkpoint, distributed, logs
+from . import checkpoint, distributed, graphs, logs
 from .config import apply_overrides, dump_config, load_config, validate
 from .schedule import lr_factor
 from .task import build_task
@@ -52,6 +52,9 @@ def train(config, task=None, model=None, callback=None, resume=False, overrides=
     t = config["training"]
     ctx = distributed.setup(t["device"])
     frozen = _frozen_dtype(t, ctx.device)
+    if t["cuda_graph"] and (ctx.device.type != "cuda" or ctx.world > 1):
+        raise ConfigError(f"training.cuda_graph: needs one process on a CUDA device, got {ctx.world} on "
+                          f"{ctx.device.type}")
     run_dir = Path(config["output_dir"])
     _check_run_dir(run_dir, config, resume)
 
@@ -98,6 +101,10 @@ def train(config, task=None, model=None, callback=None, resume=False, overrides=
 
     log = logs.RunLog(run_dir, start, enabled=ctx.main)
     autocast = _autocast(ctx.device, t["precision"])
+    graphed = None
+    if t["cuda_graph"]:
+        graphed = graphs.GraphedLoss(task, peft, params, getattr(autocast, "fast_dtype", None))
+        graphed.zero_grad()
     base = _base_metrics(ctx, run_dir, peft, task, autocast, log, start) if t["eval_base"] else None
     bar = logs.progress(total, start, ctx.main and t["progress"])
     # its own generator: creating the iterator would otherwise draw from the global RNG just restored
@@ -117,11 +124,14 @@ def train(config, task=None, model=None, callback=None, resume=False, overrides=
             micro = order.micro_count(step)
             for i in range(micro):
                 batch = {k: v.to(ctx.device, non_blocking=True) for k, v in next(loader).items()}
-                with autocast:
-                    s, c = task.loss(peft, batch)
                 if i == micro - 1:
                     grad_sync.arm()
-                s.backward()   # the sum; divided by the global count once all are in
+                if graphed is not None:
+                    s, c = graphed(batch)
+                else:
+                    with autocast:
+                        s, c = task.loss(peft, batch)
+                    s.backward()   # the sum; divided by the global count once all are in
                 loss_sum += s.detach().float()
                 count += c
             stats = grad_sync.finish(loss_sum, count)
@@ -138,7 +148,10 @@ def train(config, task=None, model=None, callback=None, resume=False, overrides=
             if t["grad_clip"] > 0:
                 torch.nn.utils.clip_grads_with_norm_(params, t["grad_clip"], norm)
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            if graphed is not None:
+                graphed.zero_grad()
+            else:
+                optimizer.zero_grad(set_to_none=True)
             step += 1
             now = time.perf_counter()
             record = {"step": step, "epoch": step / order.steps_per_epoch, "loss": loss, "lr": t["lr"] * factor,
@@ -171,6 +184,8 @@ def train(config, task=None, model=None, callback=None, resume=False, overrides=
                 state["step"] = step
                 _save_checkpoint(ctx, run_dir, peft, optimizer, order, state, t["keep_checkpoints"])
             t_prev = time.perf_counter()   # evaluation and saving do not count against throughput
+        if graphed is not None:
+            graphs.log.info("training.cuda_graph: %s", graphed.stats())
         result = _finish(ctx, run_dir, peft, task, state, has_validation, autocast, base)
     finally:
         grad_sync.close()
