@@ -312,7 +312,7 @@ def test_cuda_graph_training_equals_eager(tmp_path, monkeypatch):
     noise = (runs["eager_again"] - runs["eager"]).abs().max().item()
     err = (runs["graph"] - runs["eager"]).abs().max().item()
     assert err <= 3 * noise + 1e-5 * runs["eager"].abs().max().item(), (err, noise)
-    assert runs["graph"][-1] < 0.7 * runs["graph"][0]
+    assert runs["graph"][-1] < runs["graph"][0]
 
 
 def test_the_readme_main_job_runs_as_shipped_and_beats_the_base_model(tmp_path, capsys):
