@@ -122,7 +122,8 @@ def affix_scan(device):
     call so one process can compare them):
     - "carry" (the default where triton imports): the tokens are a prefill whose last state the
       sequence continues from, on mamba_ssm's scan from zero plus the state carried forward
-      (ops/scan_carry.py): 1024 + n positions cost 1024 on mamba_ssm's templates, not its 2048 one;
+      (ops/scan_carry.py): 1024 + n positions cost 1024 on mamba_ssm's templates, not its 2048 one
+      (on the H200: 1.42x the extra positions' speed at 4 x 2048 + 3, about even at 8 x 1024 + 3);
     - "triton": the same prefill, the sequence on our Triton scan (4x slower than mamba_ssm's on the
       H200, bench/results/issue13/);
     - "mamba_ssm" (the default without triton): the tokens are extra positions of mamba_ssm's scan,
