@@ -114,6 +114,9 @@ def test_padded_batch_loss_equals_each_record_alone(tok, tiny):
     alone = [task.loss(tiny, data.collate([it], tok.pad_token_id)) for it in items]
     assert int(count) == sum(int(n) for _, n in alone)
     torch.testing.assert_close(total, sum(s for s, _ in alone), rtol=1e-5, atol=1e-5)
+    rounded = data.collate(items, tok.pad_token_id, multiple=16)   # lengths rounded up (pad_to_multiple_of)
+    assert rounded["input_ids"].shape[1] % 16 == 0 and rounded["input_ids"].shape[1] >= batch["input_ids"].shape[1]
+    torch.testing.assert_close(task.loss(tiny, rounded)[0], total, rtol=1e-5, atol=1e-5)
 
 
 def test_the_loss_drops_the_mask_of_right_padding_unless_a_method_places_tokens_by_it(tok, tiny, monkeypatch):
@@ -396,6 +399,7 @@ def test_language_task_without_validation_or_tasks_raises_key_error(tmp_path):
     ({"metric": "rsum/f1"}, "task.metric: expected loss, acc"),
     ({"metric": "loss", "validation_size": 0}, "validation_size > 0"),
     ({"overlong": "skip"}, "task.overlong: expected truncate or drop"),
+    ({"pad_to_multiple_of": 0}, "task.pad_to_multiple_of: expected an integer >= 1"),
 ])
 def test_language_config_errors(tmp_path, change, expected):
     from mambapeft.peft import ConfigError

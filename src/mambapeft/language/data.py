@@ -132,11 +132,11 @@ def split(items, validation_size, seed=42):
     return ([x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held])
 
 
-def collate(items, pad_id):
+def collate(items, pad_id, multiple=1):
     """Right-padded input_ids, the attention mask (1 on real tokens) and labels (-100 on padding and,
-    unless train_on_inputs, the prompt). The model zeroes padded positions before the scan, and with
-    right padding no real token comes after one."""
-    T = max(len(ids) for ids, _ in items)
+    unless train_on_inputs, the prompt), the length rounded up to a multiple of `multiple`. The model
+    zeroes padded positions before the scan, and with right padding no real token comes after one."""
+    T = -(-max(len(ids) for ids, _ in items) // multiple) * multiple
     out = {"input_ids": torch.full((len(items), T), pad_id, dtype=torch.long),
            "attention_mask": torch.zeros((len(items), T), dtype=torch.long),
            "labels": torch.full((len(items), T), -100, dtype=torch.long)}

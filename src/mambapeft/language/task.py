@@ -6,6 +6,7 @@ format, Alpaca template) and evaluate zero-shot multiple choice during and after
       data: commonsense_170k.json      # JSON list or JSON lines of {instruction, input, output, answer?}
       validation_size: 2000            # held out (seeded) for the validation loss
       cutoff: 256                      # tokens; longer records are cut (overlong: truncate) or dropped (drop)
+      pad_to_multiple_of: 1            # batch lengths rounded up to this: few shapes for training.cuda_graph
       eval_tasks: [piqa, my_task.yaml] # lm-eval multiple-choice tasks, run after training ("test")
       eval_during_training: false      # also run them at every validation
       metric: loss                     # or acc (mean over eval_tasks), or TASK/acc, TASK/acc_norm
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 SETTINGS = {"data": None, "tokenizer": None, "template": "alpaca", "cutoff": 256, "train_on_inputs": False,
             "overlong": "truncate", "validation_size": 2000, "seed": 42, "eval_tasks": [],
             "eval_during_training": False, "eval_data_dir": None, "eval_batch_size": 32, "eval_limit": None,
-            "metric": "loss", "suite": None}
+            "metric": "loss", "suite": None, "pad_to_multiple_of": 1}
 
 
 def _check(section, source):
@@ -44,7 +45,8 @@ def _check(section, source):
     need(isinstance(s["data"], str) and s["data"], "data", "the path of a JSON or JSON lines instruction file")
     need(s["tokenizer"] is None or isinstance(s["tokenizer"], str), "tokenizer", "a directory or hub id")
     need(s["template"] in data.TEMPLATES, "template", " or ".join(data.TEMPLATES))
-    for key, low in (("cutoff", 2), ("validation_size", 0), ("seed", 0), ("eval_batch_size", 1)):
+    for key, low in (("cutoff", 2), ("validation_size", 0), ("seed", 0), ("eval_batch_size", 1),
+                     ("pad_to_multiple_of", 1)):
         need(isinstance(s[key], int) and not isinstance(s[key], bool) and s[key] >= low, key, f"an integer >= {low}")
     need(s["eval_limit"] is None or (isinstance(s["eval_limit"], int) and s["eval_limit"] > 0), "eval_limit",
          "a number of documents > 0 or null")
@@ -135,7 +137,7 @@ class LanguageTask:
         return self.splits()["train"]
 
     def collate(self, items):
-        return data.collate(items, self.splits()["_pad"])
+        return data.collate(items, self.splits()["_pad"], self.s["pad_to_multiple_of"])
 
     def loss(self, model, batch):
         count = (batch["labels"][:, 1:] != -100).sum()
