@@ -7,7 +7,8 @@ The scan is linear in its state, so a scan from h0 is the scan from zero plus h0
 
 with y0 the output from the zero state, cs_t = dt_1 + ... + dt_t the cumulative step (per channel) and
 dt = softplus(delta + bias). The carried term has no recurrence: every (b, e, t) is independent
-once cs is known, so it costs a fraction of a scan. `carry_fwd` adds it to y0 and applies the gate,
+once cs is known (on the H200 this kernel's backward still takes about 0.9 ms a layer at
+8 x 1536 x 1024, as long as mamba_ssm's scan backward). `carry_fwd` adds it to y0 and applies the gate,
 `carry_bwd` gives the gradients of the gated output for y0 (for the zero-state scan's own backward),
 z, delta, A, C and h0.
 
@@ -17,9 +18,10 @@ of 1024 + n positions on its 2048 one (ops/mamba_inner.py).
 
 Layout: one program per (block of BLOCK_E channels, batch row), time in tiles of BLOCK_T, a loop over
 the N states. (All N states of a tile at once, as (BLOCK_E, N, BLOCK_T) tensors, measured 2.5x slower
-on the H200; the backward's per-state reductions over time and channels are what limits this one.) The backward walks the tiles in reverse (cs from a first pass's total), so the reverse
-cumulative sum that turns d/d(cs) into d/d(dt) is a running carry, as the forward's cs is. dC sums over
-channels, which span programs: per-program partials (b, E / BLOCK_E, N, L) that torch adds.
+on the H200; the backward's per-state reductions over time and channels are what limits this one.)
+The backward walks the tiles in reverse (cs from a first pass's total), so the reverse cumulative sum
+that turns d/d(cs) into d/d(dt) is a running carry, as the forward's cs is. dC sums over channels,
+which span programs: per-program partials (b, E / BLOCK_E, N, L) that torch adds.
 Runs on CUDA, or on the CPU under TRITON_INTERPRET=1 (set before import), like scan_triton.
 """
 import torch
