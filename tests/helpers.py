@@ -50,3 +50,29 @@ def hf_tiny_falcon(**kw):
     cfg = transformers.FalconMambaConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, state_size=16,
                                          time_step_rank=4, **kw)
     return transformers.FalconMambaForCausalLM(cfg).eval()
+
+
+def check_linear_cross_entropy(device, tie, monkeypatch):
+    """linear_cross_entropy over several chunks, 2 of 23 rows ignored, equals F.cross_entropy of the
+    full logits: the loss, h's gradient, the head's gradient when it trains (tie), and the loss
+    without a gradient."""
+    from mambapeft.ops import cross_entropy
+    monkeypatch.setattr(cross_entropy, "CHUNK_ELEMENTS", 97 * 5)   # several chunks
+    torch.manual_seed(0)
+    h = torch.randn(23, 16, device=device, requires_grad=True)
+    w = torch.randn(97, 16, device=device, requires_grad=tie)
+    labels = torch.randint(0, 97, (23,), device=device)
+    labels[[3, 7]] = -100
+    loss = cross_entropy.linear_cross_entropy(h, w, labels)
+    (3 * loss).backward()
+    got = loss.detach(), h.grad.clone(), w.grad.clone() if tie else None
+    h.grad = w.grad = None
+    ref = torch.nn.functional.cross_entropy(h @ w.t(), labels, ignore_index=-100)
+    (3 * ref).backward()
+    torch.testing.assert_close(got[0], ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], h.grad, rtol=1e-5, atol=1e-6)
+    if tie:
+        torch.testing.assert_close(got[2], w.grad, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(cross_entropy.linear_cross_entropy(h, w, labels), ref.detach(),
+                                   rtol=1e-5, atol=1e-6)

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import check_linear_cross_entropy
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")   # read when triton compiles the kernel
@@ -41,20 +42,8 @@ def test_chunk_loss_and_gradient_equal_torch(kernel, dtype):
     assert torch.equal(untouched, logits), "without a gradient the logits stay as they were"
 
 
-def test_linear_cross_entropy_through_the_kernel(kernel, monkeypatch):
+@pytest.mark.parametrize("tie", [True, False])
+def test_linear_cross_entropy_through_the_kernel(kernel, tie, monkeypatch):
     from mambapeft.ops import cross_entropy
     monkeypatch.setattr(cross_entropy, "fused_kernel", lambda h: kernel)
-    monkeypatch.setattr(cross_entropy, "CHUNK_ELEMENTS", 97 * 5)   # several chunks
-    torch.manual_seed(0)
-    h = torch.randn(23, 16, device=DEV, requires_grad=True)
-    w = torch.randn(97, 16, device=DEV, requires_grad=True)
-    labels = torch.randint(0, 97, (23,), device=DEV)
-    labels[[3, 7]] = -100
-    loss = cross_entropy.linear_cross_entropy(h, w, labels)
-    (3 * loss).backward()
-    got = loss.detach(), h.grad.clone(), w.grad.clone()
-    h.grad = w.grad = None
-    ref = F.cross_entropy(h @ w.t(), labels, ignore_index=-100)
-    (3 * ref).backward()
-    for a, b in zip(got, (ref.detach(), h.grad, w.grad)):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    check_linear_cross_entropy(DEV, tie, monkeypatch)

@@ -14,11 +14,10 @@ hand on a GPU machine.
 """
 import pytest
 import torch
-from helpers import decode_stepwise
+from helpers import check_linear_cross_entropy, decode_stepwise
 from test_peft import CASES, IDS, perturb
 
 from mambapeft.models import MambaCache, MambaConfig, MambaForCausalLM, VimConfig, VisionMamba
-from mambapeft.ops.cross_entropy import linear_cross_entropy
 from mambapeft.ops.scan import scan_backend
 from mambapeft.peft import PeftConfig, get_peft_model
 
@@ -420,22 +419,4 @@ def test_our_inner_on_kernels_equals_mamba_inner_fn_and_skips_frozen_gemms():
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=gpu)])
 @pytest.mark.parametrize("tie", [True, False])
 def test_chunked_cross_entropy_equals_full_logits(device, tie, monkeypatch):
-    from mambapeft.ops import cross_entropy
-    monkeypatch.setattr(cross_entropy, "CHUNK_ELEMENTS", 97 * 5)   # several chunks
-    torch.manual_seed(0)
-    h = torch.randn(23, 16, device=device, requires_grad=True)
-    w = torch.randn(97, 16, device=device, requires_grad=tie)
-    labels = torch.randint(0, 97, (23,), device=device)
-    labels[[3, 7]] = -100
-    loss = linear_cross_entropy(h, w, labels)
-    (3 * loss).backward()
-    got = loss.detach(), h.grad.clone(), w.grad.clone() if tie else None
-    h.grad = w.grad = None
-    ref = torch.nn.functional.cross_entropy(h @ w.t(), labels, ignore_index=-100)
-    (3 * ref).backward()
-    torch.testing.assert_close(got[0], ref.detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(got[1], h.grad, rtol=1e-5, atol=1e-6)
-    if tie:
-        torch.testing.assert_close(got[2], w.grad, rtol=1e-5, atol=1e-6)
-    with torch.no_grad():
-        torch.testing.assert_close(linear_cross_entropy(h, w, labels), ref.detach(), rtol=1e-5, atol=1e-6)
+    check_linear_cross_entropy(device, tie, monkeypatch)   # on CUDA through the Triton kernel where triton is
