@@ -139,8 +139,7 @@ class MambaForCausalLM(nn.Module):
             out.append(token[:, None])
             if eos is not None:
                 done |= token == eos
-                finished = torch.where(done.all(), torch.minimum(finished, torch.full_like(finished, step + 1)),
-                                       finished)
+                finished = torch.where(done.all(), finished.clamp(max=step + 1), finished)
                 if (step + 1) % STOP_CHECK == 0 and bool(finished <= step + 1):
                     break
             if step + 1 < max_new_tokens:

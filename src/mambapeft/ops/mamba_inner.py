@@ -179,7 +179,7 @@ def _prefill_bwd(mode, pre, u, delta, A, B, C, D, z, delta_bias, saved, dy, dz, 
     tdu, tdd, tdA, tdB, tdC, _, _, tdbias, _ = st.scan_bwd(tu, td, A, tB, tC, None, None, delta_bias, True,
                                                            None, None, dh)
     du, ddelta = torch.empty_like(u), torch.empty_like(delta)
-    dB, dC = (torch.zeros(B.shape, dtype=torch.float32, device=B.device) for _ in range(2))
+    dB, dC = (torch.empty(B.shape, dtype=torch.float32, device=B.device) for _ in range(2))
     for full, tok, seq in ((du, tdu, mdu), (ddelta, tdd, mdd), (dB[:, 0], tdB, mdB), (dC[:, 0], tdC, mdC)):
         full[..., :pad].zero_()
         full[..., pad:n].copy_(tok)
