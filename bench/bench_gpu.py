@@ -1,6 +1,7 @@
 """GPU benchmark: our PEFT methods on the mamba_ssm kernels against transformers + peft.
 
-mamba-130m shape (D=768, 24 layers, vocab 50280), random init, fp32 weights, bf16 autocast, AdamW,
+mamba-130m shape (D=768, 24 layers, vocab 50280), random init, fp32 weights, bf16 autocast, AdamW (fused, as
+the engine and transformers' Trainer default adamw_torch_fused use it),
 batch 8 x 1024 tokens; median step time after warm-up, tokens/s and peak memory
 (torch.cuda.max_memory_allocated, weights and optimizer state included). Then greedy generation
 (256 new tokens after an 8-token prompt, bf16 weights, batch 1 and 32) with a merged LoRA against
@@ -191,7 +192,7 @@ def _train(name, build, batch, seqlen, steps, warmup, hf=False, backend=None):
     model = build()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5)
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
     ids = torch.randint(0, V, (batch, seqlen), device="cuda")
     kw = {"attention_mask": torch.ones_like(ids)} if "_masked" in run_suffixes(name) else {}
     times, losses = [], []
@@ -231,7 +232,7 @@ def train_interleaved(runs, batch, seqlen, steps, warmup):
     live = []
     for name, build, _ in runs:
         model = build().train()
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
         live.append((name, model, opt, []))
     with scan_backend("auto"):
         for i in range(warmup + steps):
@@ -348,7 +349,8 @@ def profile(name, build, batch, seqlen, path, graphed=False):
     torch.manual_seed(0)
     with inner_env(name):
         model = build().train()
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, capturable=graphed)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, capturable=graphed,
+                                fused=True)
         ids = torch.randint(0, V, (batch, seqlen), device="cuda")
         step = _step_fn(model, opt, ids)
 
@@ -459,7 +461,7 @@ def graphs(name, build, batch, seqlen, steps, warmup, lr=1e-4):
         params = [p for p in model.parameters() if p.requires_grad]
         init = [p.detach().clone() for p in params]
         ids = torch.randint(0, V, (batch, seqlen), device="cuda")
-        opt = torch.optim.AdamW(params, lr=lr, capturable=True)
+        opt = torch.optim.AdamW(params, lr=lr, capturable=True, fused=True)
         step = _step_fn(model, opt, ids)
         eager_losses, eager_times = [], []
         for _ in range(warmup + steps):
@@ -477,7 +479,7 @@ def graphs(name, build, batch, seqlen, steps, warmup, lr=1e-4):
         with torch.no_grad():
             for p, p0 in zip(params, init):
                 p.copy_(p0)
-        opt = torch.optim.AdamW(params, lr=lr, capturable=True)
+        opt = torch.optim.AdamW(params, lr=lr, capturable=True, fused=True)
         step = _step_fn(model, opt, ids)
         row = dict(run=name, kind="graphs", batch=batch, seqlen=seqlen, steps=steps, warmup=warmup, lr=lr,
                    eager_tokens_per_s=batch * seqlen / sorted(eager_times[warmup:])[steps // 2],

@@ -18,7 +18,7 @@ b, E, L, N = 2, 40, 70, 5   # E and L not multiples of the blocks, N not a power
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def inputs(seed=0):
+def inputs(seed=0, L=L):
     g = torch.Generator().manual_seed(seed)
 
     def r(*s, scale=1.0):
@@ -39,10 +39,12 @@ def test_forward_equals_closed_form():
     torch.testing.assert_close(scan_carry.carry_fwd(**x), closed_form(**x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("want_out", [False, True])
-def test_backward_equals_autograd(want_out):
+@pytest.mark.parametrize("want_out,length", [(False, L), (True, L), (True, 5 * 64 + 11)])
+def test_backward_equals_autograd(want_out, length):
+    """Also across several time tiles (BLOCK_T = 64): each tile's cumulative sums start from the earlier
+    tiles' (forward) and end with the later tiles' (backward)."""
     from mambapeft.ops import scan_carry
-    x = inputs(1)
+    x = inputs(1, length)
     leaves = {k: v.clone().requires_grad_() for k, v in x.items()}
     out = closed_form(**leaves)
     dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(DEV)

@@ -150,7 +150,8 @@ def _prefill_fwd(mode, pre, u, delta, A, B, C, D, z, delta_bias):
     n = pre[1]
     y0, states = selective_scan_cuda.fwd(mu, md, A, B[..., n:], C[..., n:], D, None, delta_bias, True)[:2]
     out = _3d(u.new_empty(u.shape[1], u.shape[0] * mu.shape[-1]), u.shape[0])
-    return _carry().carry_fwd(y0, mz, md, delta_bias, A, mC, h, out=out), (h, states, y0)
+    starts = _carry().carry_starts(md, delta_bias)                  # kept for backward: (b, E, L / 64) floats
+    return _carry().carry_fwd(y0, mz, md, delta_bias, A, mC, h, out=out, starts=starts), (h, states, y0, starts)
 
 
 def _prefill_bwd(mode, pre, u, delta, A, B, C, D, z, delta_bias, saved, dy, dz, want_out_z):
@@ -162,28 +163,31 @@ def _prefill_bwd(mode, pre, u, delta, A, B, C, D, z, delta_bias, saved, dy, dz, 
     (tu, td, tB, tC), (mu, md, mB, mC, mz) = _split(pre, u, delta, B, C, z)
     pad, n = pre
     h = saved[0]
+    du, ddelta = torch.empty_like(u), torch.empty_like(delta)
     if mode == "triton":
         mdu, mdd, dA, mdB, mdC, dD, mdz, dbias, dh = st.scan_bwd(mu, md, A, mB, mC, D, mz, delta_bias, True, h,
                                                                 dy, None)
         dz[..., n:].copy_(mdz)
         out_z = st.scan_fwd(mu, md, A, mB, mC, D, mz, delta_bias, True, h)[0] if want_out_z else None
     else:
-        _, states, y0 = saved
-        g, ddc, dAc, dCc, dh, dbc, out_z = _carry().carry_bwd(dy, y0, mz, md, delta_bias, A, mC, h, dz[..., n:],
-                                                               want_out=want_out_z)
+        _, states, y0, starts = saved
+        carry = _carry()
+        g, rest, dAc, dCc, dh, out_z = carry.carry_bwd_tiles(dy, y0, mz, md, delta_bias, A, mC, h, dz[..., n:],
+                                                             want_out=want_out_z, starts=starts)
         mdu, mdd, dA, mdB, mdC, dD, dbias = selective_scan_cuda.bwd(
             mu, md, A, B[..., n:], C[..., n:], D, None, delta_bias, g, states, None, None, True, False)[:7]
-        mdd, dA, dbias = ddc.add_(mdd), dA + dAc, dbias + dbc
+        _, dbc = carry.carry_bwd_finish(rest, add=mdd, out=ddelta[..., n:])   # the sum, written in place
+        mdd, dA, dbias = None, dA + dAc, dbias + dbc
         mdB, mdC = mdB[:, 0], dCc.add_(mdC[:, 0])
     dz[..., :n].zero_()
     tdu, tdd, tdA, tdB, tdC, _, _, tdbias, _ = st.scan_bwd(tu, td, A, tB, tC, None, None, delta_bias, True,
                                                            None, None, dh)
-    du, ddelta = torch.empty_like(u), torch.empty_like(delta)
     dB, dC = (torch.empty(B.shape, dtype=torch.float32, device=B.device) for _ in range(2))
     for full, tok, seq in ((du, tdu, mdu), (ddelta, tdd, mdd), (dB[:, 0], tdB, mdB), (dC[:, 0], tdC, mdC)):
         full[..., :pad].zero_()
         full[..., pad:n].copy_(tok)
-        full[..., n:].copy_(seq)
+        if seq is not None:
+            full[..., n:].copy_(seq)
     return du, ddelta, dA + tdA, dB, dC, dD, dbias + tdbias, out_z
 
 
