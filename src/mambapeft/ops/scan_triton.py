@@ -129,6 +129,27 @@ def _dt(delta, bias, mask, SOFTPLUS: tl.constexpr, HAS_BIAS: tl.constexpr):
 
 
 @triton.jit
+def _prologue(A_ptr, D_ptr, bias_ptr, E, N, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+              BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
+    """This program's channel, state and step offsets, masks, (E, N) offsets (also of h0/hlast, dh0) and
+    its channels' A (padding: a = 1, x = 0), bias and D in fp32 (zeros where absent)."""
+    offs_e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_t = tl.arange(0, BLOCK_T)
+    me, mn = offs_e < E, offs_n < N
+    men = me[:, None] & mn[None, :]
+    en = offs_e[:, None] * N + offs_n[None, :]
+    A = tl.load(A_ptr + en, mask=men, other=0.0).to(tl.float32)
+    bias = tl.zeros([BLOCK_E], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_e, mask=me, other=0.0).to(tl.float32)
+    Dv = tl.zeros([BLOCK_E], dtype=tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_e, mask=me, other=0.0).to(tl.float32)
+    return offs_e, offs_n, offs_t, me, mn, men, en, A, bias, Dv
+
+
+@triton.jit
 def _fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
                 y_ptr, hlast_ptr, states_ptr,
                 E, N, L, n_tiles,
@@ -137,19 +158,8 @@ def _fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h
                 HAS_H0: tl.constexpr, WRITE_Y: tl.constexpr, STORE_STATES: tl.constexpr,
                 BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
     pid_e, b = tl.program_id(0), tl.program_id(1)
-    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_t = tl.arange(0, BLOCK_T)
-    me, mn = offs_e < E, offs_n < N
-    men = me[:, None] & mn[None, :]
-    en = offs_e[:, None] * N + offs_n[None, :]                      # (E, N) offsets, also of h0/hlast
-    A = tl.load(A_ptr + en, mask=men, other=0.0).to(tl.float32)     # padding: a = 1, x = 0
-    bias = tl.zeros([BLOCK_E], dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_e, mask=me, other=0.0).to(tl.float32)
-    Dv = tl.zeros([BLOCK_E], dtype=tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_e, mask=me, other=0.0).to(tl.float32)
+    offs_e, offs_n, offs_t, me, mn, men, en, A, bias, Dv = _prologue(
+        A_ptr, D_ptr, bias_ptr, E, N, HAS_D, HAS_BIAS, BLOCK_E, BLOCK_N, BLOCK_T)
     h = tl.zeros([BLOCK_E, BLOCK_N], dtype=tl.float32)
     if HAS_H0:
         h = tl.load(h0_ptr + b * E * N + en, mask=men, other=0.0).to(tl.float32)
@@ -219,19 +229,8 @@ def _bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, s
                 BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
     pid_e, b = tl.program_id(0), tl.program_id(1)
     n_eb = tl.num_programs(0)
-    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_t = tl.arange(0, BLOCK_T)
-    me, mn = offs_e < E, offs_n < N
-    men = me[:, None] & mn[None, :]
-    en = offs_e[:, None] * N + offs_n[None, :]
-    A = tl.load(A_ptr + en, mask=men, other=0.0).to(tl.float32)
-    bias = tl.zeros([BLOCK_E], dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_e, mask=me, other=0.0).to(tl.float32)
-    Dv = tl.zeros([BLOCK_E], dtype=tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_e, mask=me, other=0.0).to(tl.float32)
+    offs_e, offs_n, offs_t, me, mn, men, en, A, bias, Dv = _prologue(
+        A_ptr, D_ptr, bias_ptr, E, N, HAS_D, HAS_BIAS, BLOCK_E, BLOCK_N, BLOCK_T)
     S = tl.zeros([BLOCK_E, BLOCK_N], dtype=tl.float32)   # d(loss)/d(state after the current tile), from later
     if HAS_DLAST:
         S = tl.load(dlast_ptr + b * E * N + en, mask=men, other=0.0).to(tl.float32)
