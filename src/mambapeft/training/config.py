@@ -189,5 +189,6 @@ def dump_config(config):
 def help_text():
     lines = ["config sections:"] + [f"  {k:<12} {v}" for k, v in SECTIONS.items()]
     lines += ["training settings (training.KEY, default):"]
-    lines += [f"  {k:<17} {d!s:<8} {h}" for k, (d, h) in TRAINING.items()]
+    w = max(map(len, TRAINING)) + 1
+    lines += [f"  {k:<{w}} {d!s:<8} {h}" for k, (d, h) in TRAINING.items()]
     return "\n".join(lines)
