@@ -21,7 +21,9 @@ scan) and NAME_triton_scan (=triton: the sequence on our Triton scan from the to
 the default (the tokens' state carried into mamba_ssm's scan, ops/scan_carry.py); runs named
 NAME_frozen_bf16 (e.g. lora_X_r64_frozen_bf16) store the frozen mixer weights in bf16 after
 get_peft_model (PeftModel.cast_frozen: the same losses, without autocast's per-step weight casts and
-their saved copies). Suffixes combine (lora_X_r64_frozen_bf16_mamba_inner). hf_lora_in_proj_r8_bf16_base
+their saved copies); runs named NAME_lean_norm set every RMSNorm memory-efficient (models/norm.py,
+training.memory_efficient_norm: bf16 output, the fp32 residual not kept for the backward). Suffixes
+combine (lora_X_r64_frozen_bf16_mamba_inner, lora_X_r64_frozen_bf16_lean_norm). hf_lora_in_proj_r8_bf16_base
 is the transformers + peft baseline in that recipe: the model loaded in bf16, then peft's LoRA (whose
 adapter weights peft keeps in fp32, autocast_adapter_dtype=True), trained under the same bf16 autocast.
 --graphs RUNS: each run trained eagerly and as one captured CUDA graph of the whole step (forward,
@@ -90,11 +92,14 @@ class KernelCounter:
             self.mod.fwd = self.orig
 
 
-def ours_model(methods, dtype=torch.float32, frozen_bf16=False, device="cuda"):
+def ours_model(methods, dtype=torch.float32, frozen_bf16=False, device="cuda", lean_norm=False):
     from mambapeft.models import MambaConfig, MambaForCausalLM
+    from mambapeft.models.norm import memory_efficient_norm
     from mambapeft.peft import PeftConfig, get_peft_model
     with torch.device(device):
         model = MambaForCausalLM(MambaConfig(vocab_size=V, hidden_size=D, num_hidden_layers=L)).to(dtype)
+    if lean_norm:   # what training.memory_efficient_norm does (PeftModel.memory_efficient_norm)
+        memory_efficient_norm(model, torch.bfloat16)
     if methods is None:
         return model
     peft = get_peft_model(model, PeftConfig(methods)).to(device)   # adapters are created on the CPU
@@ -120,7 +125,7 @@ DEFAULT_AFFIX_SCAN = os.environ.get("MAMBAPEFT_AFFIX_SCAN")   # None: mixer_cuda
 AFFIX_SUFFIXES = {"_triton_scan": "triton", "_extra_positions": "mamba_ssm"}
 # _masked: an all-ones attention mask, which sends every mixer down the unfused route (what language
 # training paid before its right-padded batches left the mask out)
-SUFFIXES = ("_mamba_inner", "_frozen_bf16", "_masked") + tuple(AFFIX_SUFFIXES)
+SUFFIXES = ("_mamba_inner", "_frozen_bf16", "_lean_norm", "_masked") + tuple(AFFIX_SUFFIXES)
 HF_RUNS = {"hf_lora_in_proj_r8": lambda: hf_model(),   # fp32 weights, as ours
            "hf_lora_in_proj_r8_bf16_base": lambda: hf_model(dtype=torch.bfloat16)}   # peft keeps LoRA fp32
 
@@ -174,8 +179,8 @@ def methods_of(name):
 
 def ours_build(name):
     """The model builder of our run `name`."""
-    methods, frozen = methods_of(name), "_frozen_bf16" in run_suffixes(name)
-    return lambda: ours_model(methods, frozen_bf16=frozen)
+    methods, found = methods_of(name), run_suffixes(name)
+    return lambda: ours_model(methods, frozen_bf16="_frozen_bf16" in found, lean_norm="_lean_norm" in found)
 
 
 def train(name, build, batch, seqlen, steps, warmup, hf=False, backend=None):
@@ -539,7 +544,8 @@ def main():
                          "and full) or hf_lora (the two LoRA runs only), generate, torch (no kernels)")
     ap.add_argument("--runs", default=",".join(list(OURS) + ["lora_X_r64_mamba_inner", "lora_X_r64_frozen_bf16"]),
                     help="our training runs (names of OURS, with _mamba_inner for mamba_ssm's inner function, "
-                         "_triton_scan or _extra_positions for affix's scan, _frozen_bf16 for frozen weights in bf16)")
+                         "_triton_scan or _extra_positions for affix's scan, _frozen_bf16 for frozen weights in bf16, "
+                         "_lean_norm for memory-efficient norms)")
     ap.add_argument("--interleave", default="",
                     help="comma list of training runs to also time step by step in turn (e.g. "
                          "hf_lora_in_proj_r8,lora_X_r64,affix_3,additional_scan_6)")

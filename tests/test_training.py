@@ -218,6 +218,9 @@ def bad_inputs(tmp_path):
         ([good, "training.frozen_dtype=bf16", "training.precision=fp32"], "training.frozen_dtype: expected auto or "
                                                                           "fp32 with precision fp32"),
         ([good, "training.frozen_dtype=bf16"], "training.frozen_dtype: bf16 needs bf16 autocast"),   # auto on CPU
+        ([good, "training.memory_efficient_norm=true", "training.precision=fp32"],
+         "training.memory_efficient_norm: expected false with precision fp32"),
+        ([good, "training.memory_efficient_norm=true"], "training.memory_efficient_norm: needs bf16 autocast"),   # auto
         ([good, "training.batch_size=1000"], "training.batch_size: 1000 is more than the 256 training items"),
         ([good, "training.cuda_graph=yes please"], "training.cuda_graph: expected true or false"),
         ([good, "training.cuda_graph=true", "training.device=cpu"], "training.cuda_graph: needs one process on a "

@@ -100,7 +100,8 @@ class MambaForCausalLM(nn.Module):
         h = self.backbone(input_ids, attention_mask, cache)
         if labels is not None and not return_logits:
             shifted = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)  # token t predicts labels[t + 1]
-            h = h.to(self.lm_head.weight.dtype)
+            if not torch.is_autocast_enabled(h.device.type):   # under autocast the loss casts h itself: a
+                h = h.to(self.lm_head.weight.dtype)              # bf16 norm output needs no fp32 copy first
             loss = linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.lm_head.weight, shifted)
             return CausalLMOutput(logits=None, loss=loss, cache=cache)
         logits = self.lm_head(h.to(self.lm_head.weight.dtype)).float()

@@ -33,6 +33,14 @@ class EmbedLoRASettings(Common):
     dora: bool = setting(False, "DoRA per token row (LM) or per output channel of the patch kernel (Vim)")
 
 
+def matmul_input(x, w):
+    """x as a product with the fp32 factor w should read it. Without autocast, in w's dtype (fp32
+    factors on a half base). Under autocast as it is: the product casts it to the autocast dtype
+    anyway, and an fp32 copy of a bf16 input (the memory-efficient norm's output) would only make
+    that cast a second bf16 copy, kept for the backward beside the input itself."""
+    return x if torch.is_autocast_enabled(x.device.type) else x.to(w.dtype)
+
+
 class LowRank(nn.Module):
     """Lambda_r(in -> out): down V (default Linear init), up U (zeros)."""
 
@@ -45,7 +53,7 @@ class LowRank(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
-        return self.finish(self.down(x.to(self.down.weight.dtype)))  # fp32 factors on a half base
+        return self.finish(self.down(matmul_input(x, self.down.weight)))
 
     def finish(self, p):
         """From the down projection p = V x on: s * U(Dropout(p))."""
@@ -122,7 +130,7 @@ class MixerLoRA(MixerAdapter):
         if not (self.activation_form and self.target == "in_proj"):
             return []
         lora = self.lora
-        return [LowRankRows(self.start, self.stop, lambda h: lora.dropout(lora.down(h.to(lora.down.weight.dtype))),
+        return [LowRankRows(self.start, self.stop, lambda h: lora.dropout(lora.down(matmul_input(h, lora.down.weight))),
                             lora.up.weight, lora.scale)]
 
     def out_proj_taps(self):

@@ -10,6 +10,7 @@ import torch.nn as nn
 from .. import __version__
 from ..io import CheckpointError, read_json, read_weights, write_json, write_safetensors
 from ..models.adapter import peft_dicts
+from ..models.norm import memory_efficient_norm
 from .config import METHODS, PeftConfig
 from .frozen import cast_frozen
 from .inject import backbone, inject, mixers, model_kind
@@ -170,6 +171,13 @@ class PeftModel(nn.Module):
         Call it once every adapter is attached (an adapter attached later that adds to such a weight
         would add to the rounded one). Returns the number of elements converted."""
         return cast_frozen(self.base_model, dtype)
+
+    def memory_efficient_norm(self, dtype):
+        """Every RMSNorm hands its output on in `dtype` (the autocast dtype, e.g. torch.bfloat16) and
+        keeps only that output for its backward, not the fp32 residual (models/norm.py): the same
+        forward under autocast to `dtype`, gradients within its rounding. None restores the default.
+        Returns the number of norms set."""
+        return memory_efficient_norm(self.base_model, dtype)
 
     # ---- counting -------------------------------------------------------------------------
     def trainable_parameters_by_method(self):

@@ -3,6 +3,7 @@ afterwards and the weights restored from a copy taken at load time (full fine-tu
 write into the base weights, so removing adapters alone would not be enough)."""
 import torch
 
+from ..models.norm import memory_efficient_norm
 from ..peft.inject import backbone, mixers
 
 
@@ -27,6 +28,7 @@ class BaseModel:
         if missing or unexpected:   # anything left means an adapter lived outside the peft dicts
             raise RuntimeError(f"the base model did not come back as loaded: missing {missing[:5]}, "
                                f"unexpected {unexpected[:5]}")
+        memory_efficient_norm(model, None)   # training.memory_efficient_norm sets the norms' output dtype
         model.requires_grad_(False)
         model.train(self.training)
         model.zero_grad(set_to_none=True)

@@ -36,6 +36,9 @@ TRAINING = {
     "frozen_dtype": ("auto", "dtype of the frozen mixer weights only matmuls read (in_proj, out_proj, x_proj, "
                      "dt_proj): auto (bf16 under bf16 autocast: the same results without autocast's per-step "
                      "casts and their saved copies), bf16 (needs bf16 autocast) or fp32 (as loaded)"),
+    "memory_efficient_norm": (False, "under bf16 autocast every RMSNorm returns bf16 and keeps that output for its "
+                              "backward instead of its fp32 input (the residual stream: 4 bytes a value a layer): "
+                              "the same forward, gradients within bf16 rounding; needs bf16 autocast"),
     "device": ("auto", "auto (cuda:LOCAL_RANK when CUDA is there), cpu or cuda"),
     "cuda_graph": (False, "replay each micro-batch's forward and backward from a CUDA graph captured per input "
                    "shape (one CUDA process): no launch gaps on small models; dropout draws differ from eager"),
@@ -172,8 +175,10 @@ def _check_training(t, source):
         _expect(t[key] in choices, source, f"training.{key}", f"one of {', '.join(choices)}, got {t[key]!r}")
     _expect(not (t["frozen_dtype"] == "bf16" and t["precision"] == "fp32"), source, "training.frozen_dtype",
             "auto or fp32 with precision fp32 (bf16 weights need bf16 autocast)")
+    _expect(not (t["memory_efficient_norm"] is True and t["precision"] == "fp32"), source,
+            "training.memory_efficient_norm", "false with precision fp32 (it needs bf16 autocast)")
     _expect(t["min_lr_ratio"] <= 1, source, "training.min_lr_ratio", "a number in [0, 1]")
-    for key in ("progress", "eval_base", "cuda_graph"):
+    for key in ("progress", "eval_base", "cuda_graph", "memory_efficient_norm"):
         _expect(isinstance(t[key], bool), source, f"training.{key}", "true or false")
 
 
@@ -184,5 +189,6 @@ def dump_config(config):
 def help_text():
     lines = ["config sections:"] + [f"  {k:<12} {v}" for k, v in SECTIONS.items()]
     lines += ["training settings (training.KEY, default):"]
-    lines += [f"  {k:<17} {d!s:<8} {h}" for k, (d, h) in TRAINING.items()]
+    w = max(map(len, TRAINING)) + 1
+    lines += [f"  {k:<{w}} {d!s:<8} {h}" for k, (d, h) in TRAINING.items()]
     return "\n".join(lines)

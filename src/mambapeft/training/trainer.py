@@ -41,7 +41,8 @@ def train(config, task=None, model=None, callback=None, resume=False, overrides=
     task: a Task to use instead of building one from config["task"].
     model: an already loaded base model (not wrapped) instead of task.load_model(config["model"]);
         the methods are attached to it in place, and its frozen mixer weights may be stored in bf16
-        (training.frozen_dtype), so pass a fresh copy for each run.
+        (training.frozen_dtype) and its norms set to a bf16 output (training.memory_efficient_norm),
+        so pass a fresh copy for each run.
     callback(step, metrics): called on rank 0 after each validation; returning True stops the run
         after a checkpoint (an exception, e.g. optuna.TrialPruned, propagates).
     resume: continue the run in config's output_dir from its newest checkpoint."""
@@ -52,6 +53,7 @@ def train(config, task=None, model=None, callback=None, resume=False, overrides=
     t = config["training"]
     ctx = distributed.setup(t["device"])
     frozen = _frozen_dtype(t, ctx.device)
+    lean_norm = _norm_dtype(t, ctx.device)
     if t["cuda_graph"] and (ctx.device.type != "cuda" or ctx.world > 1):
         raise ConfigError(f"training.cuda_graph: needs one process on a CUDA device, got {ctx.world} on "
                           f"{ctx.device.type}")
@@ -73,6 +75,7 @@ def train(config, task=None, model=None, callback=None, resume=False, overrides=
     peft.train()
     if frozen is not None:   # frozen tensors only: the optimizer never sees them
         peft.cast_frozen(frozen)
+    peft.memory_efficient_norm(lean_norm)   # None (the default) also undoes an earlier run's on a reused model
     groups = peft.param_groups(lr=t["lr"], weight_decay=t["weight_decay"])
     for g in groups:
         g["base_lr"] = g["lr"]
@@ -302,6 +305,16 @@ def _frozen_dtype(t, device):
                           f"{device.type} runs in fp32; expected auto or fp32")
     return torch.bfloat16 if t["frozen_dtype"] == "bf16" or (t["frozen_dtype"] == "auto" and bf16_autocast) \
         else None
+
+
+def _norm_dtype(t, device):
+    """The dtype the norms hand their output on in (training.memory_efficient_norm), else None."""
+    if not t["memory_efficient_norm"]:
+        return None
+    if not (t["precision"] == "bf16" or (t["precision"] == "auto" and device.type == "cuda")):
+        raise ConfigError(f"training.memory_efficient_norm: needs bf16 autocast, and precision {t['precision']} "
+                          f"on {device.type} runs in fp32; expected false")
+    return torch.bfloat16
 
 
 def _non_finite_groups(groups):
