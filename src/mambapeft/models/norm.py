@@ -75,6 +75,8 @@ class _LeanRMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         y, rstd, weight = ctx.saved_tensors
+        if y.is_cuda and not ctx.needs_input_grad[1] and (kernel := _dx_kernel()) is not None:
+            return kernel.rms_norm_dx(y, dy, weight, rstd, ctx.x_dtype), None, None, None
         w = weight.float()
         x_hat = y.float() / w                # new tensors (y itself when it is fp32): safe to edit in place
         g = dy.float() * w                   # the gradient at x_hat
@@ -88,6 +90,15 @@ class _LeanRMSNorm(torch.autograd.Function):
             m = (g * x_hat).mean(-1, keepdim=True)
             dx = g.sub_(x_hat.mul_(m)).mul_(rstd).to(ctx.x_dtype)
         return dx, dw, None, None
+
+
+def _dx_kernel():
+    """ops/rms_norm_triton.py where triton imports (one pass instead of seven), else None."""
+    try:
+        from ..ops import rms_norm_triton
+    except ImportError:
+        return None
+    return rms_norm_triton
 
 
 def memory_efficient_norm(model, dtype):
