@@ -690,7 +690,8 @@ def targets(rows, shape):
                      f"{'met' if met else 'MISSED'}")
     goal = TARGET_VS_HF[shape]
     bases = (("hf_lora_in_proj_r8", "fp32 base"), ("hf_lora_in_proj_r8_bf16_base", "bf16 base"))
-    for sfx, recipe in (("", "fp32 frozen weights"), ("_frozen_bf16", "bf16 frozen weights (cast_frozen)")):
+    for sfx, recipe in (("", "fp32 frozen weights"), ("_frozen_bf16", "bf16 frozen weights (cast_frozen)"),
+                        ("_frozen_bf16_lean_norm", "bf16 frozen weights and memory-efficient norms")):
         x = "lora_X_r64" + sfx
         if x not in by:
             continue
@@ -723,11 +724,12 @@ def targets(rows, shape):
     inner = ratio("lora_X_r64", "lora_X_r64_mamba_inner")
     if inner:
         lines.append(f"  (our inner function / mamba_inner_fn, LoRA_p(X) r64 tokens/s: {inner:.2f})")
-    for run, what in (("affix_3_extra_positions", "as extra positions of mamba_ssm's scan"),
-                      ("affix_3_triton_scan", "a prefill, the sequence on the Triton scan")):
-        r = ratio("affix_3", run)
-        if r:
-            lines.append(f"  (affix 3 tokens, the prefill carried into mamba_ssm's scan / {what}, tokens/s: {r:.2f})")
+    for sfx in ("", "_frozen_bf16", "_frozen_bf16_lean_norm"):
+        for run, what in (("_extra_positions", "as extra positions of mamba_ssm's scan"),
+                          ("_triton_scan", "a prefill, the sequence on the Triton scan")):
+            r = ratio("affix_3" + sfx, "affix_3" + sfx + run)
+            if r:
+                lines.append(f"  (affix_3{sfx}, the prefill carried into mamba_ssm's scan / {what}, tokens/s: {r:.2f})")
     for b in (1, 32):
         h, o = by.get(f"gen_hf_b{b}"), by.get(f"gen_ours_b{b}")
         if h and o:

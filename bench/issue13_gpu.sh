@@ -26,8 +26,11 @@ gpu_tests() {
 PARTS=" ${*:-tests 130m 1.4b} "
 if [[ $PARTS == *" tests "* ]]; then
     : > "$OUT/gpu_tests.txt"
-    python3 -m pytest -q tests/test_scan_carry.py -p no:warnings >> "$OUT/gpu_tests.txt" 2>&1
-    echo "$([ $? -eq 0 ] && echo PASS || echo FAIL): the carry kernels (ops/scan_carry.py) on the GPU"
+    python3 -m pytest -q tests/test_scan_carry.py tests/test_scan_triton.py tests/test_rms_norm_triton.py \
+        tests/test_cross_entropy_triton.py -p no:warnings >> "$OUT/gpu_tests.txt" 2>&1
+    echo "$([ $? -eq 0 ] && echo PASS || echo FAIL): the Triton kernels (carry, scan, norm gradient, cross-entropy) on the GPU"
+    python3 -m pytest -q -m gpu tests/test_lean_norm.py -p no:warnings >> "$OUT/gpu_tests.txt" 2>&1
+    echo "$([ $? -eq 0 ] && echo PASS || echo FAIL): the memory-efficient norm on the kernels"
     if ! gpu_tests "our_inner" 25 "our inner function equals mamba_inner_fn and the reference on the GPU"; then
         echo "FALLBACK: the benchmark runs on mamba_ssm's mamba_inner_fn (MAMBAPEFT_INNER=mamba_ssm)" \
             | tee -a "$OUT/gpu_tests.txt"
@@ -39,21 +42,22 @@ if [[ $PARTS == *" tests "* ]]; then
         "every method on the fused route against the reference, and bf16 frozen weights"
 fi
 
-# 2. mamba-130m shape, 8x1024 (about 4 minutes): ours (fp32 and bf16 frozen weights) vs transformers +
-#    peft (fp32 and bf16 base), affix as a carried prefill vs extra positions, eager vs one CUDA graph per
-#    step, the profiles with the GPU busy fraction, and generation.
+# 2. mamba-130m shape, 8x1024 (about 4 minutes): ours with bf16 frozen weights, without and with
+#    memory-efficient norms, vs transformers + peft (fp32 and bf16 base); affix as a carried prefill vs
+#    extra positions; Additional-scan; eager vs one CUDA graph per step; the profiles with the GPU busy
+#    fraction; generation.
 if [[ $PARTS == *" 130m "* ]]; then
-    python3 bench/bench_gpu.py --out "$OUT" --only train,hf_lora,generate --rounds 2 --steps 8 \
-        --runs lora_X_r64,lora_X_r64_frozen_bf16,lora_X_r64_mamba_inner,affix_3,affix_3_extra_positions,affix_3_frozen_bf16,additional_scan_6,additional_scan_6_frozen_bf16 \
-        --interleave hf_lora_in_proj_r8,hf_lora_in_proj_r8_bf16_base,lora_X_r64,lora_X_r64_frozen_bf16,affix_3,affix_3_extra_positions,affix_3_frozen_bf16,additional_scan_6,additional_scan_6_frozen_bf16 \
-        --graphs lora_X_r64,lora_X_r64_frozen_bf16,additional_scan_6_frozen_bf16 \
-        --profile lora_X_r64,lora_X_r64_frozen_bf16,hf_lora 2>&1 | grep -v '^{' | tail -60
+    R=lora_X_r64_frozen_bf16,lora_X_r64_frozen_bf16_lean_norm,affix_3_frozen_bf16_lean_norm,affix_3_frozen_bf16_lean_norm_extra_positions,additional_scan_6_frozen_bf16_lean_norm
+    python3 bench/bench_gpu.py --out "$OUT" --only train,hf_lora,generate --rounds 2 --steps 8 --runs "$R" \
+        --interleave "hf_lora_in_proj_r8,hf_lora_in_proj_r8_bf16_base,$R" \
+        --graphs lora_X_r64_frozen_bf16,lora_X_r64_frozen_bf16_lean_norm,affix_3_frozen_bf16_lean_norm,additional_scan_6_frozen_bf16_lean_norm \
+        --profile lora_X_r64_frozen_bf16_lean_norm,hf_lora 2>&1 | grep -v '^{' | tail -60
 fi
 
 # 3. mamba-1.4b shape, 4x2048 (about 3 minutes).
 if [[ $PARTS == *" 1.4b "* ]]; then
-    python3 bench/bench_gpu.py --out "$OUT" --shape 1.4b --only train,hf_lora --steps 5 --warmup 2 \
-        --runs lora_X_r64,lora_X_r64_frozen_bf16,affix_3,affix_3_extra_positions,affix_3_frozen_bf16,additional_scan_6_frozen_bf16 \
-        --interleave hf_lora_in_proj_r8,hf_lora_in_proj_r8_bf16_base,lora_X_r64,lora_X_r64_frozen_bf16,affix_3_frozen_bf16,additional_scan_6_frozen_bf16 \
-        --graphs lora_X_r64_frozen_bf16 --profile lora_X_r64_frozen_bf16 2>&1 | grep -v '^{' | tail -40
+    R=lora_X_r64_frozen_bf16,lora_X_r64_frozen_bf16_lean_norm,affix_3_frozen_bf16_lean_norm,additional_scan_6_frozen_bf16_lean_norm
+    python3 bench/bench_gpu.py --out "$OUT" --shape 1.4b --only train,hf_lora --steps 5 --warmup 2 --runs "$R" \
+        --interleave "hf_lora_in_proj_r8,hf_lora_in_proj_r8_bf16_base,$R" \
+        --graphs lora_X_r64_frozen_bf16_lean_norm --profile lora_X_r64_frozen_bf16_lean_norm 2>&1 | grep -v '^{' | tail -40
 fi

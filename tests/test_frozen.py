@@ -72,9 +72,14 @@ def test_on_the_kernels_bf16_frozen_weights_give_the_same_loss_and_gradients(kin
     """The fused inner functions cast weights to xz's dtype themselves: a bf16 weight is that cast.
     The loss is the same bit for bit. Gradients are not deterministic on the kernels: the scan's
     backward adds dB and dC over channel blocks (and dA, dD, the dt bias's gradient over the batch)
-    with atomic adds in any order, and a bf16 rounding downstream can turn that into a last-bit
-    difference. So the cast may move a gradient no further than a second fp32 run moves it (plus a
-    float32 margin)."""
+    with atomic adds in an order that depends on timing, and a bf16 rounding downstream can turn that
+    into a difference in a few elements. Two runs of one model can happen to agree exactly while the
+    cast model (different timing: no casts) orders its adds differently: on the H200 a LoRA x_proj
+    gradient moved by 3.6e-4 of its largest value that way, with the same code before and after the
+    cast (bench/results/issue13/s3_final/gpu_frozen_repeat.txt). So the cast may move a gradient no
+    further than 2x a second fp32 run moves it plus 2^-9 of its largest value: a cast that changed the
+    arithmetic (a bf16-rounded sum) would move it by about 2^-8 relative, and the loss, compared bit
+    for bit, would move too."""
     monkeypatch.setenv("MAMBAPEFT_INNER", inner)
     model = build(kind, methods, False, "cuda")[0]
     loss, grads = loss_and_grads(model, kind, "cuda")
@@ -84,7 +89,7 @@ def test_on_the_kernels_bf16_frozen_weights_give_the_same_loss_and_gradients(kin
     for name, g in grads.items():
         noise = (again[name] - g).abs().max().item()
         err = (grads2[name] - g).abs().max().item()
-        assert err <= 2 * noise + 1e-6 * g.abs().max().item(), f"{name}: {err:.3g} off, run-to-run {noise:.3g}"
+        assert err <= 2 * noise + 2 ** -9 * g.abs().max().item(), f"{name}: {err:.3g} off, run-to-run {noise:.3g}"
 
 
 def test_a_weight_a_method_adds_to_stays_fp32_and_casting_it_anyway_would_change_the_loss(monkeypatch):
