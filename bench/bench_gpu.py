@@ -22,7 +22,8 @@ the default (the tokens' state carried into mamba_ssm's scan, ops/scan_carry.py)
 NAME_frozen_bf16 (e.g. lora_X_r64_frozen_bf16) store the frozen mixer weights in bf16 after
 get_peft_model (PeftModel.cast_frozen: the same losses, without autocast's per-step weight casts and
 their saved copies); runs named NAME_lean_norm set every RMSNorm memory-efficient (models/norm.py,
-training.memory_efficient_norm: bf16 output, the fp32 residual not kept for the backward). Suffixes
+training.memory_efficient_norm: bf16 output, the fp32 residual not kept for the backward); runs named
+NAME_recompute_z keep only xz's x half for the backward and make z again there (training.recompute_z). Suffixes
 combine (lora_X_r64_frozen_bf16_mamba_inner, lora_X_r64_frozen_bf16_lean_norm). hf_lora_in_proj_r8_bf16_base
 is the transformers + peft baseline in that recipe: the model loaded in bf16, then peft's LoRA (whose
 adapter weights peft keeps in fp32, autocast_adapter_dtype=True), trained under the same bf16 autocast.
@@ -92,14 +93,16 @@ class KernelCounter:
             self.mod.fwd = self.orig
 
 
-def ours_model(methods, dtype=torch.float32, frozen_bf16=False, device="cuda", lean_norm=False):
+def ours_model(methods, dtype=torch.float32, frozen_bf16=False, device="cuda", lean_norm=False, recompute_z=False):
     from mambapeft.models import MambaConfig, MambaForCausalLM
+    from mambapeft.models.mixer import set_recompute_z
     from mambapeft.models.norm import memory_efficient_norm
     from mambapeft.peft import PeftConfig, get_peft_model
     with torch.device(device):
         model = MambaForCausalLM(MambaConfig(vocab_size=V, hidden_size=D, num_hidden_layers=L)).to(dtype)
     if lean_norm:   # what training.memory_efficient_norm does (PeftModel.memory_efficient_norm)
         memory_efficient_norm(model, torch.bfloat16)
+    set_recompute_z(model, recompute_z)
     if methods is None:
         return model
     peft = get_peft_model(model, PeftConfig(methods)).to(device)   # adapters are created on the CPU
@@ -125,7 +128,7 @@ DEFAULT_AFFIX_SCAN = os.environ.get("MAMBAPEFT_AFFIX_SCAN")   # None: mixer_cuda
 AFFIX_SUFFIXES = {"_triton_scan": "triton", "_extra_positions": "mamba_ssm"}
 # _masked: an all-ones attention mask, which sends every mixer down the unfused route (what language
 # training paid before its right-padded batches left the mask out)
-SUFFIXES = ("_mamba_inner", "_frozen_bf16", "_lean_norm", "_masked") + tuple(AFFIX_SUFFIXES)
+SUFFIXES = ("_mamba_inner", "_frozen_bf16", "_lean_norm", "_recompute_z", "_masked") + tuple(AFFIX_SUFFIXES)
 HF_RUNS = {"hf_lora_in_proj_r8": lambda: hf_model(),   # fp32 weights, as ours
            "hf_lora_in_proj_r8_bf16_base": lambda: hf_model(dtype=torch.bfloat16)}   # peft keeps LoRA fp32
 
@@ -180,7 +183,8 @@ def methods_of(name):
 def ours_build(name):
     """The model builder of our run `name`."""
     methods, found = methods_of(name), run_suffixes(name)
-    return lambda: ours_model(methods, frozen_bf16="_frozen_bf16" in found, lean_norm="_lean_norm" in found)
+    return lambda: ours_model(methods, frozen_bf16="_frozen_bf16" in found, lean_norm="_lean_norm" in found,
+                              recompute_z="_recompute_z" in found)
 
 
 def train(name, build, batch, seqlen, steps, warmup, hf=False, backend=None):
@@ -545,7 +549,7 @@ def main():
     ap.add_argument("--runs", default=",".join(list(OURS) + ["lora_X_r64_mamba_inner", "lora_X_r64_frozen_bf16"]),
                     help="our training runs (names of OURS, with _mamba_inner for mamba_ssm's inner function, "
                          "_triton_scan or _extra_positions for affix's scan, _frozen_bf16 for frozen weights in bf16, "
-                         "_lean_norm for memory-efficient norms)")
+                         "_lean_norm for memory-efficient norms, _recompute_z to make z again in backward)")
     ap.add_argument("--interleave", default="",
                     help="comma list of training runs to also time step by step in turn (e.g. "
                          "hf_lora_in_proj_r8,lora_X_r64,affix_3,additional_scan_6)")
@@ -691,7 +695,8 @@ def targets(rows, shape):
     goal = TARGET_VS_HF[shape]
     bases = (("hf_lora_in_proj_r8", "fp32 base"), ("hf_lora_in_proj_r8_bf16_base", "bf16 base"))
     for sfx, recipe in (("", "fp32 frozen weights"), ("_frozen_bf16", "bf16 frozen weights (cast_frozen)"),
-                        ("_frozen_bf16_lean_norm", "bf16 frozen weights and memory-efficient norms")):
+                        ("_frozen_bf16_lean_norm", "bf16 frozen weights and memory-efficient norms"),
+                        ("_frozen_bf16_lean_norm_recompute_z", "bf16 frozen weights, memory-efficient norms, z remade")):
         x = "lora_X_r64" + sfx
         if x not in by:
             continue
@@ -724,7 +729,7 @@ def targets(rows, shape):
     inner = ratio("lora_X_r64", "lora_X_r64_mamba_inner")
     if inner:
         lines.append(f"  (our inner function / mamba_inner_fn, LoRA_p(X) r64 tokens/s: {inner:.2f})")
-    for sfx in ("", "_frozen_bf16", "_frozen_bf16_lean_norm"):
+    for sfx in ("", "_frozen_bf16", "_frozen_bf16_lean_norm", "_frozen_bf16_lean_norm_recompute_z"):
         for run, what in (("_extra_positions", "as extra positions of mamba_ssm's scan"),
                           ("_triton_scan", "a prefill, the sequence on the Triton scan")):
             r = ratio("affix_3" + sfx, "affix_3" + sfx + run)

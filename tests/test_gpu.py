@@ -420,3 +420,25 @@ def test_our_inner_on_kernels_equals_mamba_inner_fn_and_skips_frozen_gemms():
 @pytest.mark.parametrize("tie", [True, False])
 def test_chunked_cross_entropy_equals_full_logits(device, tie, monkeypatch):
     check_linear_cross_entropy(device, tie, monkeypatch)   # on CUDA through the Triton kernel where triton is
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind,methods", [("lm", {"lora_X": {}}), ("lm", {"lora_in_proj": {}, "lora_Z": {}}),
+                                          ("vim", {"lora_X": {}, "parallel_adapter": {}})],
+                         ids=["lm-lora_X", "lm-lora_in_proj+lora_Z", "vim-lora_X+parallel_adapter"])
+def test_recompute_z_on_kernels_matches_keeping_it_and_reference(kind, methods, autocast, monkeypatch):
+    """training.recompute_z on our fused function: z made again in backward gives the output of keeping
+    it and gradients as close to the fp32 reference as keeping it does."""
+    from mambapeft.models.mixer import set_recompute_z
+    monkeypatch.setenv("MAMBAPEFT_INNER", "ours")
+    model, x = build(kind, methods)
+    kept_out, kept = forward_backward(model, x, "auto", autocast)
+    set_recompute_z(model, True)
+    out, remade = forward_backward(model, x, "auto", autocast)
+    true_out, truth = forward_backward(model, x, "reference", False)
+    assert torch.equal(out, kept_out)                  # the forward is untouched
+    assert remade.keys() == kept.keys() == truth.keys()
+    assert_as_close_as([(f"grad of {n}", remade[n], kept[n], truth[n]) for n in truth], autocast, "recompute_z",
+                       "keeping z")

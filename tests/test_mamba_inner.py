@@ -242,3 +242,58 @@ def test_fused_route_equals_reference(kind, method, monkeypatch, request):
         if g is not None:
             torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5, msg=n)
     assert any(g is not None for g in grads.values())
+
+
+@pytest.mark.parametrize("kind", ["lm", "vim"])
+@pytest.mark.parametrize("methods", [{"lora_X": {}}, {"lora_in_proj": {}}, {"lora_Z": {}},
+                                     {"lora_X": {}, "additional_scan": {}, "parallel_adapter": {}},
+                                     {"affix": {}, "lora_X": {}}], ids=lambda m: "+".join(m))
+def test_recompute_z_equals_reference_and_keeps_only_the_x_half(kind, methods, monkeypatch):
+    """set_recompute_z: the fused function keeps a copy of xz's x half and makes z again in backward
+    (with the low-rank rows on z, and Vim's backward direction flipped): the same output and
+    gradients as the reference, and E * b * L fewer saved values per call. Affix prefixes keep xz."""
+    from mambapeft.models.mixer import set_recompute_z
+    model = build(kind, methods)
+    x = torch.randint(0, 31, (2, 9)) if kind == "lm" else torch.randn(2, 3, 16, 16)
+    ref_out, ref_grads, _ = run(model, x, False, monkeypatch)
+
+    def saved_and_fewer(on):
+        set_recompute_z(model, on)
+        saved, fewer = [0], [0]
+        inner = mamba_inner.mamba_inner
+
+        def recording(*a, **kw):
+            if kw.get("z_fn") is not None:
+                b, E2, L = a[0].shape
+                fewer[0] += b * (E2 // 2) * L
+            return inner(*a, **kw)
+        monkeypatch.setattr(mamba_inner, "mamba_inner", recording)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.__setitem__(0, saved[0] + t.numel()) or t,
+                                                      lambda t: t):
+            out, grads, calls = run(model, x, True, monkeypatch, "mamba_ssm")
+        assert calls > 0
+        return out, grads, saved[0], fewer[0]
+
+    _, _, kept, none_fewer = saved_and_fewer(False)
+    out, grads, kept_z, fewer = saved_and_fewer(True)
+    assert none_fewer == 0 and (fewer > 0) == ("affix" not in methods)
+    assert kept - kept_z == fewer
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
+    for n, g in grads.items():
+        if g is not None:
+            torch.testing.assert_close(g, ref_grads[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_the_trainer_sets_recompute_z_on_every_mixer(tmp_path):
+    from test_training import TOY
+
+    from mambapeft.training.toy import ToyTask
+    from mambapeft.training.trainer import train
+    task = ToyTask(TOY["task"])
+    for on in (True, False):
+        model = task.load_model({})
+        cfg = {**TOY, "output_dir": str(tmp_path / str(on)), "training": {**TOY["training"], "max_steps": 1,
+                                                                          "eval_every": 0, "recompute_z": on}}
+        train(cfg, task=task, model=model)
+        mixers = [m for m in model.modules() if isinstance(m, MambaMixer)]
+        assert mixers and all(m.recompute_z is on for m in mixers)

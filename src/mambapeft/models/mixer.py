@@ -143,6 +143,7 @@ class MambaMixer(nn.Module):
         self.d_model, self.d_inner, self.d_state, self.d_conv, self.dt_rank = d_model, E, d_state, d_conv, R
         self.bidirectional, self.divide_out = bidirectional, divide_out
         self.rms_eps = rms_eps  # FalconMamba's mixer_rms_eps; None for Mamba
+        self.recompute_z = False  # set_recompute_z: the CUDA fused route makes z again in backward
         self.in_proj = nn.Linear(d_model, 2 * E, bias=bias)
         self.out_proj = nn.Linear(E, d_model, bias=bias)
         for s in self.directions:
@@ -289,3 +290,16 @@ class MambaMixer(nn.Module):
             state.conv[d] = x_full[..., x_full.shape[-1] - (k - 1):].detach()
             state.ssm[d] = out[1].detach()
         return drop(y) if drop else y
+
+
+def set_recompute_z(model, on):
+    """On the CUDA fused route, let every mixer of `model` keep only the x half of in_proj's output
+    for backward and make the z half (the gate) again there: half of what the fused function keeps
+    per layer, for one more product of in_proj's z rows. Returns how many mixers were set."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, MambaMixer):
+            m.recompute_z = bool(on)
+            n += 1
+    return n
+

@@ -55,13 +55,13 @@ def forward(m, c, h, mask=None, state=None):
     """MambaMixer.forward on the kernels; `c` is m.compose()."""
     if mask is not None:
         h = h * mask[..., None].to(h.dtype)
-    xz = _project_in_channels_first(m, c, h)             # (b, 2E, T), time contiguous
+    xz, remake_z = _project_in(m, c, h)                   # (b, 2E, T), time contiguous
     affix = m._affix(c)
     # FalconMamba never takes the fused kernel: mamba_inner_fn's b/c/dt_rms_weight normalise dt over E
     # after dt_proj (not the rank-R input, as transformers' inference does) and its backward leaves
     # the norms out of the gradients. The unfused route below applies them in torch (ssm_inputs).
     if mask is None and state is None and c.dirs[0].rms_eps is None:
-        out = _fused(m, c, xz, affix)
+        out = _fused(m, c, xz, affix, remake_z)
         if out is not None:
             return out
     x, z = xz.chunk(2, dim=1)
@@ -79,21 +79,48 @@ def forward(m, c, h, mask=None, state=None):
 
 
 def _project_in_channels_first(m, c, h):
+    return _project_in(m, c, h)[0]
+
+
+def _project_in(m, c, h):
     """xz as W_in @ h^T, like mamba_ssm's own Mamba: (2E, bT) memory viewed as (b, 2E, T), so neither
     xz nor its gradient is transposed and copied around the fused kernel. Adapters that add low-rank
-    rows to in_proj's output (MixerAdapter.in_proj_rows) add them in the same layout."""
+    rows to in_proj's output (MixerAdapter.in_proj_rows) add them in the same layout.
+    -> xz, and with m.recompute_z a function that makes its z half again as this made it (else None)."""
     b, T, _ = h.shape
     h2 = h.reshape(b * T, -1)
     rows = [a.in_proj_rows() for a in m.adapters()]
     if any(r is None for r in rows):           # an adapter we cannot lay out here
-        return m.project_in(h, c).transpose(1, 2)
+        return m.project_in(h, c).transpose(1, 2), None
     xz = c.in_proj @ h2.t()
     if c.in_bias is not None:
         xz = xz + c.in_bias[:, None].to(xz.dtype)
+    added = []
     for low in (low for r in rows for low in r):
         p = low.down(h2).t().to(xz.dtype)                                             # (r, bT)
-        xz = _AddRows.apply(xz, low.up.to(xz.dtype), p, low.start, low.stop, low.scale)
-    return xz.view(-1, b, T).transpose(0, 1)
+        added.append((low, low.up.to(xz.dtype), p))
+        xz = _AddRows.apply(xz, *added[-1][1:], low.start, low.stop, low.scale)
+    remake_z = _remaker(c, h2, added, xz.dtype, b) if m.recompute_z else None
+    return xz.view(-1, b, T).transpose(0, 1), remake_z
+
+
+def _remaker(c, h2, added, dtype, b):
+    """-> a function giving xz's z half (b, E, T) again, as _project_in made it: the same products in
+    the same dtype and order, the low-rank rows with the forward's own down projections (dropout
+    included). Run in backward, without autograd."""
+    E = c.in_proj.shape[0] // 2
+
+    @torch.no_grad()
+    def remake():
+        z = c.in_proj[E:].to(dtype) @ h2.to(dtype).t()
+        if c.in_bias is not None:
+            z = z + c.in_bias[E:, None].to(dtype)
+        for low, up, p in added:
+            if low.stop > E:
+                lo = max(low.start, E)
+                z[lo - E:low.stop - E].addmm_(up[lo - low.start:], p, alpha=low.scale)
+        return z.view(E, b, -1).transpose(0, 1)
+    return remake
 
 
 class _AddRows(torch.autograd.Function):
@@ -161,7 +188,7 @@ def affix_scan(device):
     return name
 
 
-def _fused(m, c, xz, affix):
+def _fused(m, c, xz, affix, remake_z=None):
     taps = _output_taps(m)
     if taps is None:
         return None
@@ -193,9 +220,13 @@ def _fused(m, c, xz, affix):
             x, z = xz_d.chunk(2, dim=1)
             x, z, _, drop = m.insert_affix(x, z, s, affix[d], None)
             xz_d = torch.cat([x, z], 1)
-        if ours:   # xz stays in the layout _project_in_channels_first made; frozen weights get no gradient
+        if ours:   # xz stays in the layout _project_in made; frozen weights get no gradient
+            z_fn = None
+            if remake_z is not None and affix[d] is None:   # (a prefix's z columns are not made again)
+                z_fn = remake_z if d == 0 else lambda: remake_z().flip(-1)
             o = mamba_inner.mamba_inner(xz_d, s.conv_w, s.conv_b, s.x_proj, s.dt_w, W,
-                                        bias if d == 0 else None, s.A, s.D, s.dt_b, extra, prefill=prefill)
+                                        bias if d == 0 else None, s.A, s.D, s.dt_b, extra, prefill=prefill,
+                                        z_fn=z_fn)
         else:
             o = mamba_inner_fn(xz_d.contiguous(), s.conv_w[:, None], s.conv_b, s.x_proj, s.dt_w, W,
                                bias if d == 0 else None, s.A, None, None, s.D.float(),

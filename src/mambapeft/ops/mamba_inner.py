@@ -193,7 +193,8 @@ def _prefill_bwd(mode, pre, u, delta, A, B, C, D, z, delta_bias, saved, dy, dz, 
 
 class MambaInner(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, xz, conv_w, conv_b, x_proj_w, dt_w, out_w, out_b, A, D, dt_b, out_extra, prefill=None):
+    def forward(ctx, xz, conv_w, conv_b, x_proj_w, dt_w, out_w, out_b, A, D, dt_b, out_extra, prefill=None,
+                z_fn=None):
         with torch.autocast(xz.device.type, enabled=False):
             xz = flat(xz)
             dtype, b = xz.dtype, xz.shape[0]
@@ -220,8 +221,9 @@ class MambaInner(torch.autograd.Function):
                 out = torch.addmm(bias, y, wo.t())
             else:
                 out = y @ wo.t()
-        ctx.save_for_backward(xz, cw, cb, x_dbl, wx, wdt, wo, Ac, Df, dtbf, *saved)
-        ctx.D_out, ctx.prefill = out_w.shape[0], prefill
+        # with z_fn, only x is kept (its own copy: a view would keep xz's whole storage) and z is made again
+        ctx.save_for_backward(xz if z_fn is None else x.clone(), cw, cb, x_dbl, wx, wdt, wo, Ac, Df, dtbf, *saved)
+        ctx.D_out, ctx.prefill, ctx.z_fn = out_w.shape[0], prefill, z_fn
         ctx.dtypes = [t.dtype if t is not None else None for t in (conv_w, conv_b, x_proj_w, dt_w, out_w, out_b,
                                                                    A, D, dt_b, out_extra)]
         return out.view(b, -1, out.shape[-1])
@@ -233,13 +235,17 @@ class MambaInner(torch.autograd.Function):
         with torch.autocast(xz.device.type, enabled=False):
             b, E, R = xz.shape[0], wdt.shape[0], wdt.shape[1]
             N = (x_dbl.shape[0] - R) // 2
-            x, z = xz[:, :E], xz[:, E:]
+            if ctx.z_fn is None:
+                x, z = xz[:, :E], xz[:, E:]
+                dxz = torch.empty_like(xz)                                  # flat, like xz
+            else:
+                x, z = xz, ctx.z_fn()
+                dxz = _3d(x.new_empty(2 * E, b * x.shape[-1]), b)
             # recompute what the forward did not keep
             u = flat(conv_fwd(x, cw, cb, None, None, None, True))
             delta = _3d(wdt @ x_dbl[:R], b)
             B, C = _bc(x_dbl[R:R + N], b), _bc(x_dbl[R + N:], b)
-            dout = dout.reshape(-1, dout.shape[-1]).to(xz.dtype)       # (bL, D [+ extra])
-            dxz = torch.empty_like(xz)                                  # flat, like xz
+            dout = dout.reshape(-1, dout.shape[-1]).to(x.dtype)        # (bL, D [+ extra])
             dx, dz = dxz[:, :E], dxz[:, E:]
             dy = _3d(wo.t() @ dout.t(), b)                              # (b, E, L [- n]), flat
             Dm, pre = ctx.D_out, ctx.prefill
@@ -271,10 +277,11 @@ class MambaInner(torch.autograd.Function):
                  d_out_w, d_out_b, dA if need[7] else None, dD if need[8] else None,
                  ddt_b if need[9] else None, d_extra]
         return tuple([grads[0]] + [g.to(dt) if g is not None else None for g, dt in zip(grads[1:], ctx.dtypes)]
-                     + [None])
+                     + [None, None])
 
 
-def mamba_inner(xz, conv_w, conv_b, x_proj_w, dt_w, out_w, out_b, A, D, dt_b, out_extra=None, prefill=None):
+def mamba_inner(xz, conv_w, conv_b, x_proj_w, dt_w, out_w, out_b, A, D, dt_b, out_extra=None, prefill=None,
+                z_fn=None):
     """xz (b, 2E, L) -> out_proj(gated scan) (b, L, D [+ rows of out_extra]).
 
     conv_w (E, k), conv_b (E,) or None, x_proj_w (R + 2N, E), dt_w (E, R), out_w (D, E), out_b (D,)
@@ -287,7 +294,13 @@ def mamba_inner(xz, conv_w, conv_b, x_proj_w, dt_w, out_w, out_b, A, D, dt_b, ou
     whose last state, carrying gradient, the sequence continues from: mode "carry" scans the sequence
     with mamba_ssm's kernel from zero and adds that state carried forward (ops/scan_carry.py), mode
     "triton" scans it with the Triton scan from the state. The output is then (b, L - n, D [+ extra])
-    and the prefix's z columns get a zero gradient."""
+    and the prefix's z columns get a zero gradient.
+
+    z_fn: a function that makes xz's z half (b, E, L), time contiguous, again, equal to the forward's:
+    backward then keeps only a copy of the x half, half of xz (67 MB a layer at the mamba-1.4b shape,
+    4 x 2048 tokens), for the cost of recomputing z (an in_proj product of E rows)."""
     if prefill is not None and prefill[0] not in PREFILL_MODES:
         raise ValueError(f"prefill mode {prefill[0]!r}: expected one of {PREFILL_MODES}")
-    return MambaInner.apply(xz, conv_w, conv_b, x_proj_w, dt_w, out_w, out_b, A, D, dt_b, out_extra, prefill)
+    if z_fn is not None and prefill is not None:
+        raise ValueError("z_fn with a prefill: the prefix's z columns would have to be made again too")
+    return MambaInner.apply(xz, conv_w, conv_b, x_proj_w, dt_w, out_w, out_b, A, D, dt_b, out_extra, prefill, z_fn)

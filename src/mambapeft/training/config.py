@@ -39,6 +39,9 @@ TRAINING = {
     "memory_efficient_norm": (False, "under bf16 autocast every RMSNorm returns bf16 and keeps that output for its "
                               "backward instead of its fp32 input (the residual stream: 4 bytes a value a layer): "
                               "the same forward, gradients within bf16 rounding; needs bf16 autocast"),
+    "recompute_z": (False, "on CUDA's fused route keep only the x half of in_proj's output for backward and make "
+                    "the z half (the gate) again there: 2 bytes a value of z less a layer under bf16, for one more "
+                    "product of in_proj's z rows (same results; affix prefixes keep theirs)"),
     "device": ("auto", "auto (cuda:LOCAL_RANK when CUDA is there), cpu or cuda"),
     "cuda_graph": (False, "replay each micro-batch's forward and backward from a CUDA graph captured per input "
                    "shape (one CUDA process): no launch gaps on small models; dropout draws differ from eager"),
@@ -178,7 +181,7 @@ def _check_training(t, source):
     _expect(not (t["memory_efficient_norm"] is True and t["precision"] == "fp32"), source,
             "training.memory_efficient_norm", "false with precision fp32 (it needs bf16 autocast)")
     _expect(t["min_lr_ratio"] <= 1, source, "training.min_lr_ratio", "a number in [0, 1]")
-    for key in ("progress", "eval_base", "cuda_graph", "memory_efficient_norm"):
+    for key in ("progress", "eval_base", "cuda_graph", "memory_efficient_norm", "recompute_z"):
         _expect(isinstance(t[key], bool), source, f"training.{key}", "true or false")
 
 

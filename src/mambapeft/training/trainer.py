@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..io import CheckpointError, read_json, read_weights, write_json
+from ..models.mixer import set_recompute_z
 from ..peft import PeftConfig, get_peft_model, preset
 from ..peft.config import ConfigError
 from ..peft.inject import model_kind
@@ -27,7 +28,7 @@ from .task import build_task
 CONFIG = "config.yaml"
 BASE = "base_metrics.json"   # the base model's metrics (training.eval_base), kept for a resumed run
 # Settings a resumed run may change: they do not alter the result.
-RESUMABLE = {"progress", "num_workers", "log_every", "device", "keep_checkpoints", "frozen_dtype"}
+RESUMABLE = {"progress", "num_workers", "log_every", "device", "keep_checkpoints", "frozen_dtype", "recompute_z"}
 
 
 class TrainingError(RuntimeError):
@@ -76,6 +77,7 @@ def train(config, task=None, model=None, callback=None, resume=False, overrides=
     if frozen is not None:   # frozen tensors only: the optimizer never sees them
         peft.cast_frozen(frozen)
     peft.memory_efficient_norm(lean_norm)   # None (the default) also undoes an earlier run's on a reused model
+    set_recompute_z(peft.base_model, t["recompute_z"])
     groups = peft.param_groups(lr=t["lr"], weight_decay=t["weight_decay"])
     for g in groups:
         g["base_lr"] = g["lr"]
