@@ -3,6 +3,7 @@ import json
 import math
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,9 @@ def make_vtab(root, tasks=(("dtd", 3), ("eurosat", 2)), train=4, val=2, test=3):
                 for i in range(n):
                     ext = "jpg" if i % 2 else "png"
                     rel = f"images/{split}_{c}_{i}.{ext}"
-                    _image(c, hash((t, c, split, i)) % 10_000).save(d / rel)
+                    # crc32, not hash(): str hashes are salted per process (PYTHONHASHSEED), which
+                    # drew new images in every pytest run
+                    _image(c, zlib.crc32(f"{t}/{c}/{split}/{i}".encode())).save(d / rel)
                     lists[split].append(f"{rel} {c}")
         lists["train800val200"] = lists["train800"] + lists["val200"]
         for split, lines in lists.items():
@@ -250,10 +253,12 @@ def test_vtab_end_to_end_and_rerun_skips(tmp_path, methods, capsys):
 
 def test_vtab_training_learns(tmp_path):
     root = make_vtab(tmp_path / "data", tasks=(("dtd", 2),), train=4, test=4)
-    cfg = write_config(tmp_path / "cfg.yaml", root, "lora_X", epochs=6, lr=3e-3)
+    # lr 1e-2: the last epoch's loss is 0.07-0.10 of the first over 40 draws of the images (lr 3e-3
+    # left 0.64-0.70, against the 0.7 this test asked for); with lr 1e-9 it stays 1.0 and top-1 50
+    cfg = write_config(tmp_path / "cfg.yaml", root, "lora_X", epochs=6, lr=1e-2)
     assert main(["vtab", str(cfg), "--tasks", "dtd"]) == 0
     r = json.loads((tmp_path / "out" / "dtd" / "result.json").read_text())
-    assert r["train_loss"][-1] < 0.7 * r["train_loss"][0] and r["top1"] > 50
+    assert r["train_loss"][-1] < 0.5 * r["train_loss"][0] and r["top1"] > 50, r
 
 
 def test_two_worker_processes_equal_one(tmp_path):
