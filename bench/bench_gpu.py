@@ -23,7 +23,8 @@ NAME_frozen_bf16 (e.g. lora_X_r64_frozen_bf16) store the frozen mixer weights in
 get_peft_model (PeftModel.cast_frozen: the same losses, without autocast's per-step weight casts and
 their saved copies); runs named NAME_lean_norm set every RMSNorm memory-efficient (models/norm.py,
 training.memory_efficient_norm: bf16 output, the fp32 residual not kept for the backward); runs named
-NAME_recompute_z keep only xz's x half for the backward and make z again there (training.recompute_z). Suffixes
+NAME_recompute_z keep only xz's x half for the backward and make z again there (training.recompute_z), in
+every layer, or with NAME_recompute_zN in the first N. Suffixes
 combine (lora_X_r64_frozen_bf16_mamba_inner, lora_X_r64_frozen_bf16_lean_norm). hf_lora_in_proj_r8_bf16_base
 is the transformers + peft baseline in that recipe: the model loaded in bf16, then peft's LoRA (whose
 adapter weights peft keeps in fp32, autocast_adapter_dtype=True), trained under the same bf16 autocast.
@@ -38,6 +39,7 @@ import argparse
 import gc
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -161,13 +163,15 @@ class inner_env:
 
 
 def run_suffixes(name):
-    """The SUFFIXES a run name ends with, in any order."""
+    """The SUFFIXES a run name ends with, in any order (_recompute_zN counts as _recompute_z)."""
     found = []
-    while any(name.endswith(s) for s in SUFFIXES):
-        s = next(s for s in SUFFIXES if name.endswith(s))
+    while True:
+        m = re.search(r"_recompute_z\d+$", name)
+        s = m.group(0) if m else next((s for s in SUFFIXES if name.endswith(s)), None)
+        if s is None:
+            return found
         found.append(s)
         name = name.removesuffix(s)
-    return found
 
 
 def base_name(name):
@@ -183,8 +187,9 @@ def methods_of(name):
 def ours_build(name):
     """The model builder of our run `name`."""
     methods, found = methods_of(name), run_suffixes(name)
+    layers = [int(s.removeprefix("_recompute_z")) for s in found if s.startswith("_recompute_z") and s[12:]]
     return lambda: ours_model(methods, frozen_bf16="_frozen_bf16" in found, lean_norm="_lean_norm" in found,
-                              recompute_z="_recompute_z" in found)
+                              recompute_z=layers[0] if layers else "_recompute_z" in found)
 
 
 def train(name, build, batch, seqlen, steps, warmup, hf=False, backend=None):
@@ -694,13 +699,14 @@ def targets(rows, shape):
                      f"{'met' if met else 'MISSED'}")
     goal = TARGET_VS_HF[shape]
     bases = (("hf_lora_in_proj_r8", "fp32 base"), ("hf_lora_in_proj_r8_bf16_base", "bf16 base"))
-    for sfx, recipe in (("", "fp32 frozen weights"), ("_frozen_bf16", "bf16 frozen weights (cast_frozen)"),
-                        ("_frozen_bf16_lean_norm", "bf16 frozen weights and memory-efficient norms"),
-                        ("_frozen_bf16_lean_norm_recompute_z", "bf16 frozen weights, memory-efficient norms, z remade")):
+    named = {"": "fp32 frozen weights", "_frozen_bf16": "bf16 frozen weights (cast_frozen)",
+             "_frozen_bf16_lean_norm": "bf16 frozen weights and memory-efficient norms"}
+    recipes = sorted({r["run"][len("lora_X_r64"):] for r in rows if r["kind"] == "train"
+                      and r["run"].startswith("lora_X_r64") and not r["run"].endswith(("_masked", "_mamba_inner"))},
+                     key=lambda sfx: (len(sfx), sfx))
+    for sfx in recipes:
         x = "lora_X_r64" + sfx
-        if x not in by:
-            continue
-        lines.append(f"  ours with {recipe}:")
+        lines.append(f"  ours with {named.get(sfx, 'run suffixes ' + sfx)}:")
         g = by.get(f"{x}/graphs")
         for hf_name, base in bases:
             if hf_name not in by:

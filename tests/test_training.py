@@ -223,7 +223,7 @@ def bad_inputs(tmp_path):
         ([good, "training.memory_efficient_norm=true"], "training.memory_efficient_norm: needs bf16 autocast"),   # auto
         ([good, "training.batch_size=1000"], "training.batch_size: 1000 is more than the 256 training items"),
         ([good, "training.cuda_graph=yes please"], "training.cuda_graph: expected true or false"),
-        ([good, "training.recompute_z=2"], "training.recompute_z: expected true or false"),
+        ([good, "training.recompute_z=some"], "training.recompute_z: expected true, false or a number of layers >= 0"),
         ([good, "training.cuda_graph=true", "training.device=cpu"], "training.cuda_graph: needs one process on a "
                                                                     "CUDA device, got 1 on cpu"),
         ([good, "task.type=speech"], "task.type: unknown task type 'speech'"),

@@ -293,13 +293,12 @@ class MambaMixer(nn.Module):
 
 
 def set_recompute_z(model, on):
-    """On the CUDA fused route, let every mixer of `model` keep only the x half of in_proj's output
-    for backward and make the z half (the gate) again there: half of what the fused function keeps
-    per layer, for one more product of in_proj's z rows. Returns how many mixers were set."""
-    n = 0
-    for m in model.modules():
-        if isinstance(m, MambaMixer):
-            m.recompute_z = bool(on)
-            n += 1
-    return n
-
+    """On the CUDA fused route, let mixers of `model` keep only the x half of in_proj's output for
+    backward and make the z half (the gate) again there: half of what the fused function keeps per
+    layer, for one more product of in_proj's z rows. on: True (every mixer), False (none) or a number
+    n (the first n mixers: memory for time in steps of one layer). Returns how many were set."""
+    mixers = [m for m in model.modules() if isinstance(m, MambaMixer)]
+    n = len(mixers) if on is True else int(on)
+    for i, m in enumerate(mixers):
+        m.recompute_z = i < n
+    return min(n, len(mixers))

@@ -41,7 +41,8 @@ TRAINING = {
                               "the same forward, gradients within bf16 rounding; needs bf16 autocast"),
     "recompute_z": (False, "on CUDA's fused route keep only the x half of in_proj's output for backward and make "
                     "the z half (the gate) again there: 2 bytes a value of z less a layer under bf16, for one more "
-                    "product of in_proj's z rows (same results; affix prefixes keep theirs)"),
+                    "product of in_proj's z rows (same results; affix prefixes keep theirs); true (every layer), "
+                    "false or a number n (the first n layers)"),
     "device": ("auto", "auto (cuda:LOCAL_RANK when CUDA is there), cpu or cuda"),
     "cuda_graph": (False, "replay each micro-batch's forward and backward from a CUDA graph captured per input "
                    "shape (one CUDA process): no launch gaps on small models; dropout draws differ from eager"),
@@ -181,8 +182,11 @@ def _check_training(t, source):
     _expect(not (t["memory_efficient_norm"] is True and t["precision"] == "fp32"), source,
             "training.memory_efficient_norm", "false with precision fp32 (it needs bf16 autocast)")
     _expect(t["min_lr_ratio"] <= 1, source, "training.min_lr_ratio", "a number in [0, 1]")
-    for key in ("progress", "eval_base", "cuda_graph", "memory_efficient_norm", "recompute_z"):
+    for key in ("progress", "eval_base", "cuda_graph", "memory_efficient_norm"):
         _expect(isinstance(t[key], bool), source, f"training.{key}", "true or false")
+    z = t["recompute_z"]
+    _expect(isinstance(z, bool) or (isinstance(z, int) and z >= 0), source, "training.recompute_z",
+            f"true, false or a number of layers >= 0, got {z!r}")
 
 
 def dump_config(config):
