@@ -187,7 +187,7 @@ def methods_of(name):
 def ours_build(name):
     """The model builder of our run `name`."""
     methods, found = methods_of(name), run_suffixes(name)
-    layers = [int(s.removeprefix("_recompute_z")) for s in found if s.startswith("_recompute_z") and s[12:]]
+    layers = [int(s.removeprefix("_recompute_z")) for s in found if re.fullmatch(r"_recompute_z\d+", s)]
     return lambda: ours_model(methods, frozen_bf16="_frozen_bf16" in found, lean_norm="_lean_norm" in found,
                               recompute_z=layers[0] if layers else "_recompute_z" in found)
 

@@ -38,7 +38,7 @@ def test_fused_path_layout_equals_the_readable_path():
     with torch.no_grad():
         want = m.project_in(h, c).transpose(1, 2)
         m.project_in = None   # the in-place low-rank rows, not the fallback
-        torch.testing.assert_close(mixer_cuda._project_in_channels_first(m, c, h), want, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(mixer_cuda._project_in(m, c, h)[0], want, rtol=1e-6, atol=1e-6)
         del m.project_in
         taps = mixer_cuda._output_taps(m)
         assert len(taps) == 2
@@ -64,5 +64,5 @@ def test_an_adapter_without_hooks_sends_the_fused_path_to_its_fallback():
     h = torch.randn(2, 5, m.d_model)
     with torch.no_grad():
         c = m.compose()
-        torch.testing.assert_close(mixer_cuda._project_in_channels_first(m, c, h), m.project_in(h, c).transpose(1, 2))
+        torch.testing.assert_close(mixer_cuda._project_in(m, c, h)[0], m.project_in(h, c).transpose(1, 2))
     assert mixer_cuda._output_taps(m) == []

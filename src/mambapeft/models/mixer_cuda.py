@@ -78,10 +78,6 @@ def forward(m, c, h, mask=None, state=None):
     return m.project_out(g, c)
 
 
-def _project_in_channels_first(m, c, h):
-    return _project_in(m, c, h)[0]
-
-
 def _project_in(m, c, h):
     """xz as W_in @ h^T, like mamba_ssm's own Mamba: (2E, bT) memory viewed as (b, 2E, T), so neither
     xz nor its gradient is transposed and copied around the fused kernel. Adapters that add low-rank

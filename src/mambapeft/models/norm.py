@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops import cuda_triton
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps=1e-5):
@@ -75,7 +77,7 @@ class _LeanRMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         y, rstd, weight = ctx.saved_tensors
-        if y.is_cuda and not ctx.needs_input_grad[1] and (kernel := _dx_kernel()) is not None:
+        if not ctx.needs_input_grad[1] and (kernel := _dx_kernel(y)) is not None:
             return kernel.rms_norm_dx(y, dy, weight, rstd, ctx.x_dtype), None, None, None
         w = weight.float()
         x_hat = y.float() / w                # new tensors (y itself when it is fp32): safe to edit in place
@@ -92,13 +94,9 @@ class _LeanRMSNorm(torch.autograd.Function):
         return dx, dw, None, None
 
 
-def _dx_kernel():
-    """ops/rms_norm_triton.py where triton imports (one pass instead of seven), else None."""
-    try:
-        from ..ops import rms_norm_triton
-    except ImportError:
-        return None
-    return rms_norm_triton
+def _dx_kernel(y):
+    """ops/rms_norm_triton.py for CUDA tensors where triton imports (one pass instead of seven), else None."""
+    return cuda_triton("rms_norm_triton", y)
 
 
 def memory_efficient_norm(model, dtype):

@@ -12,18 +12,14 @@ the gradient over the chunk's logits, instead of eight torch passes over an fp32
 """
 import torch
 
+from . import cuda_triton
+
 CHUNK_ELEMENTS = 1 << 26   # logits per chunk (256 MB in fp32)
 
 
 def fused_kernel(h):
     """ops/cross_entropy_triton.py for CUDA tensors where triton imports, else None (torch)."""
-    if not h.is_cuda:
-        return None
-    try:
-        from . import cross_entropy_triton
-    except ImportError:
-        return None
-    return cross_entropy_triton
+    return cuda_triton("cross_entropy_triton", h)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

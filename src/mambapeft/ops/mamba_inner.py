@@ -150,8 +150,9 @@ def _prefill_fwd(mode, pre, u, delta, A, B, C, D, z, delta_bias):
     n = pre[1]
     y0, states = selective_scan_cuda.fwd(mu, md, A, B[..., n:], C[..., n:], D, None, delta_bias, True)[:2]
     out = _3d(u.new_empty(u.shape[1], u.shape[0] * mu.shape[-1]), u.shape[0])
-    starts = _carry().carry_starts(md, delta_bias)                  # kept for backward: (b, E, L / 64) floats
-    return _carry().carry_fwd(y0, mz, md, delta_bias, A, mC, h, out=out, starts=starts), (h, states, y0, starts)
+    carry = _carry()
+    starts = carry.carry_starts(md, delta_bias)                     # kept for backward: (b, E, L / 64) floats
+    return carry.carry_fwd(y0, mz, md, delta_bias, A, mC, h, out=out, starts=starts), (h, states, y0, starts)
 
 
 def _prefill_bwd(mode, pre, u, delta, A, B, C, D, z, delta_bias, saved, dy, dz, want_out_z):
