@@ -14,6 +14,7 @@ difference between the two loss curves.
     PYTHONPATH=src python bench/bench_engine.py --out bench/results                 # one GPU, 130m shape
     PYTHONPATH=src python bench/bench_engine.py --cuda-graph --out bench/results    # the engine on CUDA graphs
     PYTHONPATH=src python bench/bench_engine.py --ddp 2 --out bench/results         # two GPUs (runs torchrun)
+    PYTHONPATH=src python bench/bench_engine.py --ddp 2 --cuda-graph --out bench/results   # both on CUDA graphs
     PYTHONPATH=src python bench/bench_engine.py --shape small --out /tmp/b          # CPU check
 """
 import argparse
@@ -134,7 +135,7 @@ def overhead(args, s, device):
 def ddp(args, s):
     """Orchestrates: one process with accumulation, then N processes under torchrun."""
     here = [sys.executable, __file__, "--worker", "--shape", args.shape, "--steps", str(args.steps),
-            "--warmup", str(args.warmup)]
+            "--warmup", str(args.warmup)] + (["--cuda-graph"] if args.cuda_graph else [])
     with tempfile.TemporaryDirectory() as tmp:
         runs = {}
         for n in (1, args.ddp):
@@ -146,7 +147,8 @@ def ddp(args, s):
             runs[n] = json.loads((out / "bench.json").read_text())
     one, many = runs[1], runs[args.ddp]
     diff = max(abs(a - b) for a, b in zip(one["losses"], many["losses"]))
-    return {"bench": "engine_ddp", "shape": args.shape, "processes": args.ddp, "global_batch": args.ddp * s["batch"],
+    return {"bench": "engine_ddp", "shape": args.shape, "processes": args.ddp, "cuda_graph": args.cuda_graph,
+            "global_batch": args.ddp * s["batch"],
             "micro_batch": s["batch"], "seqlen": s["seqlen"], "steps": args.steps,
             "tokens_per_s_1": one["tokens_per_s"], f"tokens_per_s_{args.ddp}": many["tokens_per_s"],
             "speedup": many["tokens_per_s"] / one["tokens_per_s"], "max_loss_diff": diff,
@@ -154,7 +156,7 @@ def ddp(args, s):
 
 
 def worker(args, s):
-    r = engine_run(s, args.steps, args.warmup, args.global_batch, s["batch"], Path(args.run_dir))
+    r = engine_run(s, args.steps, args.warmup, args.global_batch, s["batch"], Path(args.run_dir), args.cuda_graph)
     if int(os.environ.get("RANK", "0")) == 0:
         (Path(args.run_dir) / "bench.json").write_text(json.dumps(r))
 
@@ -167,7 +169,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="engine runs, each between two bare runs")
     ap.add_argument("--ddp", type=int, default=0, help="compare 1 process with this many (torchrun)")
     ap.add_argument("--cuda-graph", action="store_true",
-                    help="the engine's runs with training.cuda_graph (the bare step stays eager)")
+                    help="the engine's runs with training.cuda_graph (the bare step stays eager; with --ddp, "
+                         "both the one-process and the N-process runs)")
     ap.add_argument("--out", help="append the result to OUT/engine_bench.jsonl")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--global-batch", type=int, help=argparse.SUPPRESS)

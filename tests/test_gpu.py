@@ -17,7 +17,7 @@ import torch
 from helpers import check_linear_cross_entropy, decode_stepwise
 from test_peft import CASES, IDS, perturb
 
-from mambapeft.models import MambaCache, MambaConfig, MambaForCausalLM, VimConfig, VisionMamba
+from mambapeft.models import MambaCache, MambaConfig, MambaForCausalLM, VimConfig, VisionMamba, cuda_graph
 from mambapeft.ops.scan import scan_backend
 from mambapeft.peft import PeftConfig, get_peft_model
 
@@ -233,13 +233,28 @@ def test_falcon_on_kernels_equals_transformers(tmp_path):
 def test_merged_model_generates_on_kernels_like_reference():
     peft, x = build("lm", {"lora_in_proj": {}, "lora_x_proj": {}, "D": {}})
     merged = peft.merge_and_unload().eval()
+    gen = lambda **kw: merged.generate(x[:, :4], max_new_tokens=12, **kw)   # noqa: E731
     with torch.no_grad():
-        fast = merged.generate(x[:, :4], max_new_tokens=12)            # CUDA-graph steps
-        eager = merged.generate(x[:, :4], max_new_tokens=12, use_cuda_graph=False)
+        fast = gen()                                                  # CUDA-graph steps
+        eager = gen(use_cuda_graph=False)
         assert torch.equal(fast, eager)
         with scan_backend("reference"):
-            slow = merged.generate(x[:, :4], max_new_tokens=12)
-    assert torch.equal(fast, slow)
+            slow = gen()
+        assert torch.equal(fast, slow)
+        # the captured step is kept: a second call replays it from its first step on
+        (kept,) = cuda_graph._steps[merged].values()
+        assert torch.equal(gen(), eager)
+        assert list(cuda_graph._steps[merged].values()) == [kept]
+        # weights changed in place are read afresh; a replaced weight or attribute captures again
+        emb = merged.backbone.embeddings.weight                       # (tied to the LM head)
+        emb.data.copy_(emb.data.roll(1, 0))
+        changed = gen()
+        assert not torch.equal(changed, eager) and torch.equal(changed, gen(use_cuda_graph=False))
+        assert list(cuda_graph._steps[merged].values()) == [kept]
+        mixer = merged.backbone.layers[0].mixer
+        mixer.D = torch.nn.Parameter(mixer.D.detach() * 0.5)
+        assert torch.equal(gen(), gen(use_cuda_graph=False))
+        assert len(cuda_graph._steps[merged]) == 2 and list(cuda_graph._steps[merged].values())[0] is kept
 
 
 @gpu

@@ -183,3 +183,28 @@ def test_tokenizer_through_autotokenizer(tmp_path):
     (tmp_path / "none").mkdir()
     with pytest.raises(CheckpointError, match="tokenizer"):
         load_tokenizer(tmp_path / "none")
+
+
+def test_captured_decoding_step_is_kept_only_while_the_model_is_unchanged():
+    """cuda_graph.fingerprint decides when generate() may replay a step captured in an earlier call
+    (on CUDA; the fingerprint itself is device-free)."""
+    from mambapeft.models.cuda_graph import fingerprint
+    from mambapeft.peft import PeftConfig, get_peft_model
+    model = get_peft_model(tiny_lm(), PeftConfig({"lora_in_proj": {"r": 2}})).base_model.eval()
+    base = fingerprint(model)
+    with torch.no_grad():
+        model(torch.randint(1, 97, (2, 5)))
+        model.backbone.layers[0].mixer.D.add_(1.0)       # values changed in place: replay reads them
+    assert fingerprint(model) == base
+    lora = next(m for m in model.modules() if hasattr(m, "scale") and isinstance(m.scale, float))
+    changed = []
+    for edit, undo in ((lambda: setattr(lora, "scale", lora.scale * 2), lambda: setattr(lora, "scale", lora.scale / 2)),
+                       (model.train, model.eval)):
+        edit()
+        changed.append(fingerprint(model) != base)
+        undo()
+        assert fingerprint(model) == base
+    mixer = model.backbone.layers[1].mixer
+    mixer.D = torch.nn.Parameter(mixer.D.detach().clone())   # a new tensor: a new capture
+    changed.append(fingerprint(model) != base)
+    assert changed == [True, True, True]

@@ -140,8 +140,9 @@ def test_resume_after_sigkill_gives_the_uninterrupted_loss_curve_bit_for_bit(tmp
 
 
 def test_two_processes_equal_one_with_the_same_effective_batch(tmp_path):
-    one = write_config(tmp_path, "one")
-    two = write_config(tmp_path, "two")
+    cpu = {**TOY["training"], "device": "cpu"}   # exact on CPU (gloo); the CUDA twin is below
+    one = write_config(tmp_path, "one", training=cpu)
+    two = write_config(tmp_path, "two", training=cpu)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                         "-m", "mambapeft.cli", "train", str(two)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -153,6 +154,63 @@ def test_two_processes_equal_one_with_the_same_effective_batch(tmp_path):
     wa, wb = (load_file(tmp_path / n / "last" / "adapter_model.safetensors") for n in ("one", "two"))
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_two_cuda_processes_replaying_graphs_follow_one(tmp_path):
+    """training.cuda_graph under torchrun: each process replays its micro-batch from a graph (no
+    gradient hook runs inside a replay) and the gradients are summed after the backward passes
+    (GradSync(overlap=False), exact on CPU below). Against one eager process with the same effective
+    batch, within bf16 rounding grown over 12 steps (see test_cuda_graph_training_follows_eager)."""
+    two = write_config(tmp_path, "two", training={**TOY["training"], "cuda_graph": True})
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                        "-m", "mambapeft.cli", "train", str(two)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("'replays': 11") == 2, r.stderr[-3000:]   # 12 steps, 1 micro-batch a process
+    assert main(["train", str(write_config(tmp_path, "one")), "training.device=cuda"]) == 0
+    a, b = (torch.tensor(losses(tmp_path / n)) for n in ("one", "two"))
+    assert len(b) == 12
+    torch.testing.assert_close(b, a, rtol=0.02, atol=0)
+
+
+def _sum_after_backward(rank, world, port, out):
+    import torch.distributed as dist
+
+    from mambapeft.training import distributed
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2)),
+              torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))]
+    sync = distributed.GradSync(distributed.Context(rank, world), params, overlap=False)
+    assert sync.hooks == []
+    sync.arm()
+    for i, p in enumerate(params[:2]):   # the third one no backward reached: zeros, summed all the same
+        p.grad = torch.full_like(p, float(rank + 1) * (i + 1))
+    stats = sync.finish(torch.tensor(1.0), 2)
+    out.put((rank, [p.grad.tolist() for p in params], stats.tolist()))
+    dist.destroy_process_group()
+
+
+def test_grad_sync_without_hooks_sums_after_the_backward():
+    """The summing that training.cuda_graph uses with several processes (one all-reduce per dtype)."""
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_sum_after_backward, args=(r, 2, port, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict((r, (g, st)) for r, g, st in (out.get(timeout=120) for _ in procs))
+    for p in procs:
+        p.join(timeout=60)
+    # each gradient: (rank 0's + rank 1's) / the global count 4
+    want = [[0.75] * 3, [[1.5, 1.5], [1.5, 1.5]], [0.0, 0.0]]
+    assert got[0] == got[1] == (want, [2.0, 4.0])
 
 
 class NanAt(ToyTask):
@@ -224,8 +282,8 @@ def bad_inputs(tmp_path):
         ([good, "training.batch_size=1000"], "training.batch_size: 1000 is more than the 256 training items"),
         ([good, "training.cuda_graph=yes please"], "training.cuda_graph: expected true or false"),
         ([good, "training.recompute_z=some"], "training.recompute_z: expected true, false or a number of layers >= 0"),
-        ([good, "training.cuda_graph=true", "training.device=cpu"], "training.cuda_graph: needs one process on a "
-                                                                    "CUDA device, got 1 on cpu"),
+        ([good, "training.cuda_graph=true", "training.device=cpu"], "training.cuda_graph: needs a CUDA device, "
+                                                                    "got cpu"),
         ([good, "task.type=speech"], "task.type: unknown task type 'speech'"),
         ([good, "task.op=mul"], "task.op: expected reverse or add"),
         ([good, f"model.path={tmp_path / 'nomodel'}"], "no such directory"),
@@ -299,23 +357,59 @@ def test_a_cuda_run_in_bf16_autocast_lowers_the_validation_loss(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graph_training_equals_eager(tmp_path, monkeypatch):
-    """Two micro-batches a step, one shape: the first runs eagerly and is captured, the rest replay.
-    Without dropout the run follows an eager one as closely as a second eager run does: the scan's
-    backward adds with atomics in any order, and 12 steps at lr 3e-2 grow that last-bit noise."""
+def test_a_replayed_micro_batch_equals_its_eager_loss_and_gradients():
+    """GraphedLoss in fp32: a replay of another batch of the captured shape gives that batch's eager
+    loss and gradients, and reads the parameters as they are now (an optimizer step changed them in
+    place), not as they were at capture."""
+    from mambapeft.peft import PeftConfig, get_peft_model
+    from mambapeft.training import graphs
+    task = ToyTask({"train": 32})
+    peft = get_peft_model(task.load_model({}).cuda(), PeftConfig({"lora_in_proj": {"r": 4, "dropout": 0.0}}))
+    peft.train()
+    params = [p for p in peft.parameters() if p.requires_grad]
+    data = task.train_set()
+    batches = [{k: v.cuda() for k, v in task.collate(data[i:i + 8]).items()} for i in (0, 8)]
+    assert batches[0]["input_ids"].shape == batches[1]["input_ids"].shape
+    graphed = graphs.GraphedLoss(task, peft, params, None)
+
+    def eager(batch):   # leaves .grad alone: the graph accumulates into those very tensors
+        s, _ = task.loss(peft, batch)
+        grads = torch.autograd.grad(s, params, allow_unused=True)
+        return s.detach(), [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+    for i, batch in enumerate([batches[0], batches[1], batches[0]]):
+        if i == 2:
+            with torch.no_grad():
+                for p in params:
+                    p.add_(torch.randn_like(p) * 0.05)
+        graphed.zero_grad()
+        s, _ = graphed(batch)
+        got = [p.grad.clone() for p in params]
+        want, want_grads = eager(batch)
+        torch.testing.assert_close(s, want, rtol=1e-5, atol=0)
+        for g, w in zip(got, want_grads):
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-5 * w.abs().max().item())
+    assert graphed.stats() == {"shapes_captured": 1, "replays": 2, "shapes_eager": 0}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_training_follows_eager(tmp_path, monkeypatch):
+    """The engine with training.cuda_graph: two micro-batches a step, one shape: the first runs eagerly
+    and is captured, the rest replay. Under bf16 autocast a replay may round differently from eager
+    (cuBLAS picks its kernels anew in a capture), and 12 steps at lr 3e-2 grow that: on the H200 the
+    curves stay within 0.3% of each other; a stale replay would leave them far apart."""
     from mambapeft.training import graphs
     made = []
     init = graphs.GraphedLoss.__init__
     monkeypatch.setattr(graphs.GraphedLoss, "__init__", lambda self, *a: made.append(self) or init(self, *a))
     runs = {}
-    for name, on in (("eager", False), ("eager_again", False), ("graph", True)):
+    for name, on in (("eager", False), ("graph", True)):
         cfg = {**TOY, "training": {**TOY["training"], "cuda_graph": on}, "output_dir": str(tmp_path / name)}
         train(cfg, task=ToyTask(TOY["task"]))
         runs[name] = torch.tensor(losses(tmp_path / name))
     assert len(made) == 1 and made[0].captured == 1 and made[0].replays == 2 * 12 - 1, made[0].stats()
-    noise = (runs["eager_again"] - runs["eager"]).abs().max().item()
-    err = (runs["graph"] - runs["eager"]).abs().max().item()
-    assert err <= 3 * noise + 1e-5 * runs["eager"].abs().max().item(), (err, noise)
+    torch.testing.assert_close(runs["graph"], runs["eager"], rtol=0.02, atol=0)
     assert runs["graph"][-1] < runs["graph"][0]
 
 

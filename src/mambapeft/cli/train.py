@@ -30,6 +30,7 @@ def add_parser(sub):
 
 def run(args):
     import json
+    import logging
     import os
     import sys
     import torch.distributed as dist
@@ -37,6 +38,12 @@ def run(args):
     from ..training.logs import summary
     from ..training.trainer import train
     config = load_config(args.config, args.overrides)
+    log = logging.getLogger("mambapeft")   # our notes (e.g. training.cuda_graph's counts), not other libraries'
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
     try:
         result = train(config, resume=args.resume)
     finally:

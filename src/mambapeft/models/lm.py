@@ -115,7 +115,8 @@ class MambaForCausalLM(nn.Module):
     def generate(self, input_ids, attention_mask=None, *, max_new_tokens=20, do_sample=False, temperature=1.0,
                  top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=None, generator=None, use_cuda_graph=True):
         """Recurrent decoding. Pad batches on the left. Returns prompt and new tokens, (b, T + new).
-        On CUDA with the kernels, the steps after the first replay one captured CUDA graph."""
+        On CUDA with the kernels, the steps replay one captured CUDA graph, kept for later calls
+        (models/cuda_graph.py)."""
         from . import cuda_graph
         check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p)
         check_inputs(input_ids, attention_mask, None, self.config.vocab_size, values=True)
@@ -144,8 +145,9 @@ class MambaForCausalLM(nn.Module):
                 if (step + 1) % STOP_CHECK == 0 and bool(finished <= step + 1):
                     break
             if step + 1 < max_new_tokens:
-                if graph is None and step > 0 and use_cuda_graph and cuda_graph.usable(self, cache):
-                    graph = cuda_graph.GraphStep(self, cache, token[:, None])
+                if graph is None and use_cuda_graph and cuda_graph.usable(self, cache):
+                    # a new capture needs the cache to have taken one eager step; a kept one does not
+                    graph = cuda_graph.step_for(self, cache, token[:, None], capture=step > 0)
                 logits = (graph(token[:, None]) if graph is not None else
                           self(token[:, None], cache=cache).logits)[:, -1]
         out = torch.cat(out, 1)

@@ -45,7 +45,8 @@ TRAINING = {
                     "false or a number n (the first n layers)"),
     "device": ("auto", "auto (cuda:LOCAL_RANK when CUDA is there), cpu or cuda"),
     "cuda_graph": (False, "replay each micro-batch's forward and backward from a CUDA graph captured per input "
-                   "shape (one CUDA process): no launch gaps on small models; dropout draws differ from eager"),
+                   "shape: no launch gaps on small models; dropout draws differ from eager; with several "
+                   "processes the gradients are summed after the backward passes, not during them"),
     "num_workers": (0, "DataLoader worker processes per training process"),
     "log_every": (1, "steps between updates of the progress bar's numbers (log.jsonl has every step)"),
     "progress": (True, "show a tqdm progress bar"),

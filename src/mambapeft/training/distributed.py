@@ -45,11 +45,15 @@ class GradSync:
     soon as the step's last backward pass has produced it (as DistributedDataParallel does), so
     the traffic overlaps the rest of that backward; `finish` waits for them, sums the step's loss
     and unit count, and divides the gradients by the global count. Every process must produce the
-    same gradients in the same order, which one model with one graph does."""
+    same gradients in the same order, which one model with one graph does.
 
-    def __init__(self, ctx, params):
+    overlap=False (training.cuda_graph: a replayed backward runs no Python hooks): no hooks; `finish`
+    sums all gradients in one all-reduce per dtype, after the step's backward passes."""
+
+    def __init__(self, ctx, params, overlap=True):
         self.ctx, self.params, self.armed, self.pending = ctx, params, False, []
-        self.hooks = [p.register_post_accumulate_grad_hook(self._ready) for p in params] if ctx.world > 1 else []
+        hooked = ctx.world > 1 and overlap
+        self.hooks = [p.register_post_accumulate_grad_hook(self._ready) for p in params] if hooked else []
 
     def _ready(self, p):
         if self.armed:
@@ -71,23 +75,30 @@ class GradSync:
         self.armed = False
         stats = torch.stack([loss_sum.detach().double().reshape(()),
                              torch.as_tensor(count, dtype=torch.float64, device=loss_sum.device).reshape(())])
+        for p in self.params:   # a tensor the graph did not reach: zeros, summed all the same
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         if self.ctx.world > 1:
             done = set()
             for p, handle in self.pending:
                 handle.wait()
                 done.add(p)
             self.pending = []
-            for p in self.params:   # a tensor the graph did not reach: zeros, summed all the same
-                if p not in done:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                    dist.all_reduce(p.grad)
+            _all_reduce_flat([p.grad for p in self.params if p not in done])
             dist.all_reduce(stats)
-        for p in self.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
         torch._foreach_div_([p.grad for p in self.params], stats[1].clamp_min(1.0))
         return stats
+
+
+def _all_reduce_flat(tensors):
+    """Sum tensors over processes with one all-reduce per dtype (not one per tensor)."""
+    by_dtype = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for group in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        dist.all_reduce(flat)
+        torch._foreach_copy_(group, [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in group]), group)])
 
 
 def broadcast(ctx, obj):

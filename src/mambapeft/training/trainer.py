@@ -55,9 +55,8 @@ def train(config, task=None, model=None, callback=None, resume=False, overrides=
     ctx = distributed.setup(t["device"])
     frozen = _frozen_dtype(t, ctx.device)
     lean_norm = _norm_dtype(t, ctx.device)
-    if t["cuda_graph"] and (ctx.device.type != "cuda" or ctx.world > 1):
-        raise ConfigError(f"training.cuda_graph: needs one process on a CUDA device, got {ctx.world} on "
-                          f"{ctx.device.type}")
+    if t["cuda_graph"] and ctx.device.type != "cuda":
+        raise ConfigError(f"training.cuda_graph: needs a CUDA device, got {ctx.device.type}")
     run_dir = Path(config["output_dir"])
     _check_run_dir(run_dir, config, resume)
 
@@ -83,7 +82,7 @@ def train(config, task=None, model=None, callback=None, resume=False, overrides=
         g["base_lr"] = g["lr"]
     params = [p for g in groups for p in g["params"]]
     distributed.broadcast_params(ctx, params)
-    grad_sync = distributed.GradSync(ctx, params)
+    grad_sync = distributed.GradSync(ctx, params, overlap=not t["cuda_graph"])
     optimizer = torch.optim.AdamW(groups, lr=t["lr"], betas=tuple(t["betas"]), eps=t["eps"],
                                   fused=ctx.device.type == "cuda")   # one kernel per group, not one per tensor
     if ctx.rank > 0:
