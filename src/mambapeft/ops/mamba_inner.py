@@ -41,11 +41,37 @@ from typing import Callable
 import torch
 
 try:  # the wheels may be absent, or built for another torch / CUDA
+    import causal_conv1d_cuda
     import selective_scan_cuda
-    from causal_conv1d.cpp_functions import causal_conv1d_bwd_function as conv_bwd
-    from causal_conv1d.cpp_functions import causal_conv1d_fwd_function as conv_fwd
+    from causal_conv1d import cpp_functions  # noqa: F401 - causal_conv1d >= 1.5: the argument order used below
 except Exception:  # noqa: BLE001
-    selective_scan_cuda = conv_fwd = conv_bwd = None
+    selective_scan_cuda = causal_conv1d_cuda = None
+
+
+# causal_conv1d's own Python entry points (cpp_functions) go through torch.library custom ops, whose
+# dispatch cost about 0.2 ms a forward call and 0.7 ms a backward call on the host: with three calls
+# a layer that was a third of an eager mamba-130m LoRA step's host time, in a step the host, not the
+# GPU, was bound by (bench/results/issue13/s4/). Inside our own autograd function nothing needs the
+# custom op, so these call the extension directly, with the same arguments and results.
+def _conv_fwd(x, weight, bias, seq_idx, initial_states, final_states_out, silu):
+    out = torch.empty_like(x)
+    causal_conv1d_cuda.causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states, out, final_states_out, silu)
+    return out
+
+
+def _conv_bwd(x, weight, bias, dout, seq_idx, initial_states, dfinal_states, dx, return_dinitial_states, silu):
+    """-> dx, dweight, dbias (in weight's and bias' dtypes), None; no initial-state gradient."""
+    if return_dinitial_states:
+        raise NotImplementedError("the initial states' gradient is not used here")
+    dx = torch.empty_like(x) if dx is None else dx
+    dweight = torch.zeros_like(weight, dtype=torch.float32)
+    dbias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None else None
+    causal_conv1d_cuda.causal_conv1d_bwd(x, weight, bias, dout, seq_idx, initial_states, dfinal_states, dx,
+                                         dweight, dbias, None, silu)
+    return dx, dweight.to(weight.dtype), dbias.to(bias.dtype) if dbias is not None else None, None
+
+
+conv_fwd, conv_bwd = (_conv_fwd, _conv_bwd) if causal_conv1d_cuda is not None else (None, None)
 
 
 def available():

@@ -1,0 +1,60 @@
+"""The host side of an eager training step (GPU): cProfile of LoRA_p(X) r64 steps at the mamba-130m
+shape, bf16 frozen weights and memory-efficient norms, backward in the calling thread; and the step's
+time with the backward on autograd's device thread (torch's default) and in the calling thread.
+
+    python3 bench/profile_step_host.py [--steps 5]
+"""
+import argparse
+import cProfile
+import os
+import pstats
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+import bench_gpu  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=10)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    model = bench_gpu.ours_model(bench_gpu.OURS["lora_X_r64"], frozen_bf16=True, lean_norm=True).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
+    ids = torch.randint(0, bench_gpu.V, (8, 1024), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    for rnd in range(3):   # backward on autograd's device thread (the default) against the calling thread
+        for threads in (True, False):
+            torch.autograd.set_multithreading_enabled(threads)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            torch.cuda.synchronize()
+            print(f"round {rnd}: eager step {1e3 * (time.perf_counter() - t0) / args.steps:.1f} ms, backward "
+                  f"{'on the device thread' if threads else 'in the calling thread'}")
+    torch.autograd.set_multithreading_enabled(False)
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(args.steps):
+        step()
+    torch.cuda.synchronize()
+    pr.disable()
+    pstats.Stats(pr).sort_stats("tottime").print_stats(35)
+    pstats.Stats(pr).sort_stats("cumtime").print_stats(45)
+
+
+if __name__ == "__main__":
+    main()
