@@ -9,8 +9,8 @@ A captured step is kept for the next generate() calls (like mamba_ssm's graph ca
 state tensors into which each call's prefilled state is copied: capturing costs a warm-up step and
 the capture itself (40-80 ms for mamba-130m on the H200, a tenth of 256 tokens). It is reused only
 while everything it baked in is unchanged: the same tensors at the same addresses (weights updated
-in place are read afresh at each replay) and the same plain attributes on every module (adapter
-scales and switches, training flags); anything else captures again.
+in place are read afresh at each replay), the same plain attributes on every module (adapter
+scales and switches, training flags) and the same hooks; anything else captures again.
 """
 import weakref
 from collections import OrderedDict
@@ -76,7 +76,7 @@ PLAIN = (bool, int, float, str, type(None))
 
 def fingerprint(model):
     """What a captured step depends on besides the values in its tensors: every parameter's, buffer's
-    and tensor attribute's address, dtype and shape, and every module's plain attributes."""
+    and tensor attribute's address, dtype and shape, every module's plain attributes and its hooks."""
     parts = []
     for m in model.modules():
         attrs = []
@@ -85,13 +85,15 @@ def fingerprint(model):
                 v = (v.data_ptr(), v.dtype, tuple(v.shape))
             elif isinstance(v, (tuple, list)) and all(isinstance(x, PLAIN) for x in v):
                 v = tuple(v)
+            elif isinstance(v, dict) and k.endswith("hooks"):   # a hook added later would not run in a replay
+                v = tuple(map(id, v.values()))
             elif not isinstance(v, PLAIN):
                 continue
             attrs.append((k, v))
         tensors = [(k, t.data_ptr(), t.dtype, tuple(t.shape)) for d in (m._parameters, m._buffers)
                    for k, t in d.items() if t is not None]
         parts.append((type(m).__qualname__, tuple(attrs), tuple(tensors)))
-    return hash(tuple(parts))
+    return tuple(parts)
 
 
 def step_for(model, cache, token, capture):
