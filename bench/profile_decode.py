@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import bench_gpu  # noqa: E402
 from mambapeft.models import cuda_graph  # noqa: E402
 from mambapeft.models.cache import MambaCache  # noqa: E402
+from profile_step_host import host_profile  # noqa: E402
 
 
 def timed(fn, n=1):
@@ -61,16 +62,7 @@ def main():
         for name, n in by.most_common(25):
             print(f"   {n:5d}  {name}")
         if args.cprofile:   # the host side of an eager step, by Python function
-            import cProfile
-            import pstats
-            pr = cProfile.Profile()
-            pr.enable()
-            for _ in range(5):
-                model(token, cache=cache)
-            torch.cuda.synchronize()
-            pr.disable()
-            pstats.Stats(pr).sort_stats("tottime").print_stats(25)
-            pstats.Stats(pr).sort_stats("cumtime").print_stats(30)
+            host_profile(lambda: model(token, cache=cache), 5, top=(25, 30))
 
 
 if __name__ == "__main__":

@@ -46,14 +46,20 @@ def main():
             print(f"round {rnd}: eager step {1e3 * (time.perf_counter() - t0) / args.steps:.1f} ms, backward "
                   f"{'on the device thread' if threads else 'in the calling thread'}")
     torch.autograd.set_multithreading_enabled(False)
+    host_profile(step, args.steps)
+
+
+def host_profile(fn, n, top=(35, 45)):
+    """cProfile n calls of fn (the GPU synchronised at the end) and print the functions with the most
+    time of their own, then the most cumulative time."""
     pr = cProfile.Profile()
     pr.enable()
-    for _ in range(args.steps):
-        step()
+    for _ in range(n):
+        fn()
     torch.cuda.synchronize()
     pr.disable()
-    pstats.Stats(pr).sort_stats("tottime").print_stats(35)
-    pstats.Stats(pr).sort_stats("cumtime").print_stats(45)
+    pstats.Stats(pr).sort_stats("tottime").print_stats(top[0])
+    pstats.Stats(pr).sort_stats("cumtime").print_stats(top[1])
 
 
 if __name__ == "__main__":

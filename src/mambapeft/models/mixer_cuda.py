@@ -159,7 +159,7 @@ def inner_impl():
     return name
 
 
-AFFIX_SCANS = ("carry", "triton", "mamba_ssm")
+AFFIX_SCANS = mamba_inner.PREFILL_MODES + ("mamba_ssm",)
 
 
 def affix_scan(device):

@@ -30,13 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = tl.constexpr(1.4426950408889634)
+from .scan_triton import LOG2E, softplus
+
 BLOCK_E, BLOCK_T, WARPS = 8, 64, 1   # the fastest of those measured on the H200 (bench_carry_gpu.py)
-
-
-@triton.jit
-def _softplus(x):
-    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
 
 
 @triton.jit
@@ -60,7 +56,7 @@ def _dt(delta_ptr, bias_ptr, b, offs_e, tt, me, m2, s_db, s_de):
     """-> raw = delta + bias and dt = softplus(raw) of a tile, dt zero outside (E, L)."""
     bias = tl.load(bias_ptr + offs_e, mask=me, other=0.0)
     raw = tl.load(_tile(delta_ptr, b, offs_e, tt, s_db, s_de), mask=m2, other=0.0).to(tl.float32) + bias[:, None]
-    return raw, tl.where(m2, _softplus(raw), 0.0)
+    return raw, tl.where(m2, softplus(raw), 0.0)
 
 
 @triton.jit

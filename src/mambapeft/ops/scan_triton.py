@@ -105,7 +105,7 @@ def _combine(a1, x1, a2, x2):
 
 
 @triton.jit
-def _softplus(x):
+def softplus(x):
     return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
 
 
@@ -124,7 +124,7 @@ def _dt(delta, bias, mask, SOFTPLUS: tl.constexpr, HAS_BIAS: tl.constexpr):
         raw = raw + bias[:, None]
     dt = raw
     if SOFTPLUS:
-        dt = _softplus(raw)
+        dt = softplus(raw)
     return tl.where(mask, dt, 0.0), raw
 
 

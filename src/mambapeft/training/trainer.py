@@ -292,15 +292,20 @@ def _seed_all(seed):
     torch.manual_seed(seed)
 
 
+def _bf16_autocast(precision, device):
+    """Whether training.precision runs the step under bf16 autocast on this device."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
 def _autocast(device, precision):
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+    if not _bf16_autocast(precision, device):
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def _frozen_dtype(t, device):
     """bf16 when the frozen matmul weights are to be stored in bf16 (peft/frozen.py), else None."""
-    bf16_autocast = t["precision"] == "bf16" or (t["precision"] == "auto" and device.type == "cuda")
+    bf16_autocast = _bf16_autocast(t["precision"], device)
     if t["frozen_dtype"] == "bf16" and not bf16_autocast:
         raise ConfigError(f"training.frozen_dtype: bf16 needs bf16 autocast, and precision {t['precision']} on "
                           f"{device.type} runs in fp32; expected auto or fp32")
@@ -312,7 +317,7 @@ def _norm_dtype(t, device):
     """The dtype the norms hand their output on in (training.memory_efficient_norm), else None."""
     if not t["memory_efficient_norm"]:
         return None
-    if not (t["precision"] == "bf16" or (t["precision"] == "auto" and device.type == "cuda")):
+    if not _bf16_autocast(t["precision"], device):
         raise ConfigError(f"training.memory_efficient_norm: needs bf16 autocast, and precision {t['precision']} "
                           f"on {device.type} runs in fp32; expected false")
     return torch.bfloat16
