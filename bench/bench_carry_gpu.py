@@ -14,9 +14,10 @@ import argparse
 import importlib.util
 import json
 import os
-import statistics
 
 import torch
+
+from cuda_timing import median_ms
 
 from mambapeft.ops import scan_carry
 
@@ -31,19 +32,6 @@ def inputs(b, E, N, L, device):
              A=(-torch.exp(torch.rand(E, N, generator=g) * 3)).to(**f32),
              C=torch.randn(b, N, L, generator=g).to(**bf), h0=torch.randn(b, E, N, generator=g).to(**f32))
     return x, torch.randn(b, E, L, generator=g).to(**bf)
-
-
-def median_ms(fn, iters):
-    fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def time_carry(mod, x, dy, iters):

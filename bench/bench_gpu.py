@@ -18,8 +18,9 @@ files get a _1.4b suffix.
 Runs named NAME_mamba_inner train NAME with MAMBAPEFT_INNER=mamba_ssm (mamba_ssm's mamba_inner_fn
 in place of ours), so both inner functions are compared in one process; affix runs named
 NAME_extra_positions (MAMBAPEFT_AFFIX_SCAN=mamba_ssm: the tokens as extra positions of mamba_ssm's
-scan) and NAME_triton_scan (=triton: the sequence on our Triton scan from the tokens' state) against
-the default (the tokens' state carried into mamba_ssm's scan, ops/scan_carry.py); runs named
+scan), NAME_carry_scan (=carry: the tokens' state carried into mamba_ssm's scan, ops/scan_carry.py)
+and NAME_triton_scan (=triton: the sequence on our Triton scan from the tokens' state) against the
+default (where it builds, our CUDA scan from the tokens' state, ops/scan_cuda_ext.py); runs named
 NAME_frozen_bf16 (e.g. lora_X_r64_frozen_bf16) store the frozen mixer weights in bf16 after
 get_peft_model (PeftModel.cast_frozen: the same losses, without autocast's per-step weight casts and
 their saved copies); runs named NAME_lean_norm set every RMSNorm memory-efficient (models/norm.py,
@@ -128,8 +129,8 @@ def hf_model(lora=True, dtype=torch.float32, device="cuda"):
 
 
 DEFAULT_INNER = os.environ.get("MAMBAPEFT_INNER", "ours")
-DEFAULT_AFFIX_SCAN = os.environ.get("MAMBAPEFT_AFFIX_SCAN")   # None: mixer_cuda's default (carry)
-AFFIX_SUFFIXES = {"_triton_scan": "triton", "_extra_positions": "mamba_ssm"}
+DEFAULT_AFFIX_SCAN = os.environ.get("MAMBAPEFT_AFFIX_SCAN")   # None: mixer_cuda's default
+AFFIX_SUFFIXES = {"_triton_scan": "triton", "_carry_scan": "carry", "_extra_positions": "mamba_ssm"}
 # _masked: an all-ones attention mask, which sends every mixer down the unfused route (what language
 # training paid before its right-padded batches left the mask out)
 SUFFIXES = ("_mamba_inner", "_frozen_bf16", "_lean_norm", "_recompute_z", "_masked") + tuple(AFFIX_SUFFIXES)
@@ -140,8 +141,9 @@ HF_RUNS = {"hf_lora_in_proj_r8": lambda: hf_model(),   # fp32 weights, as ours
 class inner_env:
     """MAMBAPEFT_INNER and MAMBAPEFT_AFFIX_SCAN for one run: MAMBAPEFT_INNER=mamba_ssm for runs named
     *_mamba_inner; MAMBAPEFT_AFFIX_SCAN=triton (the affix prefill, the sequence on the Triton scan) for
-    *_triton_scan and =mamba_ssm (the tokens as extra positions of mamba_ssm's scan) for
-    *_extra_positions; else the process's (default: the prefill carried into mamba_ssm's scan)."""
+    *_triton_scan, =carry (the prefill carried into mamba_ssm's scan) for *_carry_scan and =mamba_ssm
+    (the tokens as extra positions of mamba_ssm's scan) for *_extra_positions; else the process's
+    (default: mixer_cuda.affix_scan's, our CUDA scan where it builds)."""
 
     def __init__(self, name):
         found = run_suffixes(name)
@@ -562,7 +564,7 @@ def main():
                          "and full) or hf_lora (the two LoRA runs only), generate, torch (no kernels)")
     ap.add_argument("--runs", default=",".join(list(OURS) + ["lora_X_r64_mamba_inner", "lora_X_r64_frozen_bf16"]),
                     help="our training runs (names of OURS, with _mamba_inner for mamba_ssm's inner function, "
-                         "_triton_scan or _extra_positions for affix's scan, _frozen_bf16 for frozen weights in bf16, "
+                         "_triton_scan, _carry_scan or _extra_positions for affix's scan, _frozen_bf16 for frozen weights in bf16, "
                          "_lean_norm for memory-efficient norms, _recompute_z to make z again in backward)")
     ap.add_argument("--interleave", default="",
                     help="comma list of training runs to also time step by step in turn (e.g. "
@@ -746,10 +748,11 @@ def targets(rows, shape):
         lines.append(f"  (our inner function / mamba_inner_fn, LoRA_p(X) r64 tokens/s: {inner:.2f})")
     for sfx in ("", "_frozen_bf16", "_frozen_bf16_lean_norm", "_frozen_bf16_lean_norm_recompute_z"):
         for run, what in (("_extra_positions", "as extra positions of mamba_ssm's scan"),
+                          ("_carry_scan", "the prefill carried into mamba_ssm's scan"),
                           ("_triton_scan", "a prefill, the sequence on the Triton scan")):
             r = ratio("affix_3" + sfx, "affix_3" + sfx + run)
             if r:
-                lines.append(f"  (affix_3{sfx}, the prefill carried into mamba_ssm's scan / {what}, tokens/s: {r:.2f})")
+                lines.append(f"  (affix_3{sfx} with the default affix scan / {what}, tokens/s: {r:.2f})")
     for b in (1, 32):
         h, o = by.get(f"gen_hf_b{b}"), by.get(f"gen_ours_b{b}")
         if h and o:

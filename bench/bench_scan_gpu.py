@@ -9,10 +9,11 @@ gradients included), and the largest difference from the reference relative to e
     PYTHONPATH=src python bench/bench_scan_gpu.py --b 8 --E 1536 --N 16 --L 1024 --seg-mb 64,256,1024
 Appends one JSON line per row to --out/scan_gpu.jsonl and prints the table.
 
---triton: bf16 inputs, forward+backward of the Triton scan and of mamba_ssm's kernel on the same
-tensors, ratios from one run. A shape "b,E,N,L+n" is affix tuning with n tokens: mamba_ssm scans L+n
-steps (past 1024 its 2048-step template), Triton scans the n tokens, then L steps from their last
-state (gradients through it), and also L+n in one scan. --triton-sweep adds rows for other block
+--triton: bf16 inputs, forward+backward of our scans (--ours: the Triton scan, ops/scan_triton.py, and
+the CUDA extension, ops/scan_cuda_ext.py) and of mamba_ssm's kernel on the same tensors, ratios from
+one run. A shape "b,E,N,L+n" is affix tuning with n tokens: mamba_ssm scans L+n steps (past 1024 its
+2048-step template); each of our scans does the n tokens, then L steps from their last state
+(gradients through it), and also L+n in one scan. --triton-sweep adds rows for other Triton block
 sizes (ops/scan_triton.py Config: fwd_e,fwd_warps,bwd_e,bwd_warps,t), at the first shape only.
 
     PYTHONPATH=src python bench/bench_scan_gpu.py --triton --triton-sweep default
@@ -109,10 +110,22 @@ def rel_diff(outs, ref):
 
 
 def bench_triton(a, device):
-    """The Triton scan against mamba_ssm's selective_scan_fn, bf16, fwd and fwd+bwd, at each shape."""
+    """Our scans against mamba_ssm's selective_scan_fn, bf16, fwd and fwd+bwd, at each shape."""
     from mambapeft.ops import scan_cuda, scan_triton
-    from mambapeft.ops.scan_triton import Config, selective_scan_triton
+    from mambapeft.ops.scan_triton import Config
     scan_triton.vectorize_interpreter_scan()  # only acts under TRITON_INTERPRET=1 (the CPU check)
+    ours = {}
+    for name in a.ours.split(","):
+        if name == "triton":
+            ours[name] = scan_triton.selective_scan_triton
+        elif name == "cuda_ext":
+            from mambapeft.ops import scan_cuda_ext
+            if scan_cuda_ext.available():
+                ours[name] = scan_cuda_ext.selective_scan_cuda_ext
+            else:
+                print(f"our CUDA scan is unavailable here ({scan_cuda_ext.why_unavailable()}): no cuda_ext rows")
+        else:
+            raise SystemExit(f"--ours: unknown scan {name!r} (expected triton, cuda_ext)")
     has_mamba = scan_cuda.available() and device.type == "cuda"
     if not has_mamba:
         print("mamba_ssm's kernel is not available here: Triton rows only, no ratios")
@@ -131,24 +144,25 @@ def bench_triton(a, device):
                               a.iters, 2, device)
             rows.append((shape, f"mamba_ssm L={L + n}", None, base, None))
 
-        def prefill():  # the n affix tokens, then L steps from their (differentiable) last state
+        def prefill(scan):  # the n affix tokens, then L steps from their (differentiable) last state
             pre = {k: v[..., :n] if k in ("u", "delta", "B", "C", "z") else v for k, v in x.items()}
             main = {k: v[..., n:] if k in ("u", "delta", "B", "C", "z") else v for k, v in x.items()}
-            y1, h = selective_scan_triton(**pre, delta_softplus=True, return_last_state=True)
-            return torch.cat([y1, selective_scan_triton(**main, delta_softplus=True, initial_state=h)], -1)
+            y1, h = scan(**pre, delta_softplus=True, return_last_state=True)
+            return torch.cat([y1, scan(**main, delta_softplus=True, initial_state=h)], -1)
 
-        whole = lambda: selective_scan_triton(**x, delta_softplus=True)  # noqa: E731
-        for cfg in configs if k == 0 else configs[:1]:  # the sweep at the first shape: compiles take time
-            scan_triton.OVERRIDE = cfg
-            used = scan_triton.config(E, L + n, N)
-            name = "default" if cfg is None else ",".join(map(str, cfg))
-            variants = [(f"triton L={L + n} [{name}]", whole)]
-            if n:
-                variants.insert(0, (f"triton {n} + L={L} from state [{name}]", prefill))
-            for label, fn in variants:
-                res = measure_fn(fn, x, dy, a.iters, 2, device)
-                rows.append((shape, label, used, res, base))
-        scan_triton.OVERRIDE = None
+        for name, scan in ours.items():
+            sweep_here = configs if name == "triton" and k == 0 else configs[:1]   # compiles take time
+            for cfg in sweep_here:
+                scan_triton.OVERRIDE = cfg
+                used = scan_triton.config(E, L + n, N) if name == "triton" else None
+                tag = name if name != "triton" else f"triton [{'default' if cfg is None else ','.join(map(str, cfg))}]"
+                variants = [(f"{tag} L={L + n}", lambda scan=scan: scan(**x, delta_softplus=True))]
+                if n:
+                    variants.insert(0, (f"{tag} {n} + L={L} from state", lambda scan=scan: prefill(scan)))
+                for label, fn in variants:
+                    res = measure_fn(fn, x, dy, a.iters, 2, device)
+                    rows.append((shape, label, used, res, base))
+            scan_triton.OVERRIDE = None
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "scan_triton_gpu.jsonl"), "a") as f:
         for shape, label, used, (times, peak, outs), base in rows:
@@ -180,7 +194,8 @@ def main():
     p.add_argument("--ref-iters", type=int, default=2, help="iterations for the (slow) reference")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    p.add_argument("--triton", action="store_true", help="the Triton scan against mamba_ssm's kernel (bf16)")
+    p.add_argument("--triton", action="store_true", help="our scans against mamba_ssm's kernel (bf16)")
+    p.add_argument("--ours", default="triton,cuda_ext", help="--triton: which of our scans (triton, cuda_ext)")
     p.add_argument("--shapes", default="8,1536,16,1024;8,1536,16,1024+3;2,4096,16,2048",
                    help="--triton: b,E,N,L[+affix tokens], ';'-separated")
     p.add_argument("--triton-sweep", default="", help="--triton: extra block configs fwd_e,fwd_warps,bwd_e,"

@@ -125,3 +125,77 @@ def install(monkeypatch):
     monkeypatch.setattr(mamba_inner, "selective_scan_cuda", FakeSelectiveScanCuda())
     monkeypatch.setattr(mamba_inner, "conv_fwd", conv_fwd)
     monkeypatch.setattr(mamba_inner, "conv_bwd", conv_bwd)
+
+
+class FakeScanExt:
+    """Our CUDA scan extension (ops/csrc/scan_binding.cpp): fwd / bwd with its checks (u, delta, B, C,
+    z, dout in one dtype, time contiguous; A, D, bias, h0, dlast contiguous fp32; dA, dB, dC, dD, dbias
+    fp32 zeros to sum into), writing into the outputs it is handed; the math is the reference scan's."""
+
+    @staticmethod
+    def chunk_size(L):
+        return 32 if L <= 32 else 256 if L <= 256 else 512 if L <= 512 else 1024 if L <= 1024 else 2048
+
+    def _checks(self, u, delta, A, B, C, D, z, bias, h0, states):
+        for t in (delta, B, C) + (() if z is None else (z,)):
+            assert t.dtype == u.dtype and t.shape[0] == u.shape[0] and t.shape[2] == u.shape[2]
+        _check_time_contiguous(u, delta, B, C, *(() if z is None else (z,)))
+        for t in (A, D, bias, h0, states):
+            assert t is None or (t.dtype == torch.float32 and t.is_contiguous()), "fp32 contiguous expected"
+        assert states.shape == (u.shape[0], u.shape[1], -(-u.shape[2] // self.chunk_size(u.shape[2])), A.shape[1])
+
+    @staticmethod
+    def _math(u, delta, A, B, C, D, z, bias, h0, softplus):
+        return selective_scan_ref(u.float(), delta.float(), A, B.float(), C.float(), D,
+                                  None if z is None else z.float(), bias, softplus, h0, return_last_state=True)
+
+    def fwd(self, u, delta, A, B, C, D, z, bias, h0, softplus, y, states):
+        self._checks(u, delta, A, B, C, D, z, bias, h0, states)
+        out, _ = self._math(u, delta, A, B, C, D, z, bias, h0, softplus)
+        if y is not None:
+            assert y.dtype == u.dtype and y.stride(2) == 1
+            y.copy_(out)
+        chunk = self.chunk_size(u.shape[2])
+        for c in range(states.shape[2]):   # the state at each chunk's end
+            end = min((c + 1) * chunk, u.shape[2])
+            states[:, :, c] = self._math(u[..., :end], delta[..., :end], A, B[..., :end], C[..., :end], None, None,
+                                         bias, h0, softplus)[1]
+
+    def bwd(self, u, delta, A, B, C, D, z, bias, h0, softplus, states, dout, dlast, du, ddelta, dA, dB, dC, dD,
+            dbias, dz, out_z, dh0):
+        self._checks(u, delta, A, B, C, D, z, bias, h0, states)
+        for t in (dA, dB, dC, dD, dbias):
+            assert t is None or (t.dtype == torch.float32 and t.is_contiguous() and not t.any()), "fp32 zeros expected"
+        for t in (dout, du, ddelta, dz, out_z):
+            assert t is None or (t.dtype == u.dtype and t.stride(2) == 1)
+        assert (z is None) == (dz is None)
+        init = h0 if h0 is not None else torch.zeros_like(dh0)
+        leaves = [t if t is None else t.detach().float().requires_grad_()
+                  for t in (u, delta, A, B, C, D, z, bias, init)]
+        present = [t for t in leaves if t is not None]
+        with torch.enable_grad():
+            y, last = self._math(*leaves, softplus)
+            loss = (last * dlast).sum() if dlast is not None else 0
+            if dout is not None:
+                loss = loss + (y * dout.float()).sum()
+            grads = torch.autograd.grad(loss, present, allow_unused=True)
+        by_leaf = {id(t): g if g is not None else torch.zeros_like(t) for t, g in zip(present, grads)}
+        u_, delta_, A_, B_, C_, D_, z_, bias_, init_ = (by_leaf.get(id(t)) for t in leaves)
+        du.copy_(u_)
+        ddelta.copy_(delta_)
+        for total, grad in ((dA, A_), (dB, B_), (dC, C_), (dD, D_), (dbias, bias_)):
+            if total is not None:
+                total.add_(grad)
+        if dz is not None:
+            dz.copy_(z_)
+        dh0.copy_(init_)
+        if out_z is not None:
+            out_z.copy_(y)
+
+
+def install_scan_ext(monkeypatch):
+    """Route ops/scan_cuda_ext.py to FakeScanExt (and call it available)."""
+    from mambapeft.ops import scan_cuda_ext
+    fake = FakeScanExt()
+    monkeypatch.setattr(scan_cuda_ext, "extension", lambda: fake)
+    monkeypatch.setattr(scan_cuda_ext, "available", lambda: True)

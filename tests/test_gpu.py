@@ -342,8 +342,9 @@ def assert_as_close_as(pairs, autocast, name, base):
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("kind", ["lm", "lm_1024", "vim"])
 def test_affix_prefill_matches_extra_positions_and_reference(kind, autocast, monkeypatch):
-    """Affix tokens through our fused inner function as a prefill, the sequence on mamba_ssm's scan plus
-    the carried state (MAMBAPEFT_AFFIX_SCAN=carry) or on the Triton scan (=triton) = as extra positions
+    """Affix tokens through our fused inner function as a prefill, the sequence on our CUDA scan from the
+    tokens' state (MAMBAPEFT_AFFIX_SCAN=cuda), on mamba_ssm's scan plus the carried state (=carry) or on
+    the Triton scan (=triton) = as extra positions
     of mamba_ssm's scan (=mamba_ssm) = the reference scan. lm_1024: a sequence that fills the kernel's
     chunk, read with vector loads (the prefix is padded to keep its rows aligned)."""
     pytest.importorskip("triton")
@@ -360,14 +361,14 @@ def test_affix_prefill_matches_extra_positions_and_reference(kind, autocast, mon
     monkeypatch.setattr(mamba_inner, "mamba_inner", recording)
     monkeypatch.setenv("MAMBAPEFT_INNER", "ours")
     runs = {}
-    for scan in ("mamba_ssm", "triton", "carry"):
+    for scan in ("mamba_ssm", "triton", "carry", "cuda"):
         monkeypatch.setenv("MAMBAPEFT_AFFIX_SCAN", scan)
         modes.clear()
         runs[scan] = forward_backward(model, x, "auto", autocast)
         assert modes and set(modes) == {scan}, (scan, modes)
     true_out, truth = forward_backward(model, x, "reference", False)
     e_out, extra = runs["mamba_ssm"]
-    for scan in ("triton", "carry"):
+    for scan in ("triton", "carry", "cuda"):
         p_out, prefill = runs[scan]
         assert prefill.keys() == extra.keys() == truth.keys()
         pairs = [("output", p_out, e_out, true_out)] + [(f"grad of {n}", prefill[n], extra[n], truth[n]) for n in truth]

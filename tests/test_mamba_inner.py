@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_fakes import install
+from kernel_fakes import install, install_scan_ext
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mambapeft.models import MambaConfig, MambaForCausalLM, VimConfig, VisionMamba, mixer_cuda
@@ -128,14 +128,25 @@ def interpreted_triton():
     scan_triton.vectorize_interpreter_scan()
 
 
-@needs_triton
-@pytest.mark.parametrize("mode", ["carry", "triton"])
+PREFILL_MODES = ["cuda", pytest.param("carry", marks=needs_triton), pytest.param("triton", marks=needs_triton)]
+
+
+def prefill_kernels(mode, request, monkeypatch):
+    """The stand-in for our CUDA scan (mode "cuda"), or Triton's interpreter without CUDA."""
+    if mode == "cuda":
+        install_scan_ext(monkeypatch)
+    else:
+        request.getfixturevalue("interpreted_triton")
+
+
+@pytest.mark.parametrize("mode", PREFILL_MODES)
 @pytest.mark.parametrize("frozen", [(), ("conv_w", "conv_b", "x_proj_w", "dt_w", "out_w", "out_b", "A", "D", "dt_b")],
                          ids=["all", "only_xz_extra"])
-def test_prefill_equals_extra_positions(mode, frozen, interpreted_triton):
+def test_prefill_equals_extra_positions(mode, frozen, request, monkeypatch):
     """Affix tokens as a prefill (state handed on), behind zero alignment columns = the tokens as extra
     positions whose output rows are dropped: the output and every gradient, the tokens' xz columns
     included."""
+    prefill_kernels(mode, request, monkeypatch)
     n, pad = 3, 2
     xz, w = tensors()
     for name in frozen:
@@ -203,10 +214,12 @@ def run(model, x, fused, monkeypatch, affix_scan=None):
         inner = mamba_inner.mamba_inner
         if affix_scan:
             monkeypatch.setenv("MAMBAPEFT_AFFIX_SCAN", affix_scan)
+        if affix_scan == "cuda":
+            install_scan_ext(monkeypatch)
 
         def counting(*a, **kw):
             calls[0] += 1
-            if affix_scan in ("carry", "triton"):
+            if affix_scan in mamba_inner.PREFILL_MODES:
                 assert kw.get("prefill") and kw["prefill"][0] == affix_scan, "the affix tokens were not a prefill"
             assert mamba_inner.is_flat(a[0]), f"xz reached the inner function with strides {a[0].stride()}"
             return inner(*a, **kw)
@@ -224,11 +237,11 @@ def run(model, x, fused, monkeypatch, affix_scan=None):
 
 
 @pytest.mark.parametrize("kind", ["lm", "vim"])
-@pytest.mark.parametrize("method", list(METHODS) + [pytest.param(f"affix_{scan}", marks=needs_triton)
-                                                    for scan in ("carry", "triton")])
+@pytest.mark.parametrize("method", list(METHODS) + ["affix_cuda"] + [pytest.param(f"affix_{scan}", marks=needs_triton)
+                                                                     for scan in ("carry", "triton")])
 def test_fused_route_equals_reference(kind, method, monkeypatch, request):
-    scan = method[len("affix_"):] if method in ("affix_carry", "affix_triton") else None
-    if scan:   # the affix tokens as a prefill (MAMBAPEFT_AFFIX_SCAN=carry|triton); else extra positions
+    scan = method[len("affix_"):] if method in ("affix_cuda", "affix_carry", "affix_triton") else None
+    if scan and scan != "cuda":   # the affix tokens as a prefill (MAMBAPEFT_AFFIX_SCAN); else extra positions
         request.getfixturevalue("interpreted_triton")
     model = build(kind, METHODS["affix" if scan else method])
     x = torch.randint(0, 31, (2, 9)) if kind == "lm" else torch.randn(2, 3, 16, 16)

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import mamba_inner
-from ..ops.scan import triton_available
+from ..ops.scan import cuda_ext_available, triton_available
 from .mixer import ssm_inputs
 
 try:
@@ -165,20 +165,24 @@ AFFIX_SCANS = mamba_inner.PREFILL_MODES + ("mamba_ssm",)
 def affix_scan(device):
     """How our fused inner function scans prefix affix tokens, from MAMBAPEFT_AFFIX_SCAN (read at each
     call so one process can compare them):
-    - "carry" (the default where triton imports): the tokens are a prefill whose last state the
-      sequence continues from, on mamba_ssm's scan from zero plus the state carried forward
-      (ops/scan_carry.py): 1024 + n positions cost 1024 on mamba_ssm's templates, not its 2048 one
-      (on the H200: 1.42x the extra positions' speed at 4 x 2048 + 3, about even at 8 x 1024 + 3);
+    - "cuda" (the default where our CUDA scan builds, ops/scan_cuda_ext.py): the tokens are a prefill
+      whose last state the sequence's scan starts from, both on our CUDA scan;
+    - "carry" (the default where it does not and triton imports): the same prefill, the sequence on
+      mamba_ssm's scan from zero plus the state carried forward (ops/scan_carry.py): 1024 + n positions
+      cost 1024 on mamba_ssm's templates, not its 2048 one;
     - "triton": the same prefill, the sequence on our Triton scan (4x slower than mamba_ssm's on the
       H200, bench/results/issue13/);
-    - "mamba_ssm" (the default without triton): the tokens are extra positions of mamba_ssm's scan,
+    - "mamba_ssm" (the default without either): the tokens are extra positions of mamba_ssm's scan,
       their outputs dropped."""
     name = os.environ.get("MAMBAPEFT_AFFIX_SCAN")
     if name is None:
-        return "carry" if triton_available() else "mamba_ssm"
+        return "cuda" if cuda_ext_available() else "carry" if triton_available() else "mamba_ssm"
     if name not in AFFIX_SCANS:
         raise ValueError(f"MAMBAPEFT_AFFIX_SCAN={name!r}: expected one of {', '.join(AFFIX_SCANS)}")
-    if name != "mamba_ssm" and not triton_available():
+    if name == "cuda" and not cuda_ext_available():
+        raise ValueError("MAMBAPEFT_AFFIX_SCAN=cuda: our CUDA scan did not build (it needs CUDA and nvcc; "
+                         "the log says why)")
+    if name in ("carry", "triton") and not triton_available():
         raise ValueError(f"MAMBAPEFT_AFFIX_SCAN={name}: the prefill needs the triton package "
                          "(and CUDA, or TRITON_INTERPRET=1)")
     return name

@@ -27,13 +27,15 @@ where a scan of our own (ops/scan_triton.py, which also takes an initial state) 
 Affix tokens as a prefill (`prefill`, chosen by mixer_cuda with MAMBAPEFT_AFFIX_SCAN): the tokens stay
 columns of xz in front of the sequence, so the conv, x_proj and dt_proj (cheap) see them as before and
 they feed the first positions' conv windows; but only the sequence's rows are scanned with D and the
-gate and go to out_proj. The token positions are scanned from a zero state (ops/scan_triton.py), and
-the sequence continues from the state they leave: with mode "carry" (the default) on mamba_ssm's
-kernel from zero plus that state carried forward (ops/scan_carry.py), so 1024 + 3 positions cost
-1024 on mamba_ssm's templates rather than its 2048 one; with mode "triton" on the Triton scan started
-from the state. In backward the state's gradient is the prefill's dlast: the tokens get their
-gradient through the state and through the conv. Without `prefill` the tokens are extra positions of
-SCAN (mixer_cuda._prefix_flat) and the caller drops their output rows.
+gate and go to out_proj. The token positions are scanned from a zero state, and the sequence continues
+from the state they leave: with mode "cuda" (the default where it builds) both on our CUDA scan
+(ops/scan_cuda_ext.py), which starts from a state at 0.92x mamba_ssm's speed; with mode "carry" the
+tokens on the Triton scan and the sequence on mamba_ssm's kernel from zero plus that state carried
+forward (ops/scan_carry.py), so 1024 + 3 positions cost 1024 on mamba_ssm's templates rather than its
+2048 one; with mode "triton" both on the Triton scan. In backward the state's gradient is the
+prefill's dlast: the tokens get their gradient through the state and through the conv. Without
+`prefill` the tokens are extra positions of SCAN (mixer_cuda._prefix_flat) and the caller drops their
+output rows.
 """
 from dataclasses import dataclass
 from typing import Callable
@@ -148,7 +150,12 @@ def _carry():
     return scan_carry
 
 
-PREFILL_MODES = ("carry", "triton")
+def _ext():
+    from . import scan_cuda_ext   # lazily: the extension is built on first use
+    return scan_cuda_ext
+
+
+PREFILL_MODES = ("cuda", "carry", "triton")
 
 
 def _split(pre, u, delta, B, C, z):
@@ -164,11 +171,17 @@ def _split(pre, u, delta, B, C, z):
 
 def _prefill_fwd(mode, pre, u, delta, A, B, C, D, z, delta_bias):
     """Scan the tokens from zero (their outputs are not wanted: no D, no z), then the sequence from the
-    state h they leave. mode "carry": the sequence on mamba_ssm's kernel from zero, plus h carried
-    forward (ops/scan_carry.py); "triton": the sequence on the Triton scan from h.
+    state h they leave. mode "cuda": both on our CUDA scan (ops/scan_cuda_ext.py); "carry": the tokens
+    on the Triton scan, the sequence on mamba_ssm's kernel from zero, plus h carried forward
+    (ops/scan_carry.py); "triton": both on the Triton scan.
     -> the gated output of the sequence (b, E, L - n), flat, and what backward needs."""
-    st = _triton()
     (tu, td, tB, tC), (mu, md, mB, mC, mz) = _split(pre, u, delta, B, C, z)
+    if mode == "cuda":
+        ext = _ext()
+        h = ext.scan_fwd(tu, td, A, tB, tC, None, None, delta_bias, True, None, want_y=False)[1][:, :, -1]
+        y, states = ext.scan_fwd(mu, md, A, mB, mC, D, mz, delta_bias, True, h)
+        return y, (h, states)
+    st = _triton()
     _, h = st.scan_fwd(tu, td, A, tB, tC, None, None, delta_bias, True, None)
     if mode == "triton":
         y, _ = st.scan_fwd(mu, md, A, mB, mC, D, mz, delta_bias, True, h)
@@ -186,12 +199,21 @@ def _prefill_bwd(mode, pre, u, delta, A, B, C, D, z, delta_bias, saved, dy, dz, 
     is the prefill's dlast. -> du, ddelta (b, E, L) flat, dA, dB, dC (b, 1, N, L) fp32, dD, ddelta_bias,
     out_z (or None); dz (b, E, L) is written: the sequence's gradient, zero on the prefix columns
     (their outputs were dropped), as are du, ddelta, dB and dC there except the tokens' own."""
-    st = _triton()
     (tu, td, tB, tC), (mu, md, mB, mC, mz) = _split(pre, u, delta, B, C, z)
     pad, n = pre
     h = saved[0]
     du, ddelta = torch.empty_like(u), torch.empty_like(delta)
-    if mode == "triton":
+    st = _triton() if mode != "cuda" else None
+    if mode == "cuda":   # du, ddelta, dz written in place; the tokens are one chunk: h is their (only) state
+        ext = _ext()
+        _, _, dA, mdB, mdC, dD, dbias, dh, _, out_z = ext.scan_bwd(
+            mu, md, A, mB, mC, D, mz, delta_bias, True, h, saved[1], dy, None, dz=dz[..., n:],
+            want_out_z=want_out_z, du=du[..., n:], ddelta=ddelta[..., n:])
+        _, _, tdA, tdB, tdC, _, tdbias, _, _, _ = ext.scan_bwd(
+            tu, td, A, tB, tC, None, None, delta_bias, True, None, h[:, :, None], None, dh, du=du[..., pad:n],
+            ddelta=ddelta[..., pad:n])
+        mdu = mdd = tdu = tdd = None
+    elif mode == "triton":
         mdu, mdd, dA, mdB, mdC, dD, mdz, dbias, dh = st.scan_bwd(mu, md, A, mB, mC, D, mz, delta_bias, True, h,
                                                                 dy, None)
         dz[..., n:].copy_(mdz)
@@ -207,12 +229,14 @@ def _prefill_bwd(mode, pre, u, delta, A, B, C, D, z, delta_bias, saved, dy, dz, 
         mdd, dA, dbias = None, dA + dAc, dbias + dbc
         mdB, mdC = mdB[:, 0], dCc.add_(mdC[:, 0])
     dz[..., :n].zero_()
-    tdu, tdd, tdA, tdB, tdC, _, _, tdbias, _ = st.scan_bwd(tu, td, A, tB, tC, None, None, delta_bias, True,
-                                                           None, None, dh)
+    if mode != "cuda":
+        tdu, tdd, tdA, tdB, tdC, _, _, tdbias, _ = st.scan_bwd(tu, td, A, tB, tC, None, None, delta_bias, True,
+                                                               None, None, dh)
     dB, dC = (torch.empty(B.shape, dtype=torch.float32, device=B.device) for _ in range(2))
     for full, tok, seq in ((du, tdu, mdu), (ddelta, tdd, mdd), (dB[:, 0], tdB, mdB), (dC[:, 0], tdC, mdC)):
         full[..., :pad].zero_()
-        full[..., pad:n].copy_(tok)
+        if tok is not None:
+            full[..., pad:n].copy_(tok)
         if seq is not None:
             full[..., n:].copy_(seq)
     return du, ddelta, dA + tdA, dB, dC, dD, dbias + tdbias, out_z
@@ -317,10 +341,10 @@ def mamba_inner(xz, conv_w, conv_b, x_proj_w, dt_w, out_w, out_b, A, D, dt_b, ou
 
     prefill = (mode, pad, n): the first n columns of xz are a prefix whose outputs are not wanted: `pad`
     zero columns (they align the sequence's start for mamba_ssm's vectorised loads; never scanned),
-    then affix tokens. The tokens feed the conv windows, and the scan over them is a prefill (Triton)
-    whose last state, carrying gradient, the sequence continues from: mode "carry" scans the sequence
-    with mamba_ssm's kernel from zero and adds that state carried forward (ops/scan_carry.py), mode
-    "triton" scans it with the Triton scan from the state. The output is then (b, L - n, D [+ extra])
+    then affix tokens. The tokens feed the conv windows, and the scan over them is a prefill whose last
+    state, carrying gradient, the sequence continues from: mode "cuda" scans both on our CUDA scan,
+    "carry" scans the sequence with mamba_ssm's kernel from zero and adds that state carried forward
+    (ops/scan_carry.py), "triton" scans both on the Triton scan. The output is then (b, L - n, D [+ extra])
     and the prefix's z columns get a zero gradient.
 
     z_fn: a function that makes xz's z half (b, E, L), time contiguous, again, equal to the forward's:

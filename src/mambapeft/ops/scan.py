@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 from .scan_ref import selective_scan_ref
 
-BACKENDS = ("auto", "reference", "cpu", "cuda", "chunked", "triton")
+BACKENDS = ("auto", "reference", "cpu", "cuda", "cuda_ext", "chunked", "triton")
 _forced = [os.environ.get("MAMBAPEFT_SCAN_BACKEND", "auto")]
 
 
@@ -45,9 +45,14 @@ def triton_available():
     return scan_triton.available()
 
 
+def cuda_ext_available():
+    from . import scan_cuda_ext   # builds the extension on the first call with CUDA (then cached)
+    return scan_cuda_ext.available()
+
+
 def resolve_backend(u, backend=None, initial_state=None):
-    """auto: on CUDA, mamba_ssm's kernel where it can (no initial state), else the Triton scan, else the
-    chunked torch scan; on CPU the cpu backend."""
+    """auto: on CUDA, mamba_ssm's kernel where it can (no initial state), else our CUDA scan (built on
+    first use where nvcc is), else the Triton scan, else the chunked torch scan; on CPU the cpu backend."""
     name = backend or _forced[0]
     if name == "auto":
         if not u.is_cuda:
@@ -55,7 +60,7 @@ def resolve_backend(u, backend=None, initial_state=None):
         elif initial_state is None and _cuda_available():
             name = "cuda"
         else:
-            name = "triton" if triton_available() else "chunked"
+            name = "cuda_ext" if cuda_ext_available() else "triton" if triton_available() else "chunked"
     return name
 
 
@@ -71,6 +76,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         from .scan_chunked import selective_scan_chunked as fn
     elif name == "triton":
         from .scan_triton import selective_scan_triton as fn
+    elif name == "cuda_ext":
+        from .scan_cuda_ext import selective_scan_cuda_ext as fn
     elif name == "cuda":
         if initial_state is not None:
             raise ValueError("the cuda scan backend cannot start from an initial state; use 'chunked'")

@@ -1,0 +1,115 @@
+"""Our CUDA scan (ops/scan_cuda_ext.py, ops/csrc/) against the reference recurrence and mamba_ssm's kernel:
+outputs, last state and the gradient of every input, the initial state and a last state used in the
+loss included, at every chunk configuration (one chunk of 256, 512, 1024 steps; several of 2048),
+ragged and vector-loaded rows. Needs CUDA and nvcc (the extension is built on first use); the wiring
+of the fused inner function around it is checked on the CPU in test_mamba_inner.py."""
+import pytest
+import torch
+from scan_checks import assert_close, check_against_reference, check_split, make_inputs, scan_and_grads
+
+from mambapeft.ops import scan_cuda_ext
+from mambapeft.ops.scan import resolve_backend, selective_scan
+from mambapeft.ops.scan_ref import selective_scan_ref
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    if not scan_cuda_ext.available():
+        pytest.skip(f"our CUDA scan is unavailable: {scan_cuda_ext.why_unavailable()}")
+
+
+def check(*a, **kw):
+    check_against_reference(scan_cuda_ext.selective_scan_cuda_ext, *a, device="cuda", **kw)
+
+
+# (E, N, L): one step; ragged tails in each one-chunk configuration (32, 256, 512, 1024 steps); a full
+# 1024 chunk (vector loads); several 2048-step chunks, ragged and full; E and N not powers of two
+CASES = [(8, 4, 1), (8, 16, 3), (16, 16, 63), (16, 8, 256), (12, 5, 300), (24, 16, 1000), (32, 16, 1024), (8, 6, 2085),
+         (16, 16, 4096)]
+
+
+@pytest.mark.parametrize("E,N,L", CASES, ids=[f"E{e}N{n}L{t}" for e, n, t in CASES])
+@pytest.mark.parametrize("full,init,last", [(True, True, True), (False, False, False), (True, False, True),
+                                            (False, True, False)],
+                         ids=["zDbias+init+last", "plain", "zDbias+last", "init"])
+def test_matches_reference(E, N, L, full, init, last):
+    check(2, E, N, L, full, init, last)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("L", [1, 200, 1024, 2085])
+def test_half_inputs(L, dtype):
+    """u, delta, z, B, C in 16 bits: state and sums in fp32, y and their gradients in the input dtype."""
+    check(2, 16, 16, L, True, True, True, dtype=dtype, tol=2e-2)
+
+
+def test_offset_rows_and_strides():
+    """Time-contiguous views that start 3 steps into a longer row (not 16-byte aligned: scalar loads)
+    and B, C with a state stride of b * L (the fused function's layout) = contiguous copies (fp32, so
+    that the order of dB's and dC's atomic sums is all that may differ)."""
+    b, E, N, L = 2, 32, 16, 1024
+    x, g = make_inputs(b, E, N, L, True, True, torch.float32, "cuda")
+    dy = torch.randn(b, E, L, generator=g).cuda()
+    dlast = torch.randn(b, E, N, generator=g).cuda()
+    ref = scan_and_grads(scan_cuda_ext.selective_scan_cuda_ext, x, dy, dlast, True)
+
+    def offset(t):
+        big = t.new_zeros(*t.shape[:-1], L + 3)
+        big[..., 3:] = t
+        return big[..., 3:]
+
+    def state_major(t):   # (b, N, L) with (N, b, L) memory
+        return t.detach().permute(1, 0, 2).contiguous().permute(1, 0, 2)
+    y = {k: (offset(v.detach()) if k in ("u", "delta", "z") else state_major(v) if k in ("B", "C") else v.detach())
+         .requires_grad_() for k, v in x.items()}
+    out = scan_and_grads(scan_cuda_ext.selective_scan_cuda_ext, y, dy, dlast, True)
+    assert_close(out[0], ref[0], "y", 1e-6)
+    assert_close(out[1], ref[1], "last state", 1e-6)
+    for k in x:
+        assert_close(out[2][k], ref[2][k], f"grad of {k}", 1e-5)
+
+
+@pytest.mark.parametrize("split", [3, 700])
+def test_prefill_split(split):
+    """Scanning [0, split) and then the rest from its last state = scanning the whole (scan_checks)."""
+    check_split(scan_cuda_ext.selective_scan_cuda_ext, split, 1027, E=32, device="cuda")
+
+
+def test_backend_registered():
+    """selective_scan(backend="cuda_ext") runs this scan; auto picks it for an initial state on CUDA."""
+    x, _ = make_inputs(1, 8, 4, 20, True, True, device="cuda")
+    x = {k: v.detach() for k, v in x.items()}
+    y = selective_scan(**x, delta_softplus=True, backend="cuda_ext")
+    assert_close(y, selective_scan_ref(**x, delta_softplus=True), "y", 1e-5)
+    assert resolve_backend(x["u"], None, x["initial_state"]) == "cuda_ext"
+
+
+def test_frozen_inputs_get_no_gradient():
+    """Only y in the loss (the last state unused), A and D frozen: no gradient for them, one for the rest."""
+    x, g = make_inputs(2, 8, 4, 40, True, True, device="cuda")
+    x["A"].requires_grad_(False)
+    x["D"].requires_grad_(False)
+    y = scan_cuda_ext.selective_scan_cuda_ext(**x, delta_softplus=True)
+    (y * torch.randn(2, 8, 40, generator=g).cuda()).sum().backward()
+    assert x["A"].grad is None and x["D"].grad is None
+    assert all(x[k].grad is not None for k in ("u", "delta", "B", "C", "z", "delta_bias", "initial_state"))
+
+
+@pytest.mark.parametrize("L", [1024, 2048])
+def test_matches_mamba_ssm(L):
+    """Same y and gradients as mamba_ssm's selective_scan_fn (bf16, no initial state) at the 130m shape."""
+    sel = pytest.importorskip("mamba_ssm.ops.selective_scan_interface").selective_scan_fn
+    b, E, N = 2, 1536, 16
+    x, g = make_inputs(b, E, N, L, True, False, torch.bfloat16, "cuda")
+    dy = torch.randn(b, E, L, generator=g).cuda()
+    y, _, grads = scan_and_grads(scan_cuda_ext.selective_scan_cuda_ext, x, dy, None, True)
+
+    def mamba(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+        return sel(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    y_m, _, grads_m = scan_and_grads(mamba, x, dy, None, True)
+    assert_close(y, y_m, "y", 2e-2)
+    for k in x:
+        assert_close(grads[k], grads_m[k], f"grad of {k}", 5e-2)
