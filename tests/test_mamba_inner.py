@@ -123,8 +123,8 @@ def test_xz_gradient_keeps_the_flat_layout():
 @pytest.fixture
 def interpreted_triton():
     from mambapeft.ops import scan_triton
-    if not torch.cuda.is_available() and not scan_triton.INTERPRET:
-        pytest.skip("no CUDA, and TRITON_INTERPRET was set to something other than 1")
+    if not scan_triton.INTERPRET:   # these tests run on CPU tensors (set only without CUDA, above)
+        pytest.skip("the Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
     scan_triton.vectorize_interpreter_scan()
 
 
@@ -181,10 +181,10 @@ def test_carry_prefill_aligns_an_even_length_sequence(interpreted_triton, monkey
 
 
 # ---- the whole model through mixer_cuda's fused route ------------------------------------------
-def make(kind):
+def make(kind, bias=False):
     if kind == "lm":
         return MambaForCausalLM(MambaConfig(vocab_size=31, hidden_size=16, num_hidden_layers=2, state_size=4,
-                                            time_step_rank=2))
+                                            time_step_rank=2, use_bias=bias))
     return VisionMamba(VimConfig(img_size=16, patch_size=8, hidden_size=16, num_hidden_layers=2, num_classes=3,
                                  drop_path_rate=0.0))
 
@@ -193,9 +193,9 @@ METHODS = {"lora_X": {"lora_X": {}}, "lora_out_proj": {"lora_out_proj": {}}, "af
            "additional_scan": {"additional_scan": {}}, "parallel_adapter": {"parallel_adapter": {}}, "full": None}
 
 
-def build(kind, methods):
+def build(kind, methods, bias=False):
     torch.manual_seed(0)
-    model = make(kind)
+    model = make(kind, bias)
     if methods is None:
         return model.train()
     peft = get_peft_model(model, PeftConfig(methods))
@@ -248,6 +248,10 @@ def test_fused_route_equals_reference(kind, method, monkeypatch, request):
     ref_out, ref_grads, _ = run(model, x, False, monkeypatch)
     out, grads, calls = run(model, x, True, monkeypatch, scan or "mamba_ssm")
     assert calls > 0, "the fused route was not taken"
+    assert_same(out, grads, ref_out, ref_grads)
+
+
+def assert_same(out, grads, ref_out, ref_grads):
     torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
     for n, g in grads.items():
         r = ref_grads[n]
@@ -255,6 +259,32 @@ def test_fused_route_equals_reference(kind, method, monkeypatch, request):
         if g is not None:
             torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5, msg=n)
     assert any(g is not None for g in grads.values())
+
+
+@pytest.mark.parametrize("scan", ["cuda", "mamba_ssm"])
+@pytest.mark.parametrize("case", ["affix", "affix+lora_in_proj", "affix+trained_in_proj_with_bias"])
+def test_lm_affix_tokens_are_written_into_xz(case, scan, monkeypatch):
+    """On a unidirectional model in_proj leaves room in front of every sequence and the tokens are
+    written there (xz is not copied into a longer buffer): the reference's output and gradients, with
+    the tokens as a prefill or as extra positions, with in_proj's low-rank rows, and with in_proj's
+    weight and bias trained (what in_proj made in the room was overwritten: none of its gradient may
+    reach the bias, and the alignment columns must be zeros, not the bias)."""
+    methods = {"affix": {}, "lora_in_proj": {}} if case == "affix+lora_in_proj" else {"affix": {}}
+    model = build("lm", methods, bias=case.endswith("with_bias"))
+    if case.endswith("with_bias"):
+        for n, p in model.named_parameters():
+            if "in_proj" in n:
+                p.requires_grad_(True)
+                assert n.endswith("bias") or n.endswith("weight"), n
+    x = torch.randint(0, 31, (2, 9))
+    ref_out, ref_grads, _ = run(model, x, False, monkeypatch)
+
+    def copied(*a, **k):
+        raise AssertionError("xz was copied into a prefixed buffer")
+    monkeypatch.setattr(mixer_cuda, "_prefix_flat", copied)
+    out, grads, calls = run(model, x, True, monkeypatch, scan)
+    assert calls > 0, "the fused route was not taken"
+    assert_same(out, grads, ref_out, ref_grads)
 
 
 @pytest.mark.parametrize("kind", ["lm", "vim"])

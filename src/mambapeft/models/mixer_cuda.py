@@ -9,8 +9,10 @@ no method is skipped. Three routes:
   MAMBAPEFT_INNER=mamba_ssm, mamba_ssm's `mamba_inner_fn`.
   * activation-form in_proj / X / Z LoRA act on xz before it (`project_in`), so they stay in
     activation form (and keep their dropout);
-  * affix tokens become extra xz columns in front (x half = token, z half = its stored z half or 0);
-    their output rows are dropped;
+  * affix tokens become extra xz columns in front (x half = token, z half = its stored z half or 0):
+    on a unidirectional model in_proj leaves room for them (its input padded with zero rows) and they
+    are written there in place, else xz is copied into a longer buffer; as a prefill (our CUDA scan,
+    the carried state or Triton) their output rows are never made, as extra positions they are dropped;
   * Additional-scan rows and the new A columns are already part of the composed x_proj and A_log;
   * adapters that read the gated output g (activation-form out_proj LoRA, the parallel adapter)
     only need V g for their down projection V. Since out_proj is linear, their V's rows are
@@ -55,15 +57,15 @@ def forward(m, c, h, mask=None, state=None):
     """MambaMixer.forward on the kernels; `c` is m.compose()."""
     if mask is not None:
         h = h * mask[..., None].to(h.dtype)
-    xz, remake_z = _project_in(m, c, h)                   # (b, 2E, T), time contiguous
     affix = m._affix(c)
     # FalconMamba never takes the fused kernel: mamba_inner_fn's b/c/dt_rms_weight normalise dt over E
     # after dt_proj (not the rank-R input, as transformers' inference does) and its backward leaves
     # the norms out of the gradients. The unfused route below applies them in torch (ssm_inputs).
-    if mask is None and state is None and c.dirs[0].rms_eps is None:
-        out = _fused(m, c, xz, affix, remake_z)
-        if out is not None:
-            return out
+    fused = mask is None and state is None and c.dirs[0].rms_eps is None and _output_taps(m) is not None
+    prefix = _prefix_room(m, c, affix) if fused else None
+    xz, remake_z = _project_in(m, c, h, prefix)           # (b, 2E, [p +] T), time contiguous
+    if fused:
+        return _fused(m, c, xz, affix, remake_z, prefix)
     x, z = xz.chunk(2, dim=1)
     if not m.bidirectional:
         s = c.dirs[0]
@@ -78,15 +80,20 @@ def forward(m, c, h, mask=None, state=None):
     return m.project_out(g, c)
 
 
-def _project_in(m, c, h):
+def _project_in(m, c, h, prefix=None):
     """xz as W_in @ h^T, like mamba_ssm's own Mamba: (2E, bT) memory viewed as (b, 2E, T), so neither
     xz nor its gradient is transposed and copied around the fused kernel. Adapters that add low-rank
     rows to in_proj's output (MixerAdapter.in_proj_rows) add them in the same layout.
+    prefix = (tokens' x half, z half, p) from _prefix_room: xz gets p columns in front of every sequence
+    (h padded with p zero rows, a quarter of xz's size), zeros then the tokens written there in place,
+    instead of xz being copied into a longer buffer.
     -> xz, and with m.recompute_z a function that makes its z half again as this made it (else None)."""
+    if prefix is not None:
+        h = F.pad(h, (0, 0, prefix[2], 0))
     b, T, _ = h.shape
     h2 = h.reshape(b * T, -1)
     rows = [a.in_proj_rows() for a in m.adapters()]
-    if any(r is None for r in rows):           # an adapter we cannot lay out here
+    if any(r is None for r in rows):           # an adapter we cannot lay out here (never with a prefix)
         return m.project_in(h, c).transpose(1, 2), None
     xz = c.in_proj @ h2.t()
     if c.in_bias is not None:
@@ -96,6 +103,8 @@ def _project_in(m, c, h):
         p = low.down(h2).t().to(xz.dtype)                                             # (r, bT)
         added.append((low, low.up.to(xz.dtype), p))
         xz = _AddRows.apply(xz, *added[-1][1:], low.start, low.stop, low.scale)
+    if prefix is not None:
+        xz = _Tokens.apply(xz, prefix[0], prefix[1], b, prefix[2])
     remake_z = _remaker(c, h2, added, xz.dtype, b) if m.recompute_z else None
     return xz.view(-1, b, T).transpose(0, 1), remake_z
 
@@ -140,6 +149,53 @@ class _AddRows(torch.autograd.Function):
         d_up = (rows @ p.t()).mul_(scale) if ctx.needs_input_grad[1] else None
         d_p = (up.t() @ rows).mul_(scale) if ctx.needs_input_grad[2] else None
         return g, d_up, d_p, None, None, None
+
+
+class _Tokens(torch.autograd.Function):
+    """In xz's (2E, b*(p+T)) memory, the first p columns of every sequence become zeros and then the
+    affix tokens (x half, z half: (E, n) each), in place (on the 2-D product itself: no CopySlices).
+    Backward: the tokens' gradient is the sum of those columns over the batch; the columns' gradient
+    is then zeroed in the incoming buffer (our inner function's fresh xz gradient), as what in_proj
+    produced there was overwritten."""
+
+    @staticmethod
+    def forward(ctx, xz, tok_x, tok_z, b, p):
+        E, n = tok_x.shape
+        cols = xz.view(2 * E, b, -1)[:, :, :p]
+        cols[:, :, :p - n].zero_()
+        cols[:E, :, p - n:] = tok_x.to(xz.dtype)[:, None, :]
+        cols[E:, :, p - n:] = tok_z.to(xz.dtype)[:, None, :]
+        ctx.mark_dirty(xz)
+        ctx.shape, ctx.dtypes = (E, n, b, p), (tok_x.dtype, tok_z.dtype)
+        return xz
+
+    @staticmethod
+    def backward(ctx, g):
+        E, n, b, p = ctx.shape
+        g = g if g.is_contiguous() else g.contiguous()
+        cols = g.view(2 * E, b, -1)[:, :, :p]
+        tok = cols[:, :, p - n:].sum(1)                     # (2E, n): the tokens are shared by every row
+        cols.zero_()
+        return g, tok[:E].to(ctx.dtypes[0]), tok[E:].to(ctx.dtypes[1]), None, None
+
+
+def _prefix_room(m, c, affix):
+    """(tokens' x half, z half, p) when the fused route will put prefix affix tokens in front of xz on
+    our inner function (p: the tokens behind zero columns that align the sequence, see _prefix_flat),
+    else None. Unidirectional models only: Vim's backward direction flips xz, tokens and all."""
+    s = c.dirs[0]
+    if (m.bidirectional or affix[0] is None or s.affix_infix or not _ours()
+            or any(a.in_proj_rows() is None for a in m.adapters())):
+        return None
+    n = affix[0][0].shape[1]
+    align = 8 if affix_scan(c.in_proj.device) != "mamba_ssm" else 1
+    return affix[0][0], affix[0][1], -(-n // align) * align
+
+
+def _ours():
+    """Our inner function (it calls the same wheels' lower-level entry points; where those do not
+    import, mamba_inner_fn runs)."""
+    return inner_impl() == "ours" and None not in (mamba_inner.selective_scan_cuda, mamba_inner.conv_fwd)
 
 
 # ---- output adapters as extra out_proj rows ---------------------------------------------------
@@ -188,12 +244,11 @@ def affix_scan(device):
     return name
 
 
-def _fused(m, c, xz, affix, remake_z=None):
+def _fused(m, c, xz, affix, remake_z=None, prefix=None):
+    """The mixer on our fused inner function (or mamba_inner_fn); xz has the prefix columns of
+    _prefix_room in front when `prefix` is given."""
     taps = _output_taps(m)
-    if taps is None:
-        return None
-    # ours calls the same wheels' lower-level entry points; where those do not import, mamba_inner_fn
-    ours = inner_impl() == "ours" and None not in (mamba_inner.selective_scan_cuda, mamba_inner.conv_fwd)
+    ours = _ours()
     D = c.out_proj.shape[0]
     W, bias = c.out_proj, c.out_bias
     ws = [w.to(W.dtype) for w, _ in taps]
@@ -211,7 +266,13 @@ def _fused(m, c, xz, affix, remake_z=None):
     for d, s in enumerate(c.dirs):
         xz_d = xz if d == 0 else xz.flip(-1)
         drop, prefill = None, None
-        if affix[d] is not None and ours and not s.affix_infix:   # one copy, straight into the flat layout
+        if prefix is not None:   # the tokens are in xz already (d == 0: unidirectional)
+            mode, p = affix_scan(xz.device), prefix[2]
+            pad, T = p - prefix[0].shape[1], xz.shape[-1] - p
+            drop = lambda y, p=p, T=T: y.narrow(-1, p, T)  # noqa: E731
+            if mode != "mamba_ssm":   # a prefill: the inner function returns only the sequence
+                prefill, drop = (mode, pad, p), None
+        elif affix[d] is not None and ours and not s.affix_infix:   # one copy, straight into the flat layout
             mode = affix_scan(xz.device)
             xz_d, drop, pad = _prefix_flat(xz_d, affix[d], align=8 if mode != "mamba_ssm" else 1)
             if mode != "mamba_ssm":   # a prefill: the inner function returns only the sequence
