@@ -341,3 +341,30 @@ def test_the_trainer_sets_recompute_z_on_every_mixer(tmp_path):
         mixers = [m for m in model.modules() if isinstance(m, MambaMixer)]
         want = [on is True or i < on for i in range(len(mixers))]
         assert len(mixers) > 1 and [m.recompute_z for m in mixers] == want
+
+
+def test_a_failed_build_of_our_scan_falls_back(monkeypatch, caplog):
+    """Where our CUDA scan cannot be built (no nvcc, say), it says why once and affix tokens take the
+    next route; asking for it by name is a clear error."""
+    from mambapeft.ops import scan_cuda_ext
+    from mambapeft.ops.scan import triton_available
+
+    def no_nvcc(*a, **k):
+        raise OSError("CUDA_HOME environment variable is not set")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(scan_cuda_ext, "build", no_nvcc)
+    for cached in (scan_cuda_ext.extension, scan_cuda_ext._build_error):
+        cached.cache_clear()
+    monkeypatch.delenv("MAMBAPEFT_AFFIX_SCAN", raising=False)
+    try:
+        with caplog.at_level("WARNING", logger="mambapeft"):
+            assert not scan_cuda_ext.available() and not scan_cuda_ext.available()
+        assert scan_cuda_ext.why_unavailable() == "OSError: CUDA_HOME environment variable is not set"
+        assert sum("unavailable" in r.message for r in caplog.records) == 1   # said once
+        assert mixer_cuda.affix_scan(None) == ("carry" if triton_available() else "mamba_ssm")
+        monkeypatch.setenv("MAMBAPEFT_AFFIX_SCAN", "cuda")
+        with pytest.raises(ValueError, match="MAMBAPEFT_AFFIX_SCAN=cuda: our CUDA scan did not build"):
+            mixer_cuda.affix_scan(None)
+    finally:
+        for cached in (scan_cuda_ext.extension, scan_cuda_ext._build_error):
+            cached.cache_clear()

@@ -39,7 +39,7 @@ def build(name="mambapeft_scan", defines=()):
 @functools.cache
 def extension():
     """The built module; raises (ImportError, OSError, RuntimeError) where it cannot be built."""
-    log.info("building mambapeft's CUDA scan (once per machine and version; about a minute)")
+    log.info("loading mambapeft's CUDA scan (built on its first use on a machine: about a minute)")
     return build()
 
 
@@ -48,7 +48,7 @@ def _build_error():
     try:
         extension()
     except Exception as e:  # noqa: BLE001 - no nvcc, no compiler, a failed build: the scan is unavailable
-        log.warning("mambapeft's CUDA scan is unavailable (%s: %s)", type(e).__name__, str(e).splitlines()[0])
+        log.warning("mambapeft's CUDA scan is unavailable (%s)", _first_line(e))
         return e
     return None
 
@@ -63,7 +63,11 @@ def why_unavailable():
     if not torch.cuda.is_available():
         return "no CUDA device"
     err = _build_error()
-    return None if err is None else f"{type(err).__name__}: {str(err).splitlines()[0]}"
+    return None if err is None else _first_line(err)
+
+
+def _first_line(err):
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
 
 
 def _flat_empty(b, E, L, like):
