@@ -41,7 +41,7 @@ def finish_forward(ctx, y, inputs, D, z, dt_raw, ut, Bt, Ct, bounds, delta_softp
         y = y * F.silu(z.float())
     ctx.save_for_backward(A, D, z, dt_raw, ut, Bt, Ct, bounds, out_pre if z is not None else None)
     ctx.delta_softplus, ctx.T = delta_softplus, T
-    ctx.dtypes = [None if x is None else x.dtype for x in inputs]
+    keep_dtypes(ctx, inputs)
     return y.to(u.dtype), bounds[-1].transpose(1, 2).contiguous()
 
 
@@ -72,6 +72,18 @@ def finish_backward(ctx, A, D, dt_raw, ut, dyt, du, ddt, dAt, dB, dC, dz, carry)
         ddt.mul_(torch.sigmoid(dt_raw))
     grads = (du.permute(1, 2, 0), ddt.permute(1, 2, 0), dAt.t(), dB.permute(1, 2, 0), dC.permute(1, 2, 0),
              dD, dz, ddt.sum((0, 1)), None, carry.transpose(1, 2))
-    return tuple(None if dtype is None or grad is None or not need else grad.to(dtype).contiguous()
-                 for grad, dtype, need in zip(grads, ctx.dtypes[:8] + [None] + ctx.dtypes[8:],
-                                              ctx.needs_input_grad))
+    return tuple(g if g is None else g.contiguous() for g in input_grads(ctx, grads))
+
+
+def keep_dtypes(ctx, inputs):
+    """Note the dtypes of a scan Function's nine tensor inputs (u, delta, A, B, C, D, z, delta_bias,
+    initial_state; None where absent), for input_grads."""
+    ctx.dtypes = [None if x is None else x.dtype for x in inputs]
+
+
+def input_grads(ctx, grads):
+    """The gradients of (u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state), each in its
+    input's dtype; None where the input is absent or needs none."""
+    dtypes = ctx.dtypes[:8] + [None] + ctx.dtypes[8:]
+    return tuple(None if g is None or dtype is None or not need else g.to(dtype)
+                 for g, dtype, need in zip(grads, dtypes, ctx.needs_input_grad))

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from .scan_common import input_grads, keep_dtypes
+
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = ("scan_binding.cpp", "scan_f32.cu", "scan_bf16.cu", "scan_f16.cu")
 log = logging.getLogger(__name__)
@@ -129,7 +131,7 @@ class SelectiveScanCudaExt(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
         ctx.set_materialize_grads(False)  # dout / dlast are None when unused: skip them
-        ctx.dtypes = [None if x is None else x.dtype for x in (u, delta, A, B, C, D, z, delta_bias, initial_state)]
+        keep_dtypes(ctx, (u, delta, A, B, C, D, z, delta_bias, initial_state))
         x = prepare(u, delta, A, B, C, D, z, delta_bias, initial_state)
         y, states = scan_fwd(*x[:8], delta_softplus, x[8])
         ctx.save_for_backward(*x, states)
@@ -140,10 +142,7 @@ class SelectiveScanCudaExt(torch.autograd.Function):
     def backward(ctx, dout, dlast):
         *x, states = ctx.saved_tensors
         du, ddelta, dA, dB, dC, dD, dbias, dh0, dz, _ = scan_bwd(*x[:8], ctx.softplus, x[8], states, dout, dlast)
-        grads = (du, ddelta, dA, dB, dC, dD, dz, dbias, None, dh0)
-        dtypes = ctx.dtypes[:8] + [None] + ctx.dtypes[8:]
-        return tuple(None if g is None or dtype is None or not need else g.to(dtype)
-                     for g, dtype, need in zip(grads, dtypes, ctx.needs_input_grad))
+        return input_grads(ctx, (du, ddelta, dA, dB, dC, dD, dz, dbias, None, dh0))
 
 
 def selective_scan_cuda_ext(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,

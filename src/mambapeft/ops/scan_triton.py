@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .scan_common import input_grads, keep_dtypes
+
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e)): A is scaled once
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -422,7 +424,7 @@ class SelectiveScanTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
         ctx.set_materialize_grads(False)  # dout / dlast are None when unused: skip them
-        ctx.dtypes = [None if x is None else x.dtype for x in (u, delta, A, B, C, D, z, delta_bias, initial_state)]
+        keep_dtypes(ctx, (u, delta, A, B, C, D, z, delta_bias, initial_state))
         x = prepare(u, delta, A, B, C, D, z, delta_bias, initial_state)
         y, hlast = scan_fwd(*x[:8], delta_softplus, x[8])
         ctx.save_for_backward(*x)
@@ -433,10 +435,7 @@ class SelectiveScanTriton(torch.autograd.Function):
     def backward(ctx, dout, dlast):
         x = ctx.saved_tensors
         grads = scan_bwd(*x[:8], ctx.softplus, x[8], dout, dlast)
-        grads = grads[:8] + (None,) + grads[8:]   # none for delta_softplus
-        dtypes = ctx.dtypes[:8] + [None] + ctx.dtypes[8:]
-        return tuple(None if g is None or dtype is None or not need else g.to(dtype)
-                     for g, dtype, need in zip(grads, dtypes, ctx.needs_input_grad))
+        return input_grads(ctx, grads[:8] + (None,) + grads[8:])   # none for delta_softplus
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
