@@ -85,3 +85,20 @@ def check_split(fn, split, L, E=16, device="cpu"):
     assert_close(h2, h, "last state", 1e-5)
     for k in x:
         assert_close(grads2[k], grads[k], f"grad of {k}", 3e-5)
+
+
+def check_against_mamba_ssm(fn, L, device="cuda"):
+    """fn = mamba_ssm's selective_scan_fn (bf16, no initial state) at the mamba-130m shape: y and every
+    gradient. Needs mamba_ssm (the caller skips without it)."""
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    b, E, N = 2, 1536, 16
+    x, g = make_inputs(b, E, N, L, True, False, torch.bfloat16, device)
+    dy = torch.randn(b, E, L, generator=g).to(device)
+    y, _, grads = scan_and_grads(fn, x, dy, None, True)
+
+    def mamba(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+        return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    y_m, _, grads_m = scan_and_grads(mamba, x, dy, None, True)
+    assert_close(y, y_m, "y", 2e-2)
+    for k in x:
+        assert_close(grads[k], grads_m[k], f"grad of {k}", 5e-2)

@@ -5,7 +5,8 @@ ragged and vector-loaded rows. Needs CUDA and nvcc (the extension is built on fi
 of the fused inner function around it is checked on the CPU in test_mamba_inner.py."""
 import pytest
 import torch
-from scan_checks import assert_close, check_against_reference, check_split, make_inputs, scan_and_grads
+from scan_checks import (assert_close, check_against_mamba_ssm, check_against_reference, check_split, make_inputs,
+                         scan_and_grads)
 
 from mambapeft.ops import scan_cuda_ext
 from mambapeft.ops.scan import resolve_backend, selective_scan
@@ -101,15 +102,5 @@ def test_frozen_inputs_get_no_gradient():
 @pytest.mark.parametrize("L", [1024, 2048])
 def test_matches_mamba_ssm(L):
     """Same y and gradients as mamba_ssm's selective_scan_fn (bf16, no initial state) at the 130m shape."""
-    sel = pytest.importorskip("mamba_ssm.ops.selective_scan_interface").selective_scan_fn
-    b, E, N = 2, 1536, 16
-    x, g = make_inputs(b, E, N, L, True, False, torch.bfloat16, "cuda")
-    dy = torch.randn(b, E, L, generator=g).cuda()
-    y, _, grads = scan_and_grads(scan_cuda_ext.selective_scan_cuda_ext, x, dy, None, True)
-
-    def mamba(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
-        return sel(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-    y_m, _, grads_m = scan_and_grads(mamba, x, dy, None, True)
-    assert_close(y, y_m, "y", 2e-2)
-    for k in x:
-        assert_close(grads[k], grads_m[k], f"grad of {k}", 5e-2)
+    pytest.importorskip("mamba_ssm.ops.selective_scan_interface")
+    check_against_mamba_ssm(scan_cuda_ext.selective_scan_cuda_ext, L)
