@@ -61,11 +61,12 @@ def forward(m, c, h, mask=None, state=None):
     # FalconMamba never takes the fused kernel: mamba_inner_fn's b/c/dt_rms_weight normalise dt over E
     # after dt_proj (not the rank-R input, as transformers' inference does) and its backward leaves
     # the norms out of the gradients. The unfused route below applies them in torch (ssm_inputs).
-    fused = mask is None and state is None and c.dirs[0].rms_eps is None and _output_taps(m) is not None
-    prefix = _prefix_room(m, c, affix) if fused else None
-    xz, remake_z = _project_in(m, c, h, prefix)           # (b, 2E, [p +] T), time contiguous
-    if fused:
-        return _fused(m, c, xz, affix, remake_z, prefix)
+    taps = _output_taps(m) if mask is None and state is None and c.dirs[0].rms_eps is None else None
+    rows = [a.in_proj_rows() for a in m.adapters()]
+    prefix = _prefix_room(m, c, affix, rows) if taps is not None else None
+    xz, remake_z = _project_in(m, c, h, prefix, rows)     # (b, 2E, [p +] T), time contiguous
+    if taps is not None:
+        return _fused(m, c, xz, affix, taps, remake_z, prefix)
     x, z = xz.chunk(2, dim=1)
     if not m.bidirectional:
         s = c.dirs[0]
@@ -80,19 +81,20 @@ def forward(m, c, h, mask=None, state=None):
     return m.project_out(g, c)
 
 
-def _project_in(m, c, h, prefix=None):
+def _project_in(m, c, h, prefix=None, rows=None):
     """xz as W_in @ h^T, like mamba_ssm's own Mamba: (2E, bT) memory viewed as (b, 2E, T), so neither
     xz nor its gradient is transposed and copied around the fused kernel. Adapters that add low-rank
     rows to in_proj's output (MixerAdapter.in_proj_rows) add them in the same layout.
     prefix = (tokens' x half, z half, p) from _prefix_room: xz gets p columns in front of every sequence
     (h padded with p zero rows, a quarter of xz's size), zeros then the tokens written there in place,
-    instead of xz being copied into a longer buffer.
+    instead of xz being copied into a longer buffer. rows: the adapters' in_proj_rows(), when the
+    caller has them.
     -> xz, and with m.recompute_z a function that makes its z half again as this made it (else None)."""
     if prefix is not None:
         h = F.pad(h, (0, 0, prefix[2], 0))
     b, T, _ = h.shape
     h2 = h.reshape(b * T, -1)
-    rows = [a.in_proj_rows() for a in m.adapters()]
+    rows = [a.in_proj_rows() for a in m.adapters()] if rows is None else rows
     if any(r is None for r in rows):           # an adapter we cannot lay out here (never with a prefix)
         return m.project_in(h, c).transpose(1, 2), None
     xz = c.in_proj @ h2.t()
@@ -160,32 +162,45 @@ class _Tokens(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, xz, tok_x, tok_z, b, p):
-        E, n = tok_x.shape
-        cols = xz.view(2 * E, b, -1)[:, :, :p]
-        cols[:, :, :p - n].zero_()
-        cols[:E, :, p - n:] = tok_x.to(xz.dtype)[:, None, :]
-        cols[E:, :, p - n:] = tok_z.to(xz.dtype)[:, None, :]
+        _fill_prefix(xz.view(xz.shape[0], b, -1)[:, :, :p], tok_x, tok_z)
         ctx.mark_dirty(xz)
-        ctx.shape, ctx.dtypes = (E, n, b, p), (tok_x.dtype, tok_z.dtype)
+        ctx.shape, ctx.dtypes = (tok_x.shape[1], b, p), (tok_x.dtype, tok_z.dtype)
         return xz
 
     @staticmethod
     def backward(ctx, g):
-        E, n, b, p = ctx.shape
+        n, b, p = ctx.shape
         g = g if g.is_contiguous() else g.contiguous()
-        cols = g.view(2 * E, b, -1)[:, :, :p]
-        tok = cols[:, :, p - n:].sum(1)                     # (2E, n): the tokens are shared by every row
+        cols = g.view(g.shape[0], b, -1)[:, :, :p]
+        grads = _token_grads(cols[:, :, p - n:], ctx.dtypes)
         cols.zero_()
-        return g, tok[:E].to(ctx.dtypes[0]), tok[E:].to(ctx.dtypes[1]), None, None
+        return (g, *grads, None, None)
 
 
-def _prefix_room(m, c, affix):
+def _fill_prefix(cols, tok_x, tok_z):
+    """cols (2E, b, p) of xz: zeros, then the tokens (x half, z half: (E, n) each) in the last n."""
+    E, n = tok_x.shape
+    p = cols.shape[-1]
+    cols[:, :, :p - n].zero_()
+    cols[:E, :, p - n:] = tok_x.to(cols.dtype)[:, None, :]
+    cols[E:, :, p - n:] = tok_z.to(cols.dtype)[:, None, :]
+
+
+def _token_grads(cols, dtypes):
+    """The tokens' columns (2E, b, n) of xz's gradient -> the gradients of their x and z halves (in
+    `dtypes`): the tokens are shared by every row of the batch."""
+    tok = cols.sum(1)
+    E = tok.shape[0] // 2
+    return tok[:E].to(dtypes[0]), tok[E:].to(dtypes[1])
+
+
+def _prefix_room(m, c, affix, rows):
     """(tokens' x half, z half, p) when the fused route will put prefix affix tokens in front of xz on
     our inner function (p: the tokens behind zero columns that align the sequence, see _prefix_flat),
-    else None. Unidirectional models only: Vim's backward direction flips xz, tokens and all."""
+    else None (also when an adapter's in_proj rows, `rows`, cannot be laid out). Unidirectional models
+    only: Vim's backward direction flips xz, tokens and all."""
     s = c.dirs[0]
-    if (m.bidirectional or affix[0] is None or s.affix_infix or not _ours()
-            or any(a.in_proj_rows() is None for a in m.adapters())):
+    if m.bidirectional or affix[0] is None or s.affix_infix or not _ours() or any(r is None for r in rows):
         return None
     n = affix[0][0].shape[1]
     align = 8 if affix_scan(c.in_proj.device) != "mamba_ssm" else 1
@@ -244,10 +259,9 @@ def affix_scan(device):
     return name
 
 
-def _fused(m, c, xz, affix, remake_z=None, prefix=None):
-    """The mixer on our fused inner function (or mamba_inner_fn); xz has the prefix columns of
-    _prefix_room in front when `prefix` is given."""
-    taps = _output_taps(m)
+def _fused(m, c, xz, affix, taps, remake_z=None, prefix=None):
+    """The mixer on our fused inner function (or mamba_inner_fn), with the output adapters' `taps`;
+    xz has the prefix columns of _prefix_room in front when `prefix` is given."""
     ours = _ours()
     D = c.out_proj.shape[0]
     W, bias = c.out_proj, c.out_bias
@@ -325,21 +339,16 @@ class _Prefixed(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xz, tok_x, tok_z, p):
         b, E2, T = xz.shape
-        E, n = E2 // 2, tok_x.shape[1]
         buf = xz.new_empty(E2, b, p + T)
         buf[:, :, p:] = xz.transpose(0, 1)
-        buf[:, :, :p - n].zero_()
-        buf[:E, :, p - n:p] = tok_x.to(xz.dtype)[:, None, :]
-        buf[E:, :, p - n:p] = tok_z.to(xz.dtype)[:, None, :]
-        ctx.p, ctx.n, ctx.dtypes = p, n, (tok_x.dtype, tok_z.dtype)
+        _fill_prefix(buf[:, :, :p], tok_x, tok_z)
+        ctx.p, ctx.n, ctx.dtypes = p, tok_x.shape[1], (tok_x.dtype, tok_z.dtype)
         return buf.transpose(0, 1)
 
     @staticmethod
     def backward(ctx, g):
         p, n = ctx.p, ctx.n
-        E = g.shape[1] // 2
-        tok = g[..., p - n:p].sum(0)                        # (2E, n): the tokens are shared by every row
-        return g[..., p:], tok[:E].to(ctx.dtypes[0]), tok[E:].to(ctx.dtypes[1]), None
+        return (g[..., p:], *_token_grads(g[..., p - n:p].transpose(0, 1), ctx.dtypes), None)
 
 
 # ---- unfused: conv kernel + scan kernel, returning g -----------------------------------------
