@@ -1,8 +1,14 @@
 """Checks of a selective scan backend against the reference recurrence (ops/scan_ref.py), shared by the
 tests of the Triton scan and of our CUDA scan."""
+import pytest
 import torch
 
 from mambapeft.ops.scan_ref import selective_scan_ref
+
+# which optional inputs a test passes: D, z and the delta bias (full), an initial state, a last state in the loss
+INPUT_SETS = pytest.mark.parametrize("full,init,last", [(True, True, True), (False, False, False),
+                                                        (True, False, True), (False, True, False)],
+                                     ids=["zDbias+init+last", "plain", "zDbias+last", "init"])
 
 
 def make_inputs(b, E, N, L, full=True, init=True, dtype=torch.float32, device="cpu", seed=0):

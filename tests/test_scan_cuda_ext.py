@@ -5,8 +5,8 @@ ragged and vector-loaded rows. Needs CUDA and nvcc (the extension is built on fi
 of the fused inner function around it is checked on the CPU in test_mamba_inner.py."""
 import pytest
 import torch
-from scan_checks import (assert_close, check_against_mamba_ssm, check_against_reference, check_split, make_inputs,
-                         scan_and_grads)
+from scan_checks import (INPUT_SETS, assert_close, check_against_mamba_ssm, check_against_reference, check_split,
+                         make_inputs, scan_and_grads)
 
 from mambapeft.ops import scan_cuda_ext
 from mambapeft.ops.scan import resolve_backend, selective_scan
@@ -33,9 +33,7 @@ CASES = [(8, 4, 1), (8, 16, 3), (16, 16, 63), (16, 8, 256), (12, 5, 300), (24, 1
 
 
 @pytest.mark.parametrize("E,N,L", CASES, ids=[f"E{e}N{n}L{t}" for e, n, t in CASES])
-@pytest.mark.parametrize("full,init,last", [(True, True, True), (False, False, False), (True, False, True),
-                                            (False, True, False)],
-                         ids=["zDbias+init+last", "plain", "zDbias+last", "init"])
+@INPUT_SETS
 def test_matches_reference(E, N, L, full, init, last):
     check(2, E, N, L, full, init, last)
 

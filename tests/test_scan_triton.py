@@ -18,7 +18,8 @@ pytest.importorskip("triton", reason="the triton scan needs triton (not part of 
 from mambapeft.ops import scan_triton  # noqa: E402
 from mambapeft.ops.scan import resolve_backend, selective_scan  # noqa: E402
 from mambapeft.ops.scan_ref import selective_scan_ref  # noqa: E402
-from scan_checks import assert_close, check_against_mamba_ssm, check_against_reference, check_split  # noqa: E402
+from scan_checks import INPUT_SETS, assert_close, check_against_mamba_ssm, check_against_reference  # noqa: E402
+from scan_checks import check_split  # noqa: E402
 from scan_checks import make_inputs as _make_inputs  # noqa: E402
 
 if not HAS_CUDA and not scan_triton.INTERPRET:
@@ -42,9 +43,7 @@ CASES = [(8, 4, 1), (16, 16, 63), (16, 8, 200), (12, 5, 70)]
 
 
 @pytest.mark.parametrize("E,N,L", CASES, ids=[f"E{e}N{n}L{t}" for e, n, t in CASES])
-@pytest.mark.parametrize("full,init,last", [(True, True, True), (False, False, False), (True, False, True),
-                                            (False, True, False)],
-                         ids=["zDbias+init+last", "plain", "zDbias+last", "init"])
+@INPUT_SETS
 def test_matches_reference(E, N, L, full, init, last):
     check(2, E, N, L, full, init, last)
 
