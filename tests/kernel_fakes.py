@@ -149,7 +149,8 @@ class FakeScanExt:
         return selective_scan_ref(u.float(), delta.float(), A, B.float(), C.float(), D,
                                   None if z is None else z.float(), bias, softplus, h0, return_last_state=True)
 
-    def fwd(self, u, delta, A, B, C, D, z, bias, h0, softplus, y, states):
+    def fwd(self, u, delta, A, B, C, D, z, bias, h0, softplus, y, states, kernel):
+        assert kernel in (0, 1, 2)
         self._checks(u, delta, A, B, C, D, z, bias, h0, states)
         out, _ = self._math(u, delta, A, B, C, D, z, bias, h0, softplus)
         if y is not None:

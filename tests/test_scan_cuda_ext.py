@@ -22,6 +22,14 @@ def built():
         pytest.skip(f"our CUDA scan is unavailable: {scan_cuda_ext.why_unavailable()}")
 
 
+@pytest.fixture(params=["block", "lanes"])
+def forward_kernel(request, monkeypatch):
+    """Each forward kernel (the block scan; threads along channels and states), whichever "auto" would pick
+    here. The lanes kernel takes 1, 2 or 4 threads a channel for N <= 4, 8, 16: CASES has each."""
+    monkeypatch.setattr(scan_cuda_ext, "forward_kernel", request.param)
+    return request.param
+
+
 def check(*a, **kw):
     check_against_reference(scan_cuda_ext.selective_scan_cuda_ext, *a, device="cuda", **kw)
 
@@ -34,18 +42,18 @@ CASES = [(8, 4, 1), (8, 16, 3), (16, 16, 63), (16, 8, 256), (12, 5, 300), (24, 1
 
 @pytest.mark.parametrize("E,N,L", CASES, ids=[f"E{e}N{n}L{t}" for e, n, t in CASES])
 @INPUT_SETS
-def test_matches_reference(E, N, L, full, init, last):
+def test_matches_reference(E, N, L, full, init, last, forward_kernel):
     check(2, E, N, L, full, init, last)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("L", [1, 200, 1024, 2085])
-def test_half_inputs(L, dtype):
+def test_half_inputs(L, dtype, forward_kernel):
     """u, delta, z, B, C in 16 bits: state and sums in fp32, y and their gradients in the input dtype."""
     check(2, 16, 16, L, True, True, True, dtype=dtype, tol=2e-2)
 
 
-def test_offset_rows_and_strides():
+def test_offset_rows_and_strides(forward_kernel):
     """Time-contiguous views that start 3 steps into a longer row (not 16-byte aligned: scalar loads)
     and B, C with a state stride of b * L (the fused function's layout) = contiguous copies (fp32, so
     that the order of dB's and dC's atomic sums is all that may differ)."""
@@ -72,7 +80,7 @@ def test_offset_rows_and_strides():
 
 
 @pytest.mark.parametrize("split", [3, 700])
-def test_prefill_split(split):
+def test_prefill_split(split, forward_kernel):
     """Scanning [0, split) and then the rest from its last state = scanning the whole (scan_checks)."""
     check_split(scan_cuda_ext.selective_scan_cuda_ext, split, 1027, E=32, device="cuda")
 
@@ -98,7 +106,29 @@ def test_frozen_inputs_get_no_gradient():
 
 
 @pytest.mark.parametrize("L", [1024, 2048])
-def test_matches_mamba_ssm(L):
+def test_matches_mamba_ssm(L, forward_kernel):
     """Same y and gradients as mamba_ssm's selective_scan_fn (bf16, no initial state) at the 130m shape."""
     pytest.importorskip("mamba_ssm.ops.selective_scan_interface")
     check_against_mamba_ssm(scan_cuda_ext.selective_scan_cuda_ext, L)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("N", [3, 8, 16])
+def test_forward_kernels_agree(N, dtype):
+    """Threads along channels = the block scan at a shape where "auto" picks them (8 x 1536 channels), with
+    an initial state, 3 chunks of 2048 steps and a ragged tail: y and every chunk's end state."""
+    b, E, L = 8, 1536, 4100
+    x, _ = make_inputs(b, E, N, L, True, True, dtype, "cuda")
+    x = scan_cuda_ext.prepare(*(x[k].detach() for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias",
+                                                         "initial_state")))
+    out = {}
+    for kernel in ("block", "lanes", "auto"):
+        scan_cuda_ext.forward_kernel = kernel
+        try:
+            out[kernel] = scan_cuda_ext.scan_fwd(*x[:8], True, x[8])
+        finally:
+            scan_cuda_ext.forward_kernel = "auto"
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for kernel in ("lanes", "auto"):
+        assert_close(out[kernel][0], out["block"][0], f"y ({kernel})", tol)
+        assert_close(out[kernel][1], out["block"][1], f"states ({kernel})", 1e-4)

@@ -8,6 +8,7 @@ namespace mambapeft_scan {
 struct Params {
   int dim, len, dstate, n_chunks;
   bool softplus, vec;
+  int forward_kernel;  // 0: the launcher's choice, 1: the block scan, 2: threads along time per channel (scan_kernels.cuh)
   // (b, E, L) tensors with time contiguous: batch and channel strides in elements
   const void *u, *delta, *z, *dout;
   int64_t u_b, u_d, dt_b, dt_d, z_b, z_d, do_b, do_d;
@@ -22,7 +23,7 @@ struct Params {
 
 // Steps per chunk: one chunk up to 1024 steps (as mamba_ssm's templates), 2048-step chunks beyond; a
 // one-warp chunk of 32 for a few steps (affix tokens).
-inline int chunk_size(int len) {
+__host__ __device__ inline int chunk_size(int len) {
   return len <= 32 ? 32 : len <= 256 ? 256 : len <= 512 ? 512 : len <= 1024 ? 1024 : 2048;
 }
 

@@ -79,10 +79,13 @@ void dispatch(const Params &p, const at::Tensor &u, bool forward) {
   TORCH_CHECK(err == cudaSuccess, "selective scan kernel launch: ", cudaGetErrorString(err));
 }
 
-// y absent: only the states are wanted.
+// y absent: only the states are wanted. kernel: 0 the launcher's choice, 1 the block scan, 2 threads along
+// channels and states (scan_kernels.cuh: fwd_lanes_kernel, up to 16 states).
 void fwd(at::Tensor u, at::Tensor delta, at::Tensor A, at::Tensor B, at::Tensor C, Opt D, Opt z, Opt bias, Opt h0,
-         bool softplus, Opt y, at::Tensor states) {
+         bool softplus, Opt y, at::Tensor states, int64_t kernel) {
   Params p = common(u, delta, A, B, C, D, z, bias, h0, states, softplus);
+  TORCH_CHECK(kernel >= 0 && kernel <= 2, "kernel: expected 0 (auto), 1 (block scan) or 2 (threads along channels)");
+  p.forward_kernel = static_cast<int>(kernel);
   rows(p, y, "y", u, p.y, p.y_b, p.y_d);
   dispatch(p, u, true);
 }

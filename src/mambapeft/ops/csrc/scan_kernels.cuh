@@ -16,9 +16,14 @@
 // for the gradient dh_t = C_nt dy_t + a_{t+1} dh_{t+1}, carried across chunks as a_t dh_t (which for
 // the first step is the initial state's gradient). dB and dC sum over channels, i.e. over blocks:
 // global float atomics, made coalesced by a transpose in each warp's shared memory.
+//
+// The forward has a second layout (fwd_lanes_kernel), for up to 16 states where batch * channels fill the
+// GPU (the 130m and 1.4b training shapes): threads along channels and states instead of time, each
+// walking time in order: 22-44% less time than the block scan's forward there (bench/results/issue13/).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_pipeline.h>
 
 #include "scan.h"
 
@@ -247,6 +252,159 @@ __global__ void __launch_bounds__(kNThreads) fwd_kernel(Params p) {
   }
 }
 
+// The forward with time walked in order by TPC threads per channel, each holding NS of its states in
+// registers: no block scan. Per state and step: one exp2 and four multiply-adds; the TPC threads' sums
+// over their states meet by warp shuffles. Few threads are in flight (batch * channels * TPC), so nothing
+// may wait on memory: each stage of 64 bytes of a row (32 steps of bf16) is copied into shared memory
+// asynchronously (cp.async) while the previous stage is scanned: the block's u, delta, z rows and its
+// batch row's B and C. A stage is then three passes, split across the block's threads:
+//   1. delta's softplus, dt u and B, C as floats [t][n] (one 16-byte read gives 4 states);
+//   2. the scan, each thread along its channel and states, into the sums over states;
+//   3. D u, z's gate and y's store, coalesced.
+// The launcher uses it where batch * channels fill the GPU; states past N scan zeros.
+template <int NS, int TPC, typename T>
+__global__ void __launch_bounds__(32 * TPC) fwd_lanes_kernel(Params p) {
+  constexpr int kCh = 32, kThreads = kCh * TPC, NT = NS * TPC;           // channels, threads, states per block
+  constexpr int kVec = 16 / sizeof(T), kStage = 4 * kVec, kPad = kStage + kVec, kRow = kStage + 4;
+  constexpr int kGroup = 4;  // steps scanned together
+  static_assert(32 % kStage == 0, "every chunk (scan.h) but the last must be whole stages");
+  __shared__ __align__(16) T own[2][3][kCh][kPad];  // [stage buffer][u, delta, z][channel][step]: padded rows
+  __shared__ __align__(16) T bc[2][2][NT][kStage];   // [stage buffer][B, C][state][step]
+  __shared__ __align__(16) float sB[kStage][NT], sC[kStage][NT];
+  __shared__ __align__(16) float sdt[kCh][kRow], sdtu[kCh][kRow], sy[kCh][kRow];
+  __shared__ float sbias[kCh], sD[kCh];
+  const int b = blockIdx.x, N = p.dstate, tid = threadIdx.x, c = tid / TPC, r = tid % TPC, d0 = blockIdx.y * kCh;
+  const int dd = min(d0 + c, p.dim - 1);  // a thread past the last channel reads a live row and stores nothing
+  const T *rows[3] = {static_cast<const T *>(p.u) + b * p.u_b + dd * p.u_d,
+                      static_cast<const T *>(p.delta) + b * p.dt_b + dd * p.dt_d,
+                      p.z ? static_cast<const T *>(p.z) + b * p.z_b + dd * p.z_d : nullptr};
+  const T *Bp = static_cast<const T *>(p.B) + b * p.B_b, *Cp = static_cast<const T *>(p.C) + b * p.C_b;
+  const int64_t bd = int64_t(b) * p.dim + dd;
+  const int chunk = chunk_size(p.len);
+  if (tid < kCh) {
+    const int e = min(d0 + tid, p.dim - 1);
+    sbias[tid] = p.bias ? p.bias[e] : 0.f;
+    sD[tid] = p.D ? p.D[e] : 0.f;
+  }
+
+  // Starts copying the stage from step s0 into buffer k (scalar loads and zeros for a ragged or unaligned one).
+  auto fill = [&](int k, int s0) {
+    if (p.vec && s0 + kStage <= p.len) {
+      for (int q = r; q < 3 * (kStage / kVec); q += TPC) {
+        const int w = q / (kStage / kVec), j = q % (kStage / kVec) * kVec;
+        if (rows[w]) __pipeline_memcpy_async(&own[k][w][c][j], rows[w] + s0 + j, 16);
+      }
+      for (int i = tid; i < 2 * NT * (kStage / kVec); i += kThreads) {
+        const int w = i / (NT * (kStage / kVec)), n = i / (kStage / kVec) % NT, j = i % (kStage / kVec) * kVec;
+        if (n < N) __pipeline_memcpy_async(&bc[k][w][n][j], (w ? Cp + n * p.C_n : Bp + n * p.B_n) + s0 + j, 16);
+        else *reinterpret_cast<uint4 *>(&bc[k][w][n][j]) = make_uint4(0, 0, 0, 0);
+      }
+    } else {
+      for (int q = r; q < 3 * kStage; q += TPC) {
+        const int w = q / kStage, j = q % kStage;
+        if (rows[w]) own[k][w][c][j] = s0 + j < p.len ? rows[w][s0 + j] : from_f<T>(0.f);
+      }
+      for (int i = tid; i < 2 * NT * kStage; i += kThreads) {
+        const int w = i / (NT * kStage), n = i / kStage % NT, j = i % kStage;
+        const T *src = w ? Cp + n * p.C_n : Bp + n * p.B_n;
+        bc[k][w][n][j] = n < N && s0 + j < p.len ? src[s0 + j] : from_f<T>(0.f);
+      }
+    }
+    __pipeline_commit();
+  };
+
+  float h[NS], A2[NS];
+#pragma unroll
+  for (int j = 0; j < NS; ++j) {
+    const int n = r * NS + j;
+    A2[j] = n < N ? p.A[dd * N + n] * kLog2e : 0.f;
+    h[j] = n < N && p.h0 ? p.h0[bd * N + n] : 0.f;
+  }
+  int state_end = min(chunk, p.len);  // the step after which the next chunk's end state is written
+  fill(0, 0);
+  for (int s0 = 0, k = 0; s0 < p.len; s0 += kStage, k ^= 1) {
+    __pipeline_wait_prior(0);
+    __syncthreads();  // this stage's copies have landed; every thread is done with the previous stage
+    if (s0 + kStage < p.len) fill(k ^ 1, s0 + kStage);
+    const int steps = min(kStage, p.len - s0);
+    for (int i = tid; i < kCh * kStage; i += kThreads) {  // 1.
+      const int cc = i / kStage, t = i % kStage;
+      const float raw = to_f(own[k][1][cc][t]) + sbias[cc], dt = t >= steps ? 0.f : p.softplus ? softplus(raw) : raw;
+      sdt[cc][t] = dt;  // past the sequence's end: a = 1, x = 0 (the scan runs whole groups of kGroup steps)
+      sdtu[cc][t] = dt * to_f(own[k][0][cc][t]);
+    }
+    for (int i = tid; i < kStage * NT; i += kThreads) {
+      const int t = i / NT, n = i % NT;
+      sB[t][n] = to_f(bc[k][0][n][t]);
+      sC[t][n] = to_f(bc[k][1][n][t]);
+    }
+    __syncthreads();
+    for (int t0 = 0; t0 < steps; t0 += kGroup) {  // 2.
+      // a group's loads and exp2s are issued before its updates: step after step, each waited on its own
+      float dt[kGroup], dtu[kGroup], a[kGroup][NS], sum[kGroup];
+      float4 Bq[kGroup][NS / 4], Cq[kGroup][NS / 4];
+#pragma unroll
+      for (int g = 0; g < kGroup; ++g) {
+        dt[g] = sdt[c][t0 + g];
+        dtu[g] = sdtu[c][t0 + g];
+#pragma unroll
+        for (int q = 0; q < NS / 4; ++q) {
+          Bq[g][q] = reinterpret_cast<const float4 *>(&sB[t0 + g][r * NS])[q];
+          Cq[g][q] = reinterpret_cast<const float4 *>(&sC[t0 + g][r * NS])[q];
+        }
+      }
+#pragma unroll
+      for (int g = 0; g < kGroup; ++g)
+#pragma unroll
+        for (int j = 0; j < NS; ++j) a[g][j] = exp2f(dt[g] * A2[j]);
+#pragma unroll
+      for (int g = 0; g < kGroup; ++g) {
+        float acc[2] = {0.f, 0.f};
+#pragma unroll
+        for (int q = 0; q < NS / 4; ++q) {
+          const float4 B4 = Bq[g][q], C4 = Cq[g][q];
+          float *hq = h + 4 * q, *aq = a[g] + 4 * q;
+          hq[0] = fmaf(aq[0], hq[0], dtu[g] * B4.x);
+          hq[1] = fmaf(aq[1], hq[1], dtu[g] * B4.y);
+          hq[2] = fmaf(aq[2], hq[2], dtu[g] * B4.z);
+          hq[3] = fmaf(aq[3], hq[3], dtu[g] * B4.w);
+          acc[0] = fmaf(C4.y, hq[1], fmaf(C4.x, hq[0], acc[0]));
+          acc[1] = fmaf(C4.w, hq[3], fmaf(C4.z, hq[2], acc[1]));
+        }
+        sum[g] = acc[0] + acc[1];
+      }
+#pragma unroll
+      for (int o = 1; o < TPC; o *= 2)
+#pragma unroll
+        for (int g = 0; g < kGroup; ++g) sum[g] += __shfl_xor_sync(0xffffffffu, sum[g], o);
+      if (r == 0) *reinterpret_cast<float4 *>(&sy[c][t0]) = make_float4(sum[0], sum[1], sum[2], sum[3]);
+    }
+    // chunks (scan.h) are whole stages but for the sequence's last, ragged one; a branch per step here
+    // would keep the compiler from overlapping consecutive steps
+    if (s0 + steps == state_end) {
+      if (d0 + c < p.dim) {
+        float *st = p.states + (bd * p.n_chunks + (state_end - 1) / chunk) * N + r * NS;
+#pragma unroll
+        for (int j = 0; j < NS; ++j)
+          if (r * NS + j < N) st[j] = h[j];
+      }
+      state_end = min(state_end + chunk, p.len);
+    }
+    if (!p.y) continue;
+    __syncthreads();
+    for (int i = tid; i < kCh * kStage; i += kThreads) {  // 3.
+      const int cc = i / kStage, t = i % kStage, e = d0 + cc;
+      if (t >= steps || e >= p.dim) continue;
+      float out = sy[cc][t] + sD[cc] * to_f(own[k][0][cc][t]);
+      if (rows[2]) {
+        const float zv = to_f(own[k][2][cc][t]);
+        out *= zv * sigmoid(zv);
+      }
+      static_cast<T *>(p.y)[b * p.y_b + e * p.y_d + s0 + t] = from_f<T>(out);
+    }
+  }
+}
+
 // Adds this warp's K pairs per lane (lane l holds steps base + l K .. + K - 1) into dB[base ...] and
 // dC[base ...], transposed through `tile` so that each atomic instruction of the warp covers 32
 // consecutive steps; no bounds checks when all of the warp's steps are inside.
@@ -412,8 +570,31 @@ __global__ void __launch_bounds__(kNThreads, 65536 / (kNThreads * MAMBAPEFT_SCAN
   }
 }
 
+// The forward along time (fwd_lanes_kernel) when batch * channels fill the GPU, the block scan otherwise and
+// beyond 4 * MAMBAPEFT_SCAN_LANES_STATES states; `p.forward_kernel` may ask for either (tests, benchmarks).
+// Below about 8192 channel rows the block scan's forward was faster (2 x 1536: 0.09 against 0.16 ms).
+#ifndef MAMBAPEFT_SCAN_LANES_MIN
+#define MAMBAPEFT_SCAN_LANES_MIN 8192
+#endif
+#ifndef MAMBAPEFT_SCAN_LANES_STATES
+#define MAMBAPEFT_SCAN_LANES_STATES 4  // states a thread (a channel takes 1, 2 or 4); 8 took 1.5x as long at N = 16
+#endif
+
+template <typename T>
+cudaError_t launch_lanes(const Params &p, int batch, cudaStream_t stream) {
+  constexpr int NS = MAMBAPEFT_SCAN_LANES_STATES;
+  const dim3 grid(batch, (p.dim + 31) / 32);
+  if (p.dstate <= NS) fwd_lanes_kernel<NS, 1, T><<<grid, 32, 0, stream>>>(p);
+  else if (p.dstate <= 2 * NS) fwd_lanes_kernel<NS, 2, T><<<grid, 64, 0, stream>>>(p);
+  else fwd_lanes_kernel<NS, 4, T><<<grid, 128, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
 template <typename T>
 cudaError_t launch(const Params &p, bool forward, int batch, cudaStream_t stream) {
+  if (forward && p.dstate <= 4 * MAMBAPEFT_SCAN_LANES_STATES &&
+      (p.forward_kernel == 2 || (p.forward_kernel == 0 && int64_t(batch) * p.dim >= MAMBAPEFT_SCAN_LANES_MIN)))
+    return launch_lanes<T>(p, batch, stream);
   auto go = [&](auto kernel, int threads) {
     const size_t smem = (forward ? 1 : 2) * p.dstate * sizeof(float);
     kernel<<<dim3(batch, p.dim), threads, smem, stream>>>(p);
