@@ -200,7 +200,7 @@ template <int kNThreads, int K, typename T>
 __global__ void __launch_bounds__(kNThreads) fwd_kernel(Params p) {
   constexpr int kChunk = kNThreads * K, kWarps = kNThreads / 32;
   __shared__ Map totals[2][kWarps];
-  extern __shared__ float h_run[];  // (N,): the state at the end of the previous chunk
+  extern __shared__ float h_run[];  // (N,): the state at the end of the previous chunk (first: the initial state)
   const int b = blockIdx.x, d = blockIdx.y, N = p.dstate;
   const T *u = static_cast<const T *>(p.u) + b * p.u_b + d * p.u_d;
   const T *delta = static_cast<const T *>(p.delta) + b * p.dt_b + d * p.dt_d;
@@ -210,6 +210,8 @@ __global__ void __launch_bounds__(kNThreads) fwd_kernel(Params p) {
   const float *A = p.A + d * N;
   const int64_t bd = int64_t(b) * p.dim + d;
   const float Dd = p.D ? p.D[d] : 0.f, bias = p.bias ? p.bias[d] : 0.f;
+  for (int n = threadIdx.x; n < N; n += kNThreads) h_run[n] = p.h0 ? p.h0[bd * N + n] : 0.f;
+  __syncthreads();
   for (int c = 0; c < p.n_chunks; ++c) {
     const int t0 = c * kChunk + threadIdx.x * K, valid = p.len - t0;
     float uv[K], dt[K], out[K], du[K];
@@ -232,7 +234,7 @@ __global__ void __launch_bounds__(kNThreads) fwd_kernel(Params p) {
         a[i] = exp2f(dt[i] * An);
         x[i] = du[i] * Bv[i];
       }
-      const float h_in = c > 0 ? h_run[n] : (p.h0 ? p.h0[bd * N + n] : 0.f);
+      const float h_in = h_run[n];
       const float h_end = scan_forward<kNThreads, K>(a, x, h_in, h, totals[n % 2]);
 #pragma unroll
       for (int i = 0; i < K; ++i) out[i] += h[i] * Cv[i];
@@ -436,8 +438,11 @@ __global__ void __launch_bounds__(kNThreads, 65536 / (kNThreads * MAMBAPEFT_SCAN
   __shared__ Map totals[2][2][kWarps];
   __shared__ float2 tiles[kWarps][32 * (K + 1)];
   __shared__ float partial[2][kWarps];
-  extern __shared__ float smem[];
-  float *c_run = smem, *dA_acc = smem + p.dstate;  // (N,) each
+  extern __shared__ float smem[];  // launch(): (3 + kWarps) N floats
+  // (N,) each: the reverse scan's carry, the chunk's starting state (read once a chunk, not from global
+  // memory in every state's loop), then (kWarps, N): each warp's sum for dA (no shared atomics, which
+  // are a compare-and-swap loop for floats)
+  float *c_run = smem, *h_start = smem + p.dstate, *dA_acc = smem + 2 * p.dstate;
   const int b = blockIdx.x, d = blockIdx.y, N = p.dstate, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const T *u = static_cast<const T *>(p.u) + b * p.u_b + d * p.u_d;
   const T *delta = static_cast<const T *>(p.delta) + b * p.dt_b + d * p.dt_d;
@@ -452,13 +457,14 @@ __global__ void __launch_bounds__(kNThreads, 65536 / (kNThreads * MAMBAPEFT_SCAN
   const float *A = p.A + d * N;
   const int64_t bd = int64_t(b) * p.dim + d;
   const float Dd = p.D ? p.D[d] : 0.f, bias = p.bias ? p.bias[d] : 0.f;
-  for (int n = threadIdx.x; n < N; n += kNThreads) {
-    c_run[n] = p.dlast ? p.dlast[bd * N + n] : 0.f;
-    dA_acc[n] = 0.f;
-  }
-  __syncthreads();
+  for (int n = threadIdx.x; n < N; n += kNThreads) c_run[n] = p.dlast ? p.dlast[bd * N + n] : 0.f;
+  for (int i = threadIdx.x; i < kWarps * N; i += kNThreads) dA_acc[i] = 0.f;
   float dD_acc = 0.f, dbias_acc = 0.f;
   for (int c = p.n_chunks - 1; c >= 0; --c) {
+    __syncthreads();  // the previous chunk's reads of h_start are done (and c_run, dA_acc are set)
+    for (int n = threadIdx.x; n < N; n += kNThreads)
+      h_start[n] = c > 0 ? p.states[(bd * p.n_chunks + c - 1) * N + n] : (p.h0 ? p.h0[bd * N + n] : 0.f);
+    __syncthreads();
     const int t0 = c * kChunk + threadIdx.x * K, valid = p.len - t0;
     // kept through the loop over states: u, dt, the ungated output's gradient dy, the output y (for
     // z's gradient), and the sums du, ddt; z and the raw delta are loaded again at the end
@@ -491,8 +497,7 @@ __global__ void __launch_bounds__(kNThreads, 65536 / (kNThreads * MAMBAPEFT_SCAN
         a[i] = exp2f(dt[i] * An);
         x[i] = dt[i] * uv[i] * Bv[i];
       }
-      const float h_in = c > 0 ? p.states[(bd * p.n_chunks + c - 1) * N + n] : (p.h0 ? p.h0[bd * N + n] : 0.f);
-      scan_forward<kNThreads, K>(a, x, h_in, h, totals[n % 2][0]);
+      scan_forward<kNThreads, K>(a, x, h_start[n], h, totals[n % 2][0]);
       {
         float Cv[K];
         load<T, K>(Cp + n * p.C_n + t0, valid, p.vec, Cv);
@@ -515,7 +520,7 @@ __global__ void __launch_bounds__(kNThreads, 65536 / (kNThreads * MAMBAPEFT_SCAN
         h[i] *= dy[i];        // now dC's terms
       }
       dA_loc = warp_sum(dA_loc);
-      if (lane == 0) atomicAdd(dA_acc + n, dA_loc);
+      if (lane == 0) dA_acc[warp * N + n] += dA_loc;
       add_coalesced<K>(dB + n * p.len, dC + n * p.len, c * kChunk + warp * 32 * K, p.len, g, h, tiles[warp]);
       if constexpr (kWarps == 1) __syncwarp();
       c_run[n] = c_end;   // as h_run in the forward: the same value in every thread, each reading its own
@@ -550,7 +555,9 @@ __global__ void __launch_bounds__(kNThreads, 65536 / (kNThreads * MAMBAPEFT_SCAN
   __syncthreads();
   for (int n = threadIdx.x; n < N; n += kNThreads) {
     p.dh0[bd * N + n] = c_run[n];
-    atomicAdd(p.dA + d * N + n, dA_acc[n]);
+    float sum = 0.f;
+    for (int w = 0; w < kWarps; ++w) sum += dA_acc[w * N + n];
+    atomicAdd(p.dA + d * N + n, sum);
   }
   dD_acc = warp_sum(dD_acc);
   dbias_acc = warp_sum(dbias_acc);
@@ -596,7 +603,7 @@ cudaError_t launch(const Params &p, bool forward, int batch, cudaStream_t stream
       (p.forward_kernel == 2 || (p.forward_kernel == 0 && int64_t(batch) * p.dim >= MAMBAPEFT_SCAN_LANES_MIN)))
     return launch_lanes<T>(p, batch, stream);
   auto go = [&](auto kernel, int threads) {
-    const size_t smem = (forward ? 1 : 2) * p.dstate * sizeof(float);
+    const size_t smem = (forward ? 1 : 3 + threads / 32) * p.dstate * sizeof(float);
     kernel<<<dim3(batch, p.dim), threads, smem, stream>>>(p);
     return cudaGetLastError();
   };
