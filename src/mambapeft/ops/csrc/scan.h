@@ -8,7 +8,7 @@ namespace mambapeft_scan {
 struct Params {
   int dim, len, dstate, n_chunks;
   bool softplus, vec;
-  int forward_kernel;  // 0: the launcher's choice, 1: the block scan, 2: threads along time per channel (scan_kernels.cuh)
+  int forward_kernel;  // 0: the launcher's choice, 1: the block scan, 2: threads along channels and states (N <= 16)
   // (b, E, L) tensors with time contiguous: batch and channel strides in elements
   const void *u, *delta, *z, *dout;
   int64_t u_b, u_d, dt_b, dt_d, z_b, z_d, do_b, do_d;
