@@ -114,7 +114,7 @@ def test_matches_mamba_ssm(L, forward_kernel):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("N", [3, 8, 16])
-def test_forward_kernels_agree(N, dtype):
+def test_forward_kernels_agree(N, dtype, monkeypatch):
     """Threads along channels = the block scan at a shape where "auto" picks them (8 x 1536 channels), with
     an initial state, 3 chunks of 2048 steps and a ragged tail: y and every chunk's end state."""
     b, E, L = 8, 1536, 4100
@@ -123,11 +123,8 @@ def test_forward_kernels_agree(N, dtype):
                                                          "initial_state")))
     out = {}
     for kernel in ("block", "lanes", "auto"):
-        scan_cuda_ext.forward_kernel = kernel
-        try:
-            out[kernel] = scan_cuda_ext.scan_fwd(*x[:8], True, x[8])
-        finally:
-            scan_cuda_ext.forward_kernel = "auto"
+        monkeypatch.setattr(scan_cuda_ext, "forward_kernel", kernel)
+        out[kernel] = scan_cuda_ext.scan_fwd(*x[:8], True, x[8])
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     for kernel in ("lanes", "auto"):
         assert_close(out[kernel][0], out["block"][0], f"y ({kernel})", tol)
