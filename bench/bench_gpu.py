@@ -27,7 +27,9 @@ their saved copies); runs named NAME_lean_norm set every RMSNorm memory-efficien
 training.memory_efficient_norm: bf16 output, the fp32 residual not kept for the backward); runs named
 NAME_recompute_z keep only xz's x half for the backward and make z again there (training.recompute_z), in
 every layer, or with NAME_recompute_zN in the first N. Suffixes
-combine (lora_X_r64_frozen_bf16_mamba_inner, lora_X_r64_frozen_bf16_lean_norm). hf_lora_in_proj_r8_bf16_base
+combine (lora_X_r64_frozen_bf16_mamba_inner, lora_X_r64_frozen_bf16_lean_norm). Runs named
+NAME_mamba_ssm_scan scan the sequence on mamba_ssm's kernel (MAMBAPEFT_INNER_SCAN=mamba_ssm) where the
+default takes ours (ops/mamba_inner.inner_scan). hf_lora_in_proj_r8_bf16_base
 is the transformers + peft baseline in that recipe: the model loaded in bf16, then peft's LoRA (whose
 adapter weights peft keeps in fp32, autocast_adapter_dtype=True), trained under the same bf16 autocast.
 --graphs RUNS: each run trained eagerly and as one captured CUDA graph of the whole step (forward,
@@ -133,7 +135,8 @@ DEFAULT_AFFIX_SCAN = os.environ.get("MAMBAPEFT_AFFIX_SCAN")   # None: mixer_cuda
 AFFIX_SUFFIXES = {"_triton_scan": "triton", "_carry_scan": "carry", "_extra_positions": "mamba_ssm"}
 # _masked: an all-ones attention mask, which sends every mixer down the unfused route (what language
 # training paid before its right-padded batches left the mask out)
-SUFFIXES = ("_mamba_inner", "_frozen_bf16", "_lean_norm", "_recompute_z", "_masked") + tuple(AFFIX_SUFFIXES)
+SUFFIXES = ("_mamba_inner", "_frozen_bf16", "_lean_norm", "_recompute_z", "_masked",
+            "_mamba_ssm_scan") + tuple(AFFIX_SUFFIXES)
 HF_RUNS = {"hf_lora_in_proj_r8": lambda: hf_model(),   # fp32 weights, as ours
            "hf_lora_in_proj_r8_bf16_base": lambda: hf_model(dtype=torch.bfloat16)}   # peft keeps LoRA fp32
 
@@ -143,16 +146,19 @@ class inner_env:
     *_mamba_inner; MAMBAPEFT_AFFIX_SCAN=triton (the affix prefill, the sequence on the Triton scan) for
     *_triton_scan, =carry (the prefill carried into mamba_ssm's scan) for *_carry_scan and =mamba_ssm
     (the tokens as extra positions of mamba_ssm's scan) for *_extra_positions; else the process's
-    (default: mixer_cuda.affix_scan's, our CUDA scan where it builds)."""
+    (default: mixer_cuda.affix_scan's, our CUDA scan where it builds); MAMBAPEFT_INNER_SCAN=mamba_ssm (the
+    sequence on mamba_ssm's scan where "auto" would take ours, mamba_inner.inner_scan) for *_mamba_ssm_scan."""
 
     def __init__(self, name):
         found = run_suffixes(name)
         self.value = "mamba_ssm" if "_mamba_inner" in found else DEFAULT_INNER
         self.affix_scan = next((v for k, v in AFFIX_SUFFIXES.items() if k in found), DEFAULT_AFFIX_SCAN)
+        self.inner_scan = "mamba_ssm" if "_mamba_ssm_scan" in found else os.environ.get("MAMBAPEFT_INNER_SCAN")
 
     def __enter__(self):
-        self.old = {k: os.environ.get(k) for k in ("MAMBAPEFT_INNER", "MAMBAPEFT_AFFIX_SCAN")}
-        for k, v in (("MAMBAPEFT_INNER", self.value), ("MAMBAPEFT_AFFIX_SCAN", self.affix_scan)):
+        names = ("MAMBAPEFT_INNER", "MAMBAPEFT_AFFIX_SCAN", "MAMBAPEFT_INNER_SCAN")
+        self.old = {k: os.environ.get(k) for k in names}
+        for k, v in zip(names, (self.value, self.affix_scan, self.inner_scan)):
             if v is None:
                 os.environ.pop(k, None)
             else:
@@ -233,6 +239,7 @@ def _train(name, build, batch, seqlen, steps, warmup, hf=False, backend=None):
     row = dict(run=name, kind="train", impl="transformers+peft" if hf else "mambapeft", backend=backend or "auto",
                inner=None if hf else inner_env(name).value,
                affix_scan=None if hf else inner_env(name).affix_scan,
+               inner_scan=None if hf else inner_env(name).inner_scan,
                batch=batch, seqlen=seqlen, steps=steps, median_step_s=med, tokens_per_s=batch * seqlen / med,
                peak_mem_gib=torch.cuda.max_memory_allocated() / 2 ** 30,
                trainable=sum(p.numel() for p in params), scan_kernel_calls_per_forward=counter.calls,
@@ -713,7 +720,8 @@ def targets(rows, shape):
     named = {"": "fp32 frozen weights", "_frozen_bf16": "bf16 frozen weights (cast_frozen)",
              "_frozen_bf16_lean_norm": "bf16 frozen weights and memory-efficient norms"}
     recipes = sorted({r["run"][len("lora_X_r64"):] for r in rows if r["kind"] == "train"
-                      and r["run"].startswith("lora_X_r64") and not r["run"].endswith(("_masked", "_mamba_inner"))},
+                      and r["run"].startswith("lora_X_r64")
+                      and not r["run"].endswith(("_masked", "_mamba_inner", "_mamba_ssm_scan"))},
                      key=lambda sfx: (len(sfx), sfx))
     for sfx in recipes:
         x = "lora_X_r64" + sfx
@@ -743,6 +751,10 @@ def targets(rows, shape):
     frozen = ratio("lora_X_r64_frozen_bf16", "lora_X_r64")
     if frozen:
         lines.append(f"  (LoRA_p(X) r64 with bf16 frozen weights / with fp32 ones, tokens/s: {frozen:.2f})")
+    for sfx in ("", "_frozen_bf16"):
+        r = ratio("lora_X_r64" + sfx, "lora_X_r64" + sfx + "_mamba_ssm_scan")
+        if r:
+            lines.append(f"  (lora_X_r64{sfx} with the default scan / with mamba_ssm's, tokens/s: {r:.2f})")
     inner = ratio("lora_X_r64", "lora_X_r64_mamba_inner")
     if inner:
         lines.append(f"  (our inner function / mamba_inner_fn, LoRA_p(X) r64 tokens/s: {inner:.2f})")

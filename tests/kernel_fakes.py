@@ -149,6 +149,10 @@ class FakeScanExt:
         return selective_scan_ref(u.float(), delta.float(), A, B.float(), C.float(), D,
                                   None if z is None else z.float(), bias, softplus, h0, return_last_state=True)
 
+    @staticmethod
+    def lanes(batch, dim, dstate):   # the thresholds of csrc/scan.h
+        return dstate <= 16 and batch * dim >= 8192
+
     def fwd(self, u, delta, A, B, C, D, z, bias, h0, softplus, y, states, kernel):
         assert kernel in (0, 1, 2)
         self._checks(u, delta, A, B, C, D, z, bias, h0, states)
@@ -163,7 +167,8 @@ class FakeScanExt:
                                          bias, h0, softplus)[1]
 
     def bwd(self, u, delta, A, B, C, D, z, bias, h0, softplus, states, dout, dlast, du, ddelta, dA, dB, dC, dD,
-            dbias, dz, out_z, dh0):
+            dbias, dz, out_z, dh0, kernel):
+        assert kernel in (0, 1, 2)
         self._checks(u, delta, A, B, C, D, z, bias, h0, states)
         for t in (dA, dB, dC, dD, dbias):
             assert t is None or (t.dtype == torch.float32 and t.is_contiguous() and not t.any()), "fp32 zeros expected"

@@ -81,10 +81,14 @@ class CountMatmuls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("scan", ["mamba_ssm", "cuda"])
 @pytest.mark.parametrize("flat_layout", [True, False], ids=["flat", "contiguous"])
 @pytest.mark.parametrize("frozen", [(), ("conv_w", "conv_b", "x_proj_w", "dt_w", "out_w", "out_b", "A", "D", "dt_b"),
                                     ("out_w", "A", "dt_w")], ids=["all", "only_xz_extra", "some"])
-def test_inner_equals_readable_path(flat_layout, frozen):
+def test_inner_equals_readable_path(flat_layout, frozen, scan, monkeypatch):
+    """On mamba_ssm's scan and on ours (MAMBAPEFT_INNER_SCAN)."""
+    install_scan_ext(monkeypatch)
+    monkeypatch.setenv("MAMBAPEFT_INNER_SCAN", scan)
     xz, w = tensors(flat_layout)
     for n in frozen:
         w[n].requires_grad_(False)
@@ -93,6 +97,23 @@ def test_inner_equals_readable_path(flat_layout, frozen):
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+def test_inner_scan_auto_picks_ours_where_its_lanes_kernels_run(monkeypatch):
+    """auto: our CUDA scan at training shapes (N <= 16, batch * channels >= 8192), mamba_ssm's elsewhere and
+    wherever ours did not build; a misspelt MAMBAPEFT_INNER_SCAN is refused."""
+    install_scan_ext(monkeypatch)
+    monkeypatch.delenv("MAMBAPEFT_INNER_SCAN", raising=False)
+    u = torch.empty(8, 1536, 1)
+    assert mamba_inner.inner_scan(u, 16) is mamba_inner.EXT_SCAN
+    assert mamba_inner.inner_scan(u, 22) is mamba_inner.SCAN
+    assert mamba_inner.inner_scan(u[:2], 16) is mamba_inner.SCAN
+    from mambapeft.ops import scan_cuda_ext
+    monkeypatch.setattr(scan_cuda_ext, "available", lambda: False)
+    assert mamba_inner.inner_scan(u, 16) is mamba_inner.SCAN
+    monkeypatch.setenv("MAMBAPEFT_INNER_SCAN", "triton")
+    with pytest.raises(ValueError, match="MAMBAPEFT_INNER_SCAN='triton': expected one of auto, mamba_ssm, cuda"):
+        mamba_inner.inner_scan(u, 16)
 
 
 def test_frozen_weights_get_no_gradient_and_no_gemm():

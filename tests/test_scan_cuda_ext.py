@@ -23,10 +23,12 @@ def built():
 
 
 @pytest.fixture(params=["block", "lanes"])
-def forward_kernel(request, monkeypatch):
-    """Each forward kernel (the block scan; threads along channels and states), whichever "auto" would pick
-    here. The lanes kernel takes 1, 2 or 4 threads a channel for N <= 4, 8, 16: CASES has each."""
+def kernels(request, monkeypatch):
+    """Each layout of the kernels, forward and backward (the block scan; threads along channels and states),
+    whichever "auto" would pick here. The lanes kernels take 1, 2 or 4 threads a channel for N <= 4, 8, 16:
+    CASES has each."""
     monkeypatch.setattr(scan_cuda_ext, "forward_kernel", request.param)
+    monkeypatch.setattr(scan_cuda_ext, "backward_kernel", request.param)
     return request.param
 
 
@@ -35,25 +37,26 @@ def check(*a, **kw):
 
 
 # (E, N, L): one step; ragged tails in each one-chunk configuration (32, 256, 512, 1024 steps); a full
-# 1024 chunk (vector loads); several 2048-step chunks, ragged and full; E and N not powers of two
+# 1024 chunk (vector loads); several 2048-step chunks, ragged and full; E and N not powers of two; for
+# the lanes kernels, partial blocks of channels, ragged stages and lengths that are not whole 4-step groups
 CASES = [(8, 4, 1), (8, 16, 3), (16, 16, 63), (16, 8, 256), (12, 5, 300), (24, 16, 1000), (32, 16, 1024), (8, 6, 2085),
          (16, 16, 4096)]
 
 
 @pytest.mark.parametrize("E,N,L", CASES, ids=[f"E{e}N{n}L{t}" for e, n, t in CASES])
 @INPUT_SETS
-def test_matches_reference(E, N, L, full, init, last, forward_kernel):
+def test_matches_reference(E, N, L, full, init, last, kernels):
     check(2, E, N, L, full, init, last)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("L", [1, 200, 1024, 2085])
-def test_half_inputs(L, dtype, forward_kernel):
+def test_half_inputs(L, dtype, kernels):
     """u, delta, z, B, C in 16 bits: state and sums in fp32, y and their gradients in the input dtype."""
     check(2, 16, 16, L, True, True, True, dtype=dtype, tol=2e-2)
 
 
-def test_offset_rows_and_strides(forward_kernel):
+def test_offset_rows_and_strides(kernels):
     """Time-contiguous views that start 3 steps into a longer row (not 16-byte aligned: scalar loads)
     and B, C with a state stride of b * L (the fused function's layout) = contiguous copies (fp32, so
     that the order of dB's and dC's atomic sums is all that may differ)."""
@@ -80,7 +83,7 @@ def test_offset_rows_and_strides(forward_kernel):
 
 
 @pytest.mark.parametrize("split", [3, 700])
-def test_prefill_split(split, forward_kernel):
+def test_prefill_split(split, kernels):
     """Scanning [0, split) and then the rest from its last state = scanning the whole (scan_checks)."""
     check_split(scan_cuda_ext.selective_scan_cuda_ext, split, 1027, E=32, device="cuda")
 
@@ -106,7 +109,7 @@ def test_frozen_inputs_get_no_gradient():
 
 
 @pytest.mark.parametrize("L", [1024, 2048])
-def test_matches_mamba_ssm(L, forward_kernel):
+def test_matches_mamba_ssm(L, kernels):
     """Same y and gradients as mamba_ssm's selective_scan_fn (bf16, no initial state) at the 130m shape."""
     pytest.importorskip("mamba_ssm.ops.selective_scan_interface")
     check_against_mamba_ssm(scan_cuda_ext.selective_scan_cuda_ext, L)
@@ -129,3 +132,26 @@ def test_forward_kernels_agree(N, dtype, monkeypatch):
     for kernel in ("lanes", "auto"):
         assert_close(out[kernel][0], out["block"][0], f"y ({kernel})", tol)
         assert_close(out[kernel][1], out["block"][1], f"states ({kernel})", 1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("N", [3, 8, 16])
+def test_backward_kernels_agree(N, dtype, monkeypatch):
+    """The backward along channels and states = the block scan's at a shape where "auto" picks it (8 x 1536
+    channels, 4100 steps), with an initial state and a last state in the loss: every gradient."""
+    b, E, L = 8, 1536, 4100
+    x, g = make_inputs(b, E, N, L, True, True, dtype, "cuda")
+    x = scan_cuda_ext.prepare(*(x[k].detach() for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias",
+                                                         "initial_state")))
+    _, states = scan_cuda_ext.scan_fwd(*x[:8], True, x[8], want_y=False)
+    dout = torch.randn(b, E, L, generator=g).cuda().to(dtype)
+    dlast = torch.randn(b, E, N, generator=g).cuda()
+    out = {}
+    for kernel in ("block", "lanes", "auto"):
+        monkeypatch.setattr(scan_cuda_ext, "backward_kernel", kernel)
+        out[kernel] = scan_cuda_ext.scan_bwd(*x[:8], True, x[8], states, dout, dlast, want_out_z=True)
+    names = ("du", "ddelta", "dA", "dB", "dC", "dD", "ddelta_bias", "dinitial_state", "dz", "out_z")
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for kernel in ("lanes", "auto"):
+        for name, got, want in zip(names, out[kernel], out["block"]):
+            assert_close(got, want, f"{name} ({kernel})", tol)

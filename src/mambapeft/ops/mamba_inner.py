@@ -37,6 +37,7 @@ prefill's dlast: the tokens get their gradient through the state and through the
 `prefill` the tokens are extra positions of SCAN (mixer_cuda._prefix_flat) and the caller drops their
 output rows.
 """
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -107,6 +108,39 @@ def _mamba_ssm_bwd(u, delta, A, B, C, D, z, delta_bias, saved, dout, dz):
 
 
 SCAN = ScanKernel(_mamba_ssm_fwd, _mamba_ssm_bwd)
+
+
+def _ext_fwd(u, delta, A, B, C, D, z, delta_bias):
+    y, states = _ext().scan_fwd(u, delta, A, B[:, 0], C[:, 0], D, z, delta_bias, True, None)
+    return y, (states,)
+
+
+def _ext_bwd(u, delta, A, B, C, D, z, delta_bias, saved, dout, dz):
+    du, ddelta, dA, dB, dC, dD, ddelta_bias, _, _, out_z = _ext().scan_bwd(
+        u, delta, A, B[:, 0], C[:, 0], D, z, delta_bias, True, None, saved[0], dout, None, dz=dz, want_out_z=True)
+    return du, ddelta, dA, dB[:, None], dC[:, None], dD, ddelta_bias, out_z
+
+
+EXT_SCAN = ScanKernel(_ext_fwd, _ext_bwd)
+INNER_SCANS = ("auto", "mamba_ssm", "cuda")
+
+
+def inner_scan(u, N):
+    """The scan of a call without prefill, from MAMBAPEFT_INNER_SCAN (read at each call, so that one process
+    can compare them): "mamba_ssm" (SCAN), "cuda" (our CUDA scan, ops/scan_cuda_ext.py) or "auto" (the
+    default): ours where its kernels along channels and states run both ways (N <= 16 and batch *
+    channels >= 8192: 1.14x mamba_ssm's forward + backward at the 130m training shape, 1.38x at 1.4b's,
+    bench/results/issue13/), mamba_ssm's elsewhere (ours is slower on its block scans)."""
+    name = os.environ.get("MAMBAPEFT_INNER_SCAN", "auto")
+    if name not in INNER_SCANS:
+        raise ValueError(f"MAMBAPEFT_INNER_SCAN={name!r}: expected one of {', '.join(INNER_SCANS)}")
+    if name == "mamba_ssm" or (name == "auto" and not (_ext().available()
+                                                      and _ext().extension().lanes(u.shape[0], u.shape[1], N))):
+        return SCAN
+    if not _ext().available():
+        raise ValueError("MAMBAPEFT_INNER_SCAN=cuda: our CUDA scan did not build (it needs CUDA and nvcc; "
+                         "the log says why)")
+    return EXT_SCAN
 
 
 # ---- layout helpers ---------------------------------------------------------------------------
@@ -265,7 +299,8 @@ class MambaInner(torch.autograd.Function):
             if prefill:   # affix tokens: a prefill, then the sequence's positions only (b, E, L - n)
                 out_z, saved = _prefill_fwd(prefill[0], prefill[1:], u, delta, Ac, B, C, Df, z, dtbf)
             else:
-                out_z, saved = SCAN.forward(u, delta, Ac, B, C, Df, z, dtbf)
+                scan = inner_scan(u, N)
+                out_z, saved = scan.forward(u, delta, Ac, B, C, Df, z, dtbf)
             y = _2d(flat(out_z)).t()                              # (b(L [- n]), E)
             if bo is not None:
                 bias = bo if out_extra is None else torch.cat([bo, bo.new_zeros(out_extra.shape[0])])
@@ -275,6 +310,7 @@ class MambaInner(torch.autograd.Function):
         # with z_fn, only x is kept (its own copy: a view would keep xz's whole storage) and z is made again
         ctx.save_for_backward(xz if z_fn is None else x.clone(), cw, cb, x_dbl, wx, wdt, wo, Ac, Df, dtbf, *saved)
         ctx.D_out, ctx.prefill, ctx.z_fn = out_w.shape[0], prefill, z_fn
+        ctx.scan = None if prefill else scan
         ctx.dtypes = [t.dtype if t is not None else None for t in (conv_w, conv_b, x_proj_w, dt_w, out_w, out_b,
                                                                    A, D, dt_b, out_extra)]
         return out.view(b, -1, out.shape[-1])
@@ -305,7 +341,7 @@ class MambaInner(torch.autograd.Function):
                     pre[0], pre[1:], u, delta, A, B, C, Df, z, dtbf, saved, dy, dz, need[5] or need[10])
                 y = _2d(flat(out_z)) if out_z is not None else None    # (E, b(L - n))
             else:
-                du, ddelta, dA, dB, dC, dD, ddt_b, out_z = SCAN.backward(
+                du, ddelta, dA, dB, dC, dD, ddt_b, out_z = ctx.scan.backward(
                     u, delta, A, B, C, Df, z, dtbf, saved, dy, dz)
                 if dz.data_ptr() != dxz[:, E:].data_ptr():              # a scan that allocated its own
                     dxz[:, E:].copy_(dz)

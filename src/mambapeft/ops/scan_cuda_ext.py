@@ -87,11 +87,13 @@ def prepare(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=No
     return (seq(u), seq(delta), f32[0], seq(B), seq(C), f32[1], seq(z) if z is not None else None, f32[2], f32[3])
 
 
-# The forward kernel: "auto" (threads along channels and states, each walking time, where batch * channels
-# fill the GPU and N <= 16; else the block scan along time), or either by name ("lanes" beyond 16 states
-# runs the block scan). Tests hold both against the reference; bench/sweep_scan_ext.py times them.
-FORWARD_KERNELS = {"auto": 0, "block": 1, "lanes": 2}
+# The forward and the backward kernel: "auto" (threads along channels and states, each walking time, where
+# batch * channels fill the GPU and N <= 16; else the block scan along time), or either by name ("lanes"
+# beyond 16 states runs the block scan). Tests hold both against the reference; bench/sweep_scan_ext.py
+# times them.
+KERNELS = {"auto": 0, "block": 1, "lanes": 2}
 forward_kernel = "auto"
+backward_kernel = "auto"
 
 
 def scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, want_y=True):
@@ -102,7 +104,7 @@ def scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
     states = torch.empty(b, E, -(-L // ext.chunk_size(L)), A.shape[1], dtype=torch.float32, device=u.device)
     y = _flat_empty(b, E, L, u) if want_y else None
     ext.fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, y, states,
-            FORWARD_KERNELS[forward_kernel])
+            KERNELS[forward_kernel])
     return y, states
 
 
@@ -131,7 +133,8 @@ def scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
         dout = dout if dout.stride(-1) == 1 else dout.contiguous()
     dlast = dlast.float().contiguous() if dlast is not None else None
     extension().bwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, states, dout, dlast,
-                    du, ddelta, dA, dB, dC, dD, dbias, dz if z is not None else None, out_z, dh0)
+                    du, ddelta, dA, dB, dC, dD, dbias, dz if z is not None else None, out_z, dh0,
+                    KERNELS[backward_kernel])
     return du, ddelta, dA, dB, dC, dD, dbias, dh0, dz, out_z
 
 

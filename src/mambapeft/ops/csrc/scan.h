@@ -8,7 +8,8 @@ namespace mambapeft_scan {
 struct Params {
   int dim, len, dstate, n_chunks;
   bool softplus, vec;
-  int forward_kernel;  // 0: the launcher's choice, 1: the block scan, 2: threads along channels and states (N <= 16)
+  // 0: the launcher's choice, 1: the block scan, 2: threads along channels and states (N <= 16)
+  int forward_kernel, backward_kernel;
   // (b, E, L) tensors with time contiguous: batch and channel strides in elements
   const void *u, *delta, *z, *dout;
   int64_t u_b, u_d, dt_b, dt_d, z_b, z_d, do_b, do_d;
@@ -19,12 +20,45 @@ struct Params {
   void *y, *du, *ddelta, *dz, *out_z;       // outputs (b, E, L)
   int64_t y_b, y_d, du_b, du_d, ddt_b, ddt_d, dz_b, dz_d, oz_b, oz_d;
   float *dA, *dB, *dC, *dD, *dbias, *dh0;   // dA (E, N), dB, dC (b, N, L) contiguous, dh0 (b, E, N)
+  float *scratch;                           // the backward along channels: lanes_backward_scratch() floats
 };
 
 // Steps per chunk: one chunk up to 1024 steps (as mamba_ssm's templates), 2048-step chunks beyond; a
 // one-warp chunk of 32 for a few steps (affix tokens).
 __host__ __device__ inline int chunk_size(int len) {
   return len <= 32 ? 32 : len <= 256 ? 256 : len <= 512 ? 512 : len <= 1024 ? 1024 : 2048;
+}
+
+// The kernels along channels and states (scan_kernels.cuh: fwd_lanes_kernel, scan_bwd_lanes.cuh) run where
+// batch * channels reach LANES_MIN (below it the block scan's forward was faster: 2 x 1536 channels, 0.09
+// against 0.16 ms) and N <= 4 * LANES_STATES (a channel takes 1, 2 or 4 threads of LANES_STATES states).
+#ifndef MAMBAPEFT_SCAN_LANES_MIN
+#define MAMBAPEFT_SCAN_LANES_MIN 8192
+#endif
+#ifndef MAMBAPEFT_SCAN_LANES_BWD_MIN
+#define MAMBAPEFT_SCAN_LANES_BWD_MIN 8192
+#endif
+#ifndef MAMBAPEFT_SCAN_LANES_STATES
+#define MAMBAPEFT_SCAN_LANES_STATES 4  // 8 took 1.5x as long in the forward at N = 16
+#endif
+constexpr int kLanesStage = 16, kLanesHalf = 8;  // the lanes backward's steps per stage, and between kept states
+
+inline int lanes_threads_per_channel(int dstate) {
+  return dstate <= MAMBAPEFT_SCAN_LANES_STATES ? 1 : dstate <= 2 * MAMBAPEFT_SCAN_LANES_STATES ? 2 : 4;
+}
+
+inline bool lanes(const Params &p, bool forward, int batch) {
+  const int choice = forward ? p.forward_kernel : p.backward_kernel;
+  const int64_t least = forward ? MAMBAPEFT_SCAN_LANES_MIN : MAMBAPEFT_SCAN_LANES_BWD_MIN;
+  return p.dstate <= 4 * MAMBAPEFT_SCAN_LANES_STATES && (choice == 2 || (choice == 0 && int64_t(batch) * p.dim >= least));
+}
+
+// The lanes backward keeps each thread's states before every kLanesHalf steps: floats, 0 where it does not run.
+inline int64_t lanes_backward_scratch(const Params &p, int batch) {
+  if (!lanes(p, false, batch)) return 0;
+  const int64_t blocks = int64_t(batch) * ((p.dim + 31) / 32), kept = (p.len + kLanesStage - 1) / kLanesStage *
+                                                                        (kLanesStage / kLanesHalf);
+  return blocks * kept * 32 * lanes_threads_per_channel(p.dstate) * MAMBAPEFT_SCAN_LANES_STATES;
 }
 
 // The forward (y, when not null, and the chunks' end states) or the backward kernel, on `stream`.

@@ -90,11 +90,14 @@ void fwd(at::Tensor u, at::Tensor delta, at::Tensor A, at::Tensor B, at::Tensor 
   dispatch(p, u, true);
 }
 
-// dA, dB, dC, dD, dbias must be zeros (they are summed into); every other output is overwritten.
+// dA, dB, dC, dD, dbias must be zeros (they are summed into); every other output is overwritten. kernel: as
+// fwd's (scan_bwd_lanes.cuh: threads along channels and states, up to 16 states).
 void bwd(at::Tensor u, at::Tensor delta, at::Tensor A, at::Tensor B, at::Tensor C, Opt D, Opt z, Opt bias, Opt h0,
          bool softplus, at::Tensor states, Opt dout, Opt dlast, at::Tensor du, at::Tensor ddelta, at::Tensor dA,
-         at::Tensor dB, at::Tensor dC, Opt dD, Opt dbias, Opt dz, Opt out_z, at::Tensor dh0) {
+         at::Tensor dB, at::Tensor dC, Opt dD, Opt dbias, Opt dz, Opt out_z, at::Tensor dh0, int64_t kernel) {
   Params p = common(u, delta, A, B, C, D, z, bias, h0, states, softplus);
+  TORCH_CHECK(kernel >= 0 && kernel <= 2, "kernel: expected 0 (auto), 1 (block scan) or 2 (threads along channels)");
+  p.backward_kernel = static_cast<int>(kernel);
   TORCH_CHECK(z.has_value() == dz.has_value(), "dz: given exactly when z is");
   TORCH_CHECK(D.has_value() == dD.has_value() && bias.has_value() == dbias.has_value(),
               "dD, ddelta_bias: given exactly when D, delta_bias are");
@@ -111,7 +114,21 @@ void bwd(at::Tensor u, at::Tensor delta, at::Tensor A, at::Tensor B, at::Tensor 
   p.dD = f32(dD, "dD", p.dim);
   p.dbias = f32(dbias, "ddelta_bias", p.dim);
   p.dh0 = f32(dh0, "dinitial_state", bEN);
+  const int64_t kept = mambapeft_scan::lanes_backward_scratch(p, b);
+  at::Tensor scratch;  // from torch's caching allocator (and a CUDA graph's pool while one is captured)
+  if (kept) {
+    scratch = at::empty({kept}, u.options().dtype(at::kFloat));
+    p.scratch = scratch.data_ptr<float>();
+  }
   dispatch(p, u, false);
+}
+
+// Whether "auto" runs the kernels along channels and states both ways at this shape.
+bool lanes(int64_t batch, int64_t dim, int64_t dstate) {
+  Params p{};
+  p.dim = static_cast<int>(dim);
+  p.dstate = static_cast<int>(dstate);
+  return mambapeft_scan::lanes(p, true, static_cast<int>(batch)) && mambapeft_scan::lanes(p, false, static_cast<int>(batch));
 }
 
 }  // namespace
@@ -119,5 +136,6 @@ void bwd(at::Tensor u, at::Tensor delta, at::Tensor A, at::Tensor B, at::Tensor 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fwd", &fwd, "selective scan forward from an initial state");
   m.def("bwd", &bwd, "selective scan backward, with the initial state's gradient");
+  m.def("lanes", &lanes, "whether auto runs the kernels along channels and states, forward and backward");
   m.def("chunk_size", &mambapeft_scan::chunk_size, "steps per chunk for a length");
 }

@@ -1,4 +1,4 @@
-#include "scan_kernels.cuh"
+#include "scan_launch.cuh"
 
 namespace mambapeft_scan {
 cudaError_t launch_f32(const Params &p, bool forward, int batch, cudaStream_t stream) {

@@ -577,46 +577,4 @@ __global__ void __launch_bounds__(kNThreads, 65536 / (kNThreads * MAMBAPEFT_SCAN
   }
 }
 
-// The forward along time (fwd_lanes_kernel) when batch * channels fill the GPU, the block scan otherwise and
-// beyond 4 * MAMBAPEFT_SCAN_LANES_STATES states; `p.forward_kernel` may ask for either (tests, benchmarks).
-// Below about 8192 channel rows the block scan's forward was faster (2 x 1536: 0.09 against 0.16 ms).
-#ifndef MAMBAPEFT_SCAN_LANES_MIN
-#define MAMBAPEFT_SCAN_LANES_MIN 8192
-#endif
-#ifndef MAMBAPEFT_SCAN_LANES_STATES
-#define MAMBAPEFT_SCAN_LANES_STATES 4  // states a thread (a channel takes 1, 2 or 4); 8 took 1.5x as long at N = 16
-#endif
-
-template <typename T>
-cudaError_t launch_lanes(const Params &p, int batch, cudaStream_t stream) {
-  constexpr int NS = MAMBAPEFT_SCAN_LANES_STATES;
-  const dim3 grid(batch, (p.dim + 31) / 32);
-  if (p.dstate <= NS) fwd_lanes_kernel<NS, 1, T><<<grid, 32, 0, stream>>>(p);
-  else if (p.dstate <= 2 * NS) fwd_lanes_kernel<NS, 2, T><<<grid, 64, 0, stream>>>(p);
-  else fwd_lanes_kernel<NS, 4, T><<<grid, 128, 0, stream>>>(p);
-  return cudaGetLastError();
-}
-
-template <typename T>
-cudaError_t launch(const Params &p, bool forward, int batch, cudaStream_t stream) {
-  if (forward && p.dstate <= 4 * MAMBAPEFT_SCAN_LANES_STATES &&
-      (p.forward_kernel == 2 || (p.forward_kernel == 0 && int64_t(batch) * p.dim >= MAMBAPEFT_SCAN_LANES_MIN)))
-    return launch_lanes<T>(p, batch, stream);
-  auto go = [&](auto kernel, int threads) {
-    const size_t smem = (forward ? 1 : 3 + threads / 32) * p.dstate * sizeof(float);
-    kernel<<<dim3(batch, p.dim), threads, smem, stream>>>(p);
-    return cudaGetLastError();
-  };
-  constexpr int KF = MAMBAPEFT_SCAN_ITEMS_FWD, KB = MAMBAPEFT_SCAN_ITEMS_BWD;
-  switch (chunk_size(p.len)) {
-    case 32: return forward ? go(fwd_kernel<32, 1, T>, 32) : go(bwd_kernel<32, 1, T>, 32);
-    case 256: return forward ? go(fwd_kernel<32, 8, T>, 32) : go(bwd_kernel<32, 8, T>, 32);
-    case 512: return forward ? go(fwd_kernel<512 / KF, KF, T>, 512 / KF) : go(bwd_kernel<512 / KB, KB, T>, 512 / KB);
-    case 1024:
-      return forward ? go(fwd_kernel<1024 / KF, KF, T>, 1024 / KF) : go(bwd_kernel<1024 / KB, KB, T>, 1024 / KB);
-    default:
-      return forward ? go(fwd_kernel<2048 / KF, KF, T>, 2048 / KF) : go(bwd_kernel<2048 / KB, KB, T>, 2048 / KB);
-  }
-}
-
 }  // namespace mambapeft_scan

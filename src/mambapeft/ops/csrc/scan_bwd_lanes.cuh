@@ -1,0 +1,344 @@
+// The backward along channels and states (the layout of fwd_lanes_kernel): TPC threads per channel, NS of
+// its states each in registers, every thread walking time itself.
+//
+// Why: the block scan's backward spends about 100 instructions per state and step on its two block scans
+// (affine maps composed, shuffled, passed through shared memory) and one global atomic per channel, state
+// and step for dB and dC. Here a step costs a thread two exp2s and a dozen multiply-adds per state, and
+// dB, dC meet over the warp's channels in shared memory first: one 16-byte atomic per warp, state and 4
+// steps.
+//
+// A thread's walk: first forward over the whole sequence from the initial state, keeping its state
+// before every kHalf steps in p.scratch (the forward kept only the chunks' ends); then stage by stage
+// from the last, each half-stage's kHalf states again (registers), then its steps in reverse:
+//   dh_t = C_t dy_t + a_{t+1} dh_{t+1}, carried as c = a_t dh_t (after the first step: the initial
+//   state's gradient), with a_t = exp(dt_t A), dy the ungated output's gradient;
+//   ddt_t = sum_n dh (A a_t h_{t-1} + B u), du_t = dt sum_n dh B + D dy, dA_n = sum_t dh dt a_t h_{t-1},
+//   dB_nt = sum_d dh dt u, dC_nt = sum_d dy h_t.
+// A stage (16 steps) of the block's u, delta, z and dout rows and its batch row's B and C is copied
+// into shared memory by cp.async while the one after it (in time) is worked on, then three passes:
+//   1. softplus, dt u, the ungated dy and B, C as floats [t][n];
+//   2. the scan above, into the sums over states (S1 = sum dh A a h_{t-1}, S2 = sum dh B, S3 = y);
+//   3. du, ddelta, dz and the gated output from those, coalesced; D's and delta_bias' sums.
+#pragma once
+#include "scan_kernels.cuh"
+
+namespace mambapeft_scan {
+
+template <int NS>
+__device__ __forceinline__ void load_states(const float *p, float (&v)[NS]) {
+  if constexpr (NS % 4 == 0) {
+#pragma unroll
+    for (int q = 0; q < NS / 4; ++q) {
+      const float4 x = reinterpret_cast<const float4 *>(p)[q];
+      v[4 * q] = x.x, v[4 * q + 1] = x.y, v[4 * q + 2] = x.z, v[4 * q + 3] = x.w;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < NS; ++j) v[j] = p[j];
+  }
+}
+
+// Adds 4 consecutive steps' sums at p (t of them inside the row; p 16-byte aligned when `vec`).
+__device__ __forceinline__ void add4(float *p, int t, bool vec, const float (&v)[4]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (vec && t >= 4) {
+    atomicAdd(reinterpret_cast<float4 *>(p), make_float4(v[0], v[1], v[2], v[3]));
+    return;
+  }
+#endif
+#pragma unroll
+  for (int g = 0; g < 4; ++g)
+    if (g < t) atomicAdd(p + g, v[g]);
+}
+
+template <int NS, int TPC, typename T>
+struct BwdLanesSmem {
+  static constexpr int kCh = 32, NT = NS * TPC, kWarps = TPC, kWCh = 32 / TPC, kS = kLanesStage, kG = 4;
+  static constexpr int kVec = 16 / sizeof(T), kPad = kS + kVec, kRow = kS + 4, kTile = kWCh + 2;
+  __align__(16) T own[2][4][kCh][kPad];  // [buffer][u, delta, z, dout][channel][step]
+  __align__(16) T bc[2][2][NT][kS];      // [buffer][B, C][state][step]
+  __align__(16) float sB[kS][NT], sC[kS][NT];
+  __align__(16) float sdt[kCh][kRow], sdtu[kCh][kRow], sdy[kCh][kRow];
+  __align__(16) float s1[kCh][kRow], s2[kCh][kRow], s3[kCh][kRow];
+  // each warp's dB, dC terms of a group of kG steps: [warp][step][dB, dC][state][channel of the warp]
+  // (rows of kWCh + 2: the 8 channels and 4 thread ranks of a warp store into 32 banks)
+  __align__(16) float red[kWarps][kG][2][NT][kTile];
+  float sbias[kCh], sD[kCh];
+};
+
+template <int NS, int TPC, typename T>
+__global__ void __launch_bounds__(32 * TPC) bwd_lanes_kernel(Params p) {
+  using S = BwdLanesSmem<NS, TPC, T>;
+  constexpr int kCh = S::kCh, kThreads = kCh * TPC, NT = S::NT, kWCh = S::kWCh, kS = S::kS, kG = S::kG;
+  constexpr int kVec = S::kVec, kH = kLanesHalf, kHalves = kS / kH, kItems = kCh * kS / kThreads;
+  constexpr float kLn2 = 0.6931471805599453f;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  S &sm = *reinterpret_cast<S *>(smem_raw);
+  const int b = blockIdx.x, N = p.dstate, tid = threadIdx.x, c = tid / TPC, r = tid % TPC, d0 = blockIdx.y * kCh;
+  const int lane = tid % 32, warp = tid / 32, cl = lane / TPC;
+  const bool live = d0 + c < p.dim;
+  const int dd = min(d0 + c, p.dim - 1);  // a thread past the last channel reads a live row; its terms are zeroed
+  const T *rows[4] = {static_cast<const T *>(p.u) + b * p.u_b + dd * p.u_d,
+                      static_cast<const T *>(p.delta) + b * p.dt_b + dd * p.dt_d,
+                      p.z ? static_cast<const T *>(p.z) + b * p.z_b + dd * p.z_d : nullptr,
+                      p.dout ? static_cast<const T *>(p.dout) + b * p.do_b + dd * p.do_d : nullptr};
+  const T *Bp = static_cast<const T *>(p.B) + b * p.B_b, *Cp = static_cast<const T *>(p.C) + b * p.C_b;
+  const int64_t bd = int64_t(b) * p.dim + dd;
+  const int n_st = (p.len + kS - 1) / kS;
+  float *ck = p.scratch + (int64_t(b) * gridDim.y + blockIdx.y) * n_st * kHalves * NS * kThreads + tid;
+  if (tid < kCh) {
+    const int e = min(d0 + tid, p.dim - 1);
+    sm.sbias[tid] = p.bias ? p.bias[e] : 0.f;
+    sm.sD[tid] = p.D ? p.D[e] : 0.f;
+  }
+
+  // Starts copying the stage from step s0 into buffer k: u, delta and B, and with `all` z, dout and C.
+  auto fill = [&](int k, int s0, bool all) {
+    const int n_rows = all ? 4 : 2, n_bc = all ? 2 : 1;
+    if (p.vec && s0 + kS <= p.len) {
+      for (int q = r; q < n_rows * (kS / kVec); q += TPC) {
+        const int w = q / (kS / kVec), j = q % (kS / kVec) * kVec;
+        if (rows[w]) __pipeline_memcpy_async(&sm.own[k][w][c][j], rows[w] + s0 + j, 16);
+      }
+      for (int i = tid; i < n_bc * NT * (kS / kVec); i += kThreads) {
+        const int w = i / (NT * (kS / kVec)), n = i / (kS / kVec) % NT, j = i % (kS / kVec) * kVec;
+        if (n < N) __pipeline_memcpy_async(&sm.bc[k][w][n][j], (w ? Cp + n * p.C_n : Bp + n * p.B_n) + s0 + j, 16);
+        else *reinterpret_cast<uint4 *>(&sm.bc[k][w][n][j]) = make_uint4(0, 0, 0, 0);
+      }
+    } else {
+      for (int q = r; q < n_rows * kS; q += TPC) {
+        const int w = q / kS, j = q % kS;
+        if (rows[w]) sm.own[k][w][c][j] = s0 + j < p.len ? rows[w][s0 + j] : from_f<T>(0.f);
+      }
+      for (int i = tid; i < n_bc * NT * kS; i += kThreads) {
+        const int w = i / (NT * kS), n = i / kS % NT, j = i % kS;
+        const T *src = w ? Cp + n * p.C_n : Bp + n * p.B_n;
+        sm.bc[k][w][n][j] = n < N && s0 + j < p.len ? src[s0 + j] : from_f<T>(0.f);
+      }
+    }
+    __pipeline_commit();
+  };
+  // 1.: past the sequence's end dt = 0 (a = 1, x = 0) and dy = 0; a channel past the last one gets dt u = 0
+  // and dy = 0, so that its state and gradient stay 0
+  auto prep = [&](int k, int s0, bool all) {
+    const int steps = min(kS, p.len - s0);
+    for (int i = tid; i < kCh * kS; i += kThreads) {
+      const int cc = i / kS, t = i % kS;
+      const bool in = t < steps && d0 + cc < p.dim;
+      const float raw = to_f(sm.own[k][1][cc][t]) + sm.sbias[cc];
+      const float dt = t >= steps ? 0.f : p.softplus ? softplus(raw) : raw;
+      sm.sdt[cc][t] = dt;
+      sm.sdtu[cc][t] = in ? dt * to_f(sm.own[k][0][cc][t]) : 0.f;
+      if (all) {
+        float dy = in && rows[3] ? to_f(sm.own[k][3][cc][t]) : 0.f;
+        if (rows[2]) {
+          const float zv = to_f(sm.own[k][2][cc][t]);
+          dy *= zv * sigmoid(zv);
+        }
+        sm.sdy[cc][t] = dy;
+      }
+    }
+    for (int i = tid; i < kS * NT; i += kThreads) {
+      const int t = i / NT, n = i % NT;
+      sm.sB[t][n] = to_f(sm.bc[k][0][n][t]);
+      if (all) sm.sC[t][n] = to_f(sm.bc[k][1][n][t]);
+    }
+  };
+
+  float A2[NS], h[NS];
+#pragma unroll
+  for (int j = 0; j < NS; ++j) {
+    const int n = r * NS + j;
+    A2[j] = n < N ? p.A[dd * N + n] * kLog2e : 0.f;
+    h[j] = live && n < N && p.h0 ? p.h0[bd * N + n] : 0.f;
+  }
+
+  // The forward walk, keeping the state before every kH steps.
+  fill(0, 0, false);
+  for (int s = 0, k = 0; s < n_st; ++s, k ^= 1) {
+    __pipeline_wait_prior(0);
+    __syncthreads();
+    if (s + 1 < n_st) fill(k ^ 1, (s + 1) * kS, false);
+    prep(k, s * kS, false);
+    __syncthreads();
+#pragma unroll
+    for (int t0 = 0; t0 < kS; t0 += kG) {
+      if (t0 % kH == 0) {
+#pragma unroll
+        for (int j = 0; j < NS; ++j) ck[((s * kHalves + t0 / kH) * NS + j) * kThreads] = h[j];
+      }
+      float a[kG][NS], x[kG][NS];
+#pragma unroll
+      for (int g = 0; g < kG; ++g) {
+        const float dt = sm.sdt[c][t0 + g], dtu = sm.sdtu[c][t0 + g];
+        float Bv[NS];
+        load_states<NS>(&sm.sB[t0 + g][r * NS], Bv);
+#pragma unroll
+        for (int j = 0; j < NS; ++j) {
+          a[g][j] = exp2f(dt * A2[j]);
+          x[g][j] = dtu * Bv[j];
+        }
+      }
+#pragma unroll
+      for (int g = 0; g < kG; ++g)
+#pragma unroll
+        for (int j = 0; j < NS; ++j) h[j] = fmaf(a[g][j], h[j], x[g][j]);
+    }
+  }
+
+  // The reverse walk.
+  float cr[NS], dA[NS];
+#pragma unroll
+  for (int j = 0; j < NS; ++j) {
+    const int n = r * NS + j;
+    cr[j] = live && n < N && p.dlast ? p.dlast[bd * N + n] : 0.f;
+    dA[j] = 0.f;
+  }
+  float dD_acc[kItems], dbias_acc[kItems];
+#pragma unroll
+  for (int m = 0; m < kItems; ++m) dD_acc[m] = dbias_acc[m] = 0.f;
+  const bool vec4 = p.len % 4 == 0;
+  float *dB = p.dB + int64_t(b) * N * p.len, *dC = p.dC + int64_t(b) * N * p.len;
+  __syncthreads();  // every thread is done with the forward walk's buffers
+  fill(0, (n_st - 1) * kS, true);
+  for (int s = n_st - 1, k = 0; s >= 0; --s, k ^= 1) {
+    const int s0 = s * kS, steps = min(kS, p.len - s0);
+    float hk[kHalves][NS];  // the kept states, loaded before the barrier so that their latency is hidden
+#pragma unroll
+    for (int hf = 0; hf < kHalves; ++hf)
+#pragma unroll
+      for (int j = 0; j < NS; ++j) hk[hf][j] = ck[((s * kHalves + hf) * NS + j) * kThreads];
+    __pipeline_wait_prior(0);
+    __syncthreads();
+    if (s > 0) fill(k ^ 1, s0 - kS, true);
+    prep(k, s0, true);
+    __syncthreads();
+#pragma unroll
+    for (int hf = kHalves - 1; hf >= 0; --hf) {  // 2.
+      float hs[kH][NS];  // the state after each of the half's steps
+#pragma unroll
+      for (int t = 0; t < kH; ++t) {
+        const int tt = hf * kH + t;
+        const float dt = sm.sdt[c][tt], dtu = sm.sdtu[c][tt];
+        float Bv[NS];
+        load_states<NS>(&sm.sB[tt][r * NS], Bv);
+#pragma unroll
+        for (int j = 0; j < NS; ++j) hs[t][j] = fmaf(exp2f(dt * A2[j]), t ? hs[t - 1][j] : hk[hf][j], dtu * Bv[j]);
+      }
+#pragma unroll
+      for (int t0 = kH - kG; t0 >= 0; t0 -= kG) {
+        const int tg = hf * kH + t0;  // the group's first step in the stage
+        float s1[kG], s2[kG], s3[kG];
+#pragma unroll
+        for (int g = kG - 1; g >= 0; --g) {
+          const int t = t0 + g, tt = tg + g;
+          const float dt = sm.sdt[c][tt], dtu = sm.sdtu[c][tt], dy = sm.sdy[c][tt];
+          float Bv[NS], Cv[NS];
+          load_states<NS>(&sm.sB[tt][r * NS], Bv);
+          load_states<NS>(&sm.sC[tt][r * NS], Cv);
+          float a1 = 0.f, a2 = 0.f, a3 = 0.f;
+#pragma unroll
+          for (int j = 0; j < NS; ++j) {
+            const float a = exp2f(dt * A2[j]), prev = t ? hs[t - 1][j] : hk[hf][j];
+            const float dh = fmaf(Cv[j], dy, cr[j]);
+            const float q = dh * (a * prev);  // dh a_t h_{t-1}
+            a1 = fmaf(q, A2[j], a1);
+            a2 = fmaf(dh, Bv[j], a2);
+            a3 = fmaf(Cv[j], hs[t][j], a3);
+            dA[j] = fmaf(q, dt, dA[j]);
+            cr[j] = a * dh;
+            sm.red[warp][g][0][r * NS + j][cl] = dh * dtu;
+            sm.red[warp][g][1][r * NS + j][cl] = hs[t][j] * dy;
+          }
+          s1[g] = a1 * kLn2;  // A2 is A log2(e)
+          s2[g] = a2;
+          s3[g] = a3;
+        }
+#pragma unroll
+        for (int o = 1; o < TPC; o *= 2)
+#pragma unroll
+          for (int g = 0; g < kG; ++g) {
+            s1[g] += __shfl_xor_sync(0xffffffffu, s1[g], o);
+            s2[g] += __shfl_xor_sync(0xffffffffu, s2[g], o);
+            s3[g] += __shfl_xor_sync(0xffffffffu, s3[g], o);
+          }
+        if (r == 0) {
+          *reinterpret_cast<float4 *>(&sm.s1[c][tg]) = make_float4(s1[0], s1[1], s1[2], s1[3]);
+          *reinterpret_cast<float4 *>(&sm.s2[c][tg]) = make_float4(s2[0], s2[1], s2[2], s2[3]);
+          *reinterpret_cast<float4 *>(&sm.s3[c][tg]) = make_float4(s3[0], s3[1], s3[2], s3[3]);
+        }
+        __syncwarp();
+        // lane i sums dB (i < NT) or dC (NT <= i < 2 NT) of state i % NT over the warp's channels
+        if (lane < 2 * NT && lane % NT < N) {
+          const int w = lane / NT, n = lane % NT;
+          float v[kG];
+#pragma unroll
+          for (int g = 0; g < kG; ++g) {
+            const float2 *row = reinterpret_cast<const float2 *>(sm.red[warp][g][w][n]);
+            float acc = 0.f;
+#pragma unroll
+            for (int q = 0; q < kWCh / 2; ++q) {
+              const float2 x = row[q];
+              acc += x.x + x.y;
+            }
+            v[g] = acc;
+          }
+          add4((w ? dC : dB) + int64_t(n) * p.len + s0 + tg, steps - tg, vec4, v);
+        }
+        __syncwarp();
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int m = 0; m < kItems; ++m) {  // 3.
+      const int i = tid + m * kThreads, cc = i / kS, t = i % kS, e = d0 + cc;
+      if (t >= steps || e >= p.dim) continue;
+      const float uv = to_f(sm.own[k][0][cc][t]), raw = to_f(sm.own[k][1][cc][t]) + sm.sbias[cc];
+      const float dt = sm.sdt[cc][t], dy = sm.sdy[cc][t], S2 = sm.s2[cc][t];
+      float ddt = fmaf(uv, S2, sm.s1[cc][t]);
+      if (p.softplus) ddt *= sigmoid(raw);
+      const float y = fmaf(sm.sD[cc], uv, sm.s3[cc][t]);
+      const int64_t at = s0 + t;
+      dD_acc[m] = fmaf(dy, uv, dD_acc[m]);
+      dbias_acc[m] += ddt;
+      static_cast<T *>(p.du)[b * p.du_b + e * p.du_d + at] = from_f<T>(fmaf(dt, S2, sm.sD[cc] * dy));
+      static_cast<T *>(p.ddelta)[b * p.ddt_b + e * p.ddt_d + at] = from_f<T>(ddt);
+      if (rows[2]) {
+        const float zv = to_f(sm.own[k][2][cc][t]), sz = sigmoid(zv);
+        if (p.dz) {
+          const float dout = rows[3] ? to_f(sm.own[k][3][cc][t]) : 0.f;
+          static_cast<T *>(p.dz)[b * p.dz_b + e * p.dz_d + at] = from_f<T>(dout * y * sz * (1.f + zv * (1.f - sz)));
+        }
+        if (p.out_z) static_cast<T *>(p.out_z)[b * p.oz_b + e * p.oz_d + at] = from_f<T>(y * zv * sz);
+      } else if (p.out_z) {
+        static_cast<T *>(p.out_z)[b * p.oz_b + e * p.oz_d + at] = from_f<T>(y);
+      }
+    }
+  }
+
+  if (live) {
+#pragma unroll
+    for (int j = 0; j < NS; ++j) {
+      const int n = r * NS + j;
+      if (n >= N) continue;
+      p.dh0[bd * N + n] = cr[j];
+      atomicAdd(p.dA + dd * N + n, dA[j]);
+    }
+  }
+  // a channel's kS steps of pass 3 are kS consecutive threads
+#pragma unroll
+  for (int m = 0; m < kItems; ++m) {
+#pragma unroll
+    for (int o = 1; o < kS; o *= 2) {
+      dD_acc[m] += __shfl_xor_sync(0xffffffffu, dD_acc[m], o);
+      dbias_acc[m] += __shfl_xor_sync(0xffffffffu, dbias_acc[m], o);
+    }
+    const int e = d0 + (tid + m * kThreads) / kS;
+    if (tid % kS == 0 && e < p.dim) {
+      if (p.dD) atomicAdd(p.dD + e, dD_acc[m]);
+      if (p.dbias) atomicAdd(p.dbias + e, dbias_acc[m]);
+    }
+  }
+}
+
+}  // namespace mambapeft_scan

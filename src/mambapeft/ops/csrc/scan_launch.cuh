@@ -1,0 +1,51 @@
+// The launchers: which kernel runs a call (scan.h: lanes() decides between the layouts).
+#pragma once
+#include "scan_bwd_lanes.cuh"
+
+namespace mambapeft_scan {
+
+// The kernels along channels and states (scan.h: lanes() says where), the block scan's otherwise.
+template <typename T, int TPC>
+cudaError_t launch_lanes(const Params &p, bool forward, int batch, cudaStream_t stream) {
+  constexpr int NS = MAMBAPEFT_SCAN_LANES_STATES;
+  const dim3 grid(batch, (p.dim + 31) / 32);
+  if (forward) {
+    fwd_lanes_kernel<NS, TPC, T><<<grid, 32 * TPC, 0, stream>>>(p);
+  } else {
+    // over the 48 KB of static shared memory: asked for at each launch (cheap, and right on any device)
+    constexpr size_t smem = sizeof(BwdLanesSmem<NS, TPC, T>);
+    const cudaError_t err = cudaFuncSetAttribute(bwd_lanes_kernel<NS, TPC, T>,
+                                                 cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) return err;
+    bwd_lanes_kernel<NS, TPC, T><<<grid, 32 * TPC, smem, stream>>>(p);
+  }
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch(const Params &p, bool forward, int batch, cudaStream_t stream) {
+  if (lanes(p, forward, batch)) {
+    switch (lanes_threads_per_channel(p.dstate)) {
+      case 1: return launch_lanes<T, 1>(p, forward, batch, stream);
+      case 2: return launch_lanes<T, 2>(p, forward, batch, stream);
+      default: return launch_lanes<T, 4>(p, forward, batch, stream);
+    }
+  }
+  auto go = [&](auto kernel, int threads) {
+    const size_t smem = (forward ? 1 : 3 + threads / 32) * p.dstate * sizeof(float);
+    kernel<<<dim3(batch, p.dim), threads, smem, stream>>>(p);
+    return cudaGetLastError();
+  };
+  constexpr int KF = MAMBAPEFT_SCAN_ITEMS_FWD, KB = MAMBAPEFT_SCAN_ITEMS_BWD;
+  switch (chunk_size(p.len)) {
+    case 32: return forward ? go(fwd_kernel<32, 1, T>, 32) : go(bwd_kernel<32, 1, T>, 32);
+    case 256: return forward ? go(fwd_kernel<32, 8, T>, 32) : go(bwd_kernel<32, 8, T>, 32);
+    case 512: return forward ? go(fwd_kernel<512 / KF, KF, T>, 512 / KF) : go(bwd_kernel<512 / KB, KB, T>, 512 / KB);
+    case 1024:
+      return forward ? go(fwd_kernel<1024 / KF, KF, T>, 1024 / KF) : go(bwd_kernel<1024 / KB, KB, T>, 1024 / KB);
+    default:
+      return forward ? go(fwd_kernel<2048 / KF, KF, T>, 2048 / KF) : go(bwd_kernel<2048 / KB, KB, T>, 2048 / KB);
+  }
+}
+
+}  // namespace mambapeft_scan
