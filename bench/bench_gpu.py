@@ -17,8 +17,8 @@ theirs) with room to spare, while a step stays near a second, so a round takes a
 files get a _1.4b suffix.
 Runs named NAME_mamba_inner train NAME with MAMBAPEFT_INNER=mamba_ssm (mamba_ssm's mamba_inner_fn
 in place of ours), so both inner functions are compared in one process; affix runs named
-NAME_extra_positions (MAMBAPEFT_AFFIX_SCAN=mamba_ssm: the tokens as extra positions of mamba_ssm's
-scan), NAME_carry_scan (=carry: the tokens' state carried into mamba_ssm's scan, ops/scan_carry.py)
+NAME_extra_positions (MAMBAPEFT_AFFIX_SCAN=mamba_ssm: the tokens as extra positions of the sequence's
+scan, mamba_ssm's with MAMBAPEFT_INNER_SCAN=mamba_ssm), NAME_carry_scan (=carry: the tokens' state carried into mamba_ssm's scan, ops/scan_carry.py)
 and NAME_triton_scan (=triton: the sequence on our Triton scan from the tokens' state) against the
 default (where it builds, our CUDA scan from the tokens' state, ops/scan_cuda_ext.py); runs named
 NAME_frozen_bf16 (e.g. lora_X_r64_frozen_bf16) store the frozen mixer weights in bf16 after

@@ -47,19 +47,21 @@ if [[ $PARTS == *" tests "* ]]; then
 fi
 
 # 2. mamba-130m shape, 8x1024 (about 4 minutes): ours with bf16 frozen weights, without and with
-#    memory-efficient norms, vs transformers + peft (fp32 and bf16 base); affix as a prefill on our CUDA
+#    memory-efficient norms, the sequence on our CUDA scan (the default) and on mamba_ssm's, vs
+#    transformers + peft (fp32 and bf16 base); affix as a prefill on our CUDA
 #    scan vs carried into mamba_ssm's scan vs extra positions; Additional-scan; eager vs one CUDA graph per step; the profiles with the GPU busy
 #    fraction; generation.
 if [[ $PARTS == *" 130m "* ]]; then
-    R=lora_X_r64_frozen_bf16,lora_X_r64_frozen_bf16_lean_norm,affix_3_frozen_bf16_lean_norm,affix_3_frozen_bf16_lean_norm_carry_scan,affix_3_frozen_bf16_lean_norm_extra_positions,additional_scan_6_frozen_bf16_lean_norm
+    R=lora_X_r64_frozen_bf16,lora_X_r64_frozen_bf16_mamba_ssm_scan,lora_X_r64_frozen_bf16_lean_norm,affix_3_frozen_bf16_lean_norm,affix_3_frozen_bf16_lean_norm_carry_scan,affix_3_frozen_bf16_lean_norm_extra_positions,additional_scan_6_frozen_bf16_lean_norm
     python3 bench/bench_gpu.py --out "$OUT" --only train,hf_lora,generate --rounds 2 --steps 8 --runs "$R" \
         --interleave "hf_lora_in_proj_r8,hf_lora_in_proj_r8_bf16_base,$R" \
         --graphs lora_X_r64_frozen_bf16,lora_X_r64_frozen_bf16_lean_norm,affix_3_frozen_bf16_lean_norm,additional_scan_6_frozen_bf16_lean_norm \
         --profile lora_X_r64_frozen_bf16_lean_norm,hf_lora 2>&1 | grep -v '^{' | tail -60
 fi
 
-# 3. mamba-1.4b shape, 4x2048 (about 4 minutes); _recompute_z16: z made again in the first 16 of 48 layers,
-#    the recipe that meets both 1.4b targets (speed and memory) at once.
+# 3. mamba-1.4b shape, 4x2048 (about 4 minutes); _lean_norm meets both 1.4b targets (speed and memory) at
+#    once since the sequence is scanned by our CUDA scan (before, that took _recompute_z16 too: z made again
+#    in the first 16 of 48 layers).
 if [[ $PARTS == *" 1.4b "* ]]; then
     R=lora_X_r64_frozen_bf16,lora_X_r64_frozen_bf16_lean_norm,lora_X_r64_frozen_bf16_lean_norm_recompute_z16,affix_3_frozen_bf16_lean_norm,additional_scan_6_frozen_bf16_lean_norm
     python3 bench/bench_gpu.py --out "$OUT" --shape 1.4b --only train,hf_lora --steps 5 --warmup 2 --runs "$R" \

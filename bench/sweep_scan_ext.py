@@ -6,8 +6,9 @@ no autograd, forward and backward timed apart with CUDA events in one run.
 
 Each variant "label:NAME=value,NAME=value" is built under its own name (in parallel, one process each),
 checked against the first variant's results and timed. Appends to --out/scan_ext_sweep.jsonl.
-The forward kernels: "block:MAMBAPEFT_SCAN_LANES_MIN=1000000000;lanes:MAMBAPEFT_SCAN_LANES_MIN=0" times the
-block scan's forward against the one along channels and states at every shape (the default picks by shape).
+The two layouts: "block:MAMBAPEFT_SCAN_LANES_MIN=1000000000;lanes:MAMBAPEFT_SCAN_LANES_MIN=0" times the
+block scan's forward against the one along channels and states at every shape (the default picks by shape);
+MAMBAPEFT_SCAN_LANES_BWD_MIN does the same for the backward.
 """
 import argparse
 import json

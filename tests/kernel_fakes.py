@@ -151,7 +151,7 @@ class FakeScanExt:
 
     @staticmethod
     def lanes(batch, dim, dstate):   # the thresholds of csrc/scan.h
-        return dstate <= 16 and batch * dim >= 8192
+        return dstate <= 32 and batch * dim >= 8192
 
     def fwd(self, u, delta, A, B, C, D, z, bias, h0, softplus, y, states, kernel):
         assert kernel in (0, 1, 2)

@@ -243,8 +243,9 @@ def affix_scan(device):
       cost 1024 on mamba_ssm's templates, not its 2048 one;
     - "triton": the same prefill, the sequence on our Triton scan (4x slower than mamba_ssm's on the
       H200, bench/results/issue13/);
-    - "mamba_ssm" (the default without either): the tokens are extra positions of mamba_ssm's scan,
-      their outputs dropped."""
+    - "mamba_ssm" (the default without either): the tokens are extra positions of the sequence's scan
+      (mamba_inner.inner_scan's: mamba_ssm's, or ours at the training shapes where it builds), their
+      outputs dropped."""
     name = os.environ.get("MAMBAPEFT_AFFIX_SCAN")
     if name is None:
         return "cuda" if cuda_ext_available() else "carry" if triton_available() else "mamba_ssm"

@@ -20,21 +20,22 @@ Extra rows of out_proj (`out_extra`, e.g. the down projection of an output adapt
 mixer_cuda.py) get their own gradient, so a frozen out_proj next to a trainable adapter costs only
 the adapter's small GEMM.
 
-The scan is called through `SCAN` (a forward and a backward function, see ScanKernel): the seam
-where a scan of our own (ops/scan_triton.py, which also takes an initial state) can be dropped in
-(`mamba_inner.SCAN = ScanKernel(fwd, bwd)`).
+The scan is a ScanKernel (a forward and a backward function) that `inner_scan` picks per call:
+`EXT_SCAN`, our CUDA scan (ops/scan_cuda_ext.py), at the training shapes where it is faster than
+mamba_ssm's, else `SCAN`, mamba_ssm's kernel; MAMBAPEFT_INNER_SCAN forces either. `SCAN` is also the seam
+where another scan can be dropped in (`mamba_inner.SCAN = ScanKernel(fwd, bwd)`).
 
 Affix tokens as a prefill (`prefill`, chosen by mixer_cuda with MAMBAPEFT_AFFIX_SCAN): the tokens stay
 columns of xz in front of the sequence, so the conv, x_proj and dt_proj (cheap) see them as before and
 they feed the first positions' conv windows; but only the sequence's rows are scanned with D and the
 gate and go to out_proj. The token positions are scanned from a zero state, and the sequence continues
 from the state they leave: with mode "cuda" (the default where it builds) both on our CUDA scan
-(ops/scan_cuda_ext.py), which starts from a state at 0.92x mamba_ssm's speed; with mode "carry" the
+(ops/scan_cuda_ext.py), which starts from a state; with mode "carry" the
 tokens on the Triton scan and the sequence on mamba_ssm's kernel from zero plus that state carried
 forward (ops/scan_carry.py), so 1024 + 3 positions cost 1024 on mamba_ssm's templates rather than its
 2048 one; with mode "triton" both on the Triton scan. In backward the state's gradient is the
 prefill's dlast: the tokens get their gradient through the state and through the conv. Without
-`prefill` the tokens are extra positions of SCAN (mixer_cuda._prefix_flat) and the caller drops their
+`prefill` the tokens are extra positions of the scan (mixer_cuda._prefix_flat) and the caller drops their
 output rows.
 """
 import os
@@ -128,14 +129,15 @@ INNER_SCANS = ("auto", "mamba_ssm", "cuda")
 def inner_scan(u, N):
     """The scan of a call without prefill, from MAMBAPEFT_INNER_SCAN (read at each call, so that one process
     can compare them): "mamba_ssm" (SCAN), "cuda" (our CUDA scan, ops/scan_cuda_ext.py) or "auto" (the
-    default): ours where its kernels along channels and states run both ways (N <= 16 and batch *
-    channels >= 8192: 1.14x mamba_ssm's forward + backward at the 130m training shape, 1.38x at 1.4b's,
-    bench/results/issue13/), mamba_ssm's elsewhere (ours is slower on its block scans)."""
+    default): ours where its kernels along channels and states run both ways with up to 16 states (batch *
+    channels >= 8192: forward + backward 1.14x mamba_ssm's speed at the 130m training shape, 1.38x at
+    1.4b's), mamba_ssm's elsewhere: at 22 states (Additional-scan's 16 + 6) ours took 1.70 ms to its 1.61,
+    and below the threshold ours runs its block scans (bench/results/issue13/s7)."""
     name = os.environ.get("MAMBAPEFT_INNER_SCAN", "auto")
     if name not in INNER_SCANS:
         raise ValueError(f"MAMBAPEFT_INNER_SCAN={name!r}: expected one of {', '.join(INNER_SCANS)}")
-    if name == "mamba_ssm" or (name == "auto" and not (_ext().available()
-                                                      and _ext().extension().lanes(u.shape[0], u.shape[1], N))):
+    if name == "mamba_ssm" or (name == "auto" and not (
+            N <= 16 and _ext().available() and _ext().extension().lanes(u.shape[0], u.shape[1], N))):
         return SCAN
     if not _ext().available():
         raise ValueError("MAMBAPEFT_INNER_SCAN=cuda: our CUDA scan did not build (it needs CUDA and nvcc; "

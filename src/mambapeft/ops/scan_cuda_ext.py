@@ -88,8 +88,8 @@ def prepare(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=No
 
 
 # The forward and the backward kernel: "auto" (threads along channels and states, each walking time, where
-# batch * channels fill the GPU and N <= 16; else the block scan along time), or either by name ("lanes"
-# beyond 16 states runs the block scan). Tests hold both against the reference; bench/sweep_scan_ext.py
+# batch * channels fill the GPU and N <= 32; else the block scan along time), or either by name ("lanes"
+# beyond 32 states runs the block scan). Tests hold both against the reference; bench/sweep_scan_ext.py
 # times them.
 KERNELS = {"auto": 0, "block": 1, "lanes": 2}
 forward_kernel = "auto"

@@ -8,7 +8,7 @@ namespace mambapeft_scan {
 struct Params {
   int dim, len, dstate, n_chunks;
   bool softplus, vec;
-  // 0: the launcher's choice, 1: the block scan, 2: threads along channels and states (N <= 16)
+  // 0: the launcher's choice, 1: the block scan, 2: threads along channels and states (N <= 32)
   int forward_kernel, backward_kernel;
   // (b, E, L) tensors with time contiguous: batch and channel strides in elements
   const void *u, *delta, *z, *dout;
@@ -31,7 +31,7 @@ __host__ __device__ inline int chunk_size(int len) {
 
 // The kernels along channels and states (scan_kernels.cuh: fwd_lanes_kernel, scan_bwd_lanes.cuh) run where
 // batch * channels reach LANES_MIN (below it the block scan's forward was faster: 2 x 1536 channels, 0.09
-// against 0.16 ms) and N <= 4 * LANES_STATES (a channel takes 1, 2 or 4 threads of LANES_STATES states).
+// against 0.16 ms) and N <= 8 * LANES_STATES (a channel takes 1, 2, 4 or 8 threads of LANES_STATES states).
 #ifndef MAMBAPEFT_SCAN_LANES_MIN
 #define MAMBAPEFT_SCAN_LANES_MIN 8192
 #endif
@@ -44,13 +44,14 @@ __host__ __device__ inline int chunk_size(int len) {
 constexpr int kLanesStage = 16, kLanesHalf = 8;  // the lanes backward's steps per stage, and between kept states
 
 inline int lanes_threads_per_channel(int dstate) {
-  return dstate <= MAMBAPEFT_SCAN_LANES_STATES ? 1 : dstate <= 2 * MAMBAPEFT_SCAN_LANES_STATES ? 2 : 4;
+  constexpr int S = MAMBAPEFT_SCAN_LANES_STATES;
+  return dstate <= S ? 1 : dstate <= 2 * S ? 2 : dstate <= 4 * S ? 4 : 8;
 }
 
 inline bool lanes(const Params &p, bool forward, int batch) {
   const int choice = forward ? p.forward_kernel : p.backward_kernel;
   const int64_t least = forward ? MAMBAPEFT_SCAN_LANES_MIN : MAMBAPEFT_SCAN_LANES_BWD_MIN;
-  return p.dstate <= 4 * MAMBAPEFT_SCAN_LANES_STATES && (choice == 2 || (choice == 0 && int64_t(batch) * p.dim >= least));
+  return p.dstate <= 8 * MAMBAPEFT_SCAN_LANES_STATES && (choice == 2 || (choice == 0 && int64_t(batch) * p.dim >= least));
 }
 
 // The lanes backward keeps each thread's states before every kLanesHalf steps: floats, 0 where it does not run.

@@ -80,7 +80,7 @@ void dispatch(const Params &p, const at::Tensor &u, bool forward) {
 }
 
 // y absent: only the states are wanted. kernel: 0 the launcher's choice, 1 the block scan, 2 threads along
-// channels and states (scan_kernels.cuh: fwd_lanes_kernel, up to 16 states).
+// channels and states (scan_kernels.cuh: fwd_lanes_kernel, up to 32 states).
 void fwd(at::Tensor u, at::Tensor delta, at::Tensor A, at::Tensor B, at::Tensor C, Opt D, Opt z, Opt bias, Opt h0,
          bool softplus, Opt y, at::Tensor states, int64_t kernel) {
   Params p = common(u, delta, A, B, C, D, z, bias, h0, states, softplus);
@@ -91,7 +91,7 @@ void fwd(at::Tensor u, at::Tensor delta, at::Tensor A, at::Tensor B, at::Tensor 
 }
 
 // dA, dB, dC, dD, dbias must be zeros (they are summed into); every other output is overwritten. kernel: as
-// fwd's (scan_bwd_lanes.cuh: threads along channels and states, up to 16 states).
+// fwd's (scan_bwd_lanes.cuh: threads along channels and states, up to 32 states).
 void bwd(at::Tensor u, at::Tensor delta, at::Tensor A, at::Tensor B, at::Tensor C, Opt D, Opt z, Opt bias, Opt h0,
          bool softplus, at::Tensor states, Opt dout, Opt dlast, at::Tensor du, at::Tensor ddelta, at::Tensor dA,
          at::Tensor dB, at::Tensor dC, Opt dD, Opt dbias, Opt dz, Opt out_z, at::Tensor dh0, int64_t kernel) {

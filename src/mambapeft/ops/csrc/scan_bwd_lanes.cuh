@@ -54,20 +54,22 @@ __device__ __forceinline__ void add4(float *p, int t, bool vec, const float (&v)
 template <int NS, int TPC, typename T>
 struct BwdLanesSmem {
   static constexpr int kCh = 32, NT = NS * TPC, kWarps = TPC, kWCh = 32 / TPC, kS = kLanesStage, kG = 4;
-  static constexpr int kVec = 16 / sizeof(T), kPad = kS + kVec, kRow = kS + 4, kTile = kWCh + 2;
+  // rows of red: the channels of a warp and a pad that spreads its thread ranks' stores over the 32 banks
+  static constexpr int kVec = 16 / sizeof(T), kPad = kS + kVec, kRow = kS + 4, kTile = TPC == 8 ? 5 : kWCh + 2;
   __align__(16) T own[2][4][kCh][kPad];  // [buffer][u, delta, z, dout][channel][step]
   __align__(16) T bc[2][2][NT][kS];      // [buffer][B, C][state][step]
   __align__(16) float sB[kS][NT], sC[kS][NT];
   __align__(16) float sdt[kCh][kRow], sdtu[kCh][kRow], sdy[kCh][kRow];
   __align__(16) float s1[kCh][kRow], s2[kCh][kRow], s3[kCh][kRow];
   // each warp's dB, dC terms of a group of kG steps: [warp][step][dB, dC][state][channel of the warp]
-  // (rows of kWCh + 2: the 8 channels and 4 thread ranks of a warp store into 32 banks)
   __align__(16) float red[kWarps][kG][2][NT][kTile];
   float sbias[kCh], sD[kCh];
 };
 
+// at most 128 registers where a channel has 4 or 8 threads: 512 threads an SM, all of the training shapes' blocks
+// at once (187 registers at 4 threads a channel left half of them waiting: 1.39x the time)
 template <int NS, int TPC, typename T>
-__global__ void __launch_bounds__(32 * TPC) bwd_lanes_kernel(Params p) {
+__global__ void __launch_bounds__(32 * TPC, TPC >= 4 ? 16 / TPC : 1) bwd_lanes_kernel(Params p) {
   using S = BwdLanesSmem<NS, TPC, T>;
   constexpr int kCh = S::kCh, kThreads = kCh * TPC, NT = S::NT, kWCh = S::kWCh, kS = S::kS, kG = S::kG;
   constexpr int kVec = S::kVec, kH = kLanesHalf, kHalves = kS / kH, kItems = kCh * kS / kThreads;
@@ -268,18 +270,25 @@ __global__ void __launch_bounds__(32 * TPC) bwd_lanes_kernel(Params p) {
           *reinterpret_cast<float4 *>(&sm.s3[c][tg]) = make_float4(s3[0], s3[1], s3[2], s3[3]);
         }
         __syncwarp();
-        // lane i sums dB (i < NT) or dC (NT <= i < 2 NT) of state i % NT over the warp's channels
-        if (lane < 2 * NT && lane % NT < N) {
-          const int w = lane / NT, n = lane % NT;
+        // item i: dB (i < NT) or dC (NT <= i < 2 NT) of state i % NT, summed over the warp's channels
+#pragma unroll
+        for (int i = lane; i < 2 * NT; i += 32) {
+          const int w = i / NT, n = i % NT;
+          if (n >= N) continue;
           float v[kG];
 #pragma unroll
           for (int g = 0; g < kG; ++g) {
-            const float2 *row = reinterpret_cast<const float2 *>(sm.red[warp][g][w][n]);
+            const float *row = sm.red[warp][g][w][n];
             float acc = 0.f;
+            if constexpr (S::kTile % 2 == 0) {
 #pragma unroll
-            for (int q = 0; q < kWCh / 2; ++q) {
-              const float2 x = row[q];
-              acc += x.x + x.y;
+              for (int q = 0; q < kWCh / 2; ++q) {
+                const float2 x = reinterpret_cast<const float2 *>(row)[q];
+                acc += x.x + x.y;
+              }
+            } else {
+#pragma unroll
+              for (int q = 0; q < kWCh; ++q) acc += row[q];
             }
             v[g] = acc;
           }

@@ -17,9 +17,10 @@
 // the first step is the initial state's gradient). dB and dC sum over channels, i.e. over blocks:
 // global float atomics, made coalesced by a transpose in each warp's shared memory.
 //
-// The forward has a second layout (fwd_lanes_kernel), for up to 16 states where batch * channels fill the
-// GPU (the 130m and 1.4b training shapes): threads along channels and states instead of time, each
-// walking time in order: 22-44% less time than the block scan's forward there (bench/results/issue13/).
+// Both directions have a second layout (fwd_lanes_kernel here, scan_bwd_lanes.cuh), for up to 32 states where
+// batch * channels fill the GPU (the 130m and 1.4b training shapes): threads along channels and states
+// instead of time, each walking time in order. At those shapes the forward takes 22-44% less time than the
+// block scan's, the backward about 0.6x (bench/results/issue13/); scan_launch.cuh picks (scan.h: lanes()).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

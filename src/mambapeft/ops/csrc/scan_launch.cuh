@@ -28,7 +28,8 @@ cudaError_t launch(const Params &p, bool forward, int batch, cudaStream_t stream
     switch (lanes_threads_per_channel(p.dstate)) {
       case 1: return launch_lanes<T, 1>(p, forward, batch, stream);
       case 2: return launch_lanes<T, 2>(p, forward, batch, stream);
-      default: return launch_lanes<T, 4>(p, forward, batch, stream);
+      case 4: return launch_lanes<T, 4>(p, forward, batch, stream);
+      default: return launch_lanes<T, 8>(p, forward, batch, stream);
     }
   }
   auto go = [&](auto kernel, int threads) {
