@@ -130,8 +130,8 @@ def inner_scan(u, N):
     """The scan of a call without prefill, from MAMBAPEFT_INNER_SCAN (read at each call, so that one process
     can compare them): "mamba_ssm" (SCAN), "cuda" (our CUDA scan, ops/scan_cuda_ext.py) or "auto" (the
     default): ours where its kernels along channels and states run both ways with up to 16 states (batch *
-    channels >= 8192: forward + backward 1.14x mamba_ssm's speed at the 130m training shape, 1.38x at
-    1.4b's), mamba_ssm's elsewhere: at 22 states (Additional-scan's 16 + 6) ours took 1.70 ms to its 1.61,
+    channels >= 8192: forward + backward 1.24x mamba_ssm's speed at the 130m training shape, 1.40x at
+    1.4b's), mamba_ssm's elsewhere: at 22 states (Additional-scan's 16 + 6) ours took 1.58 ms to its 1.54,
     and below the threshold ours runs its block scans (bench/results/issue13/s7)."""
     name = os.environ.get("MAMBAPEFT_INNER_SCAN", "auto")
     if name not in INNER_SCANS:

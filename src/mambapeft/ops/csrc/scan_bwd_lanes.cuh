@@ -8,13 +8,13 @@
 // steps.
 //
 // A thread's walk: first forward over the whole sequence from the initial state, keeping its state
-// before every kHalf steps in p.scratch (the forward kept only the chunks' ends); then stage by stage
-// from the last, each half-stage's kHalf states again (registers), then its steps in reverse:
+// before every kLanesHalf (8) steps in p.scratch (the forward kept only the chunks' ends); then stage by
+// stage from the last, each half-stage's 8 states again (registers), then its steps in reverse:
 //   dh_t = C_t dy_t + a_{t+1} dh_{t+1}, carried as c = a_t dh_t (after the first step: the initial
 //   state's gradient), with a_t = exp(dt_t A), dy the ungated output's gradient;
 //   ddt_t = sum_n dh (A a_t h_{t-1} + B u), du_t = dt sum_n dh B + D dy, dA_n = sum_t dh dt a_t h_{t-1},
 //   dB_nt = sum_d dh dt u, dC_nt = sum_d dy h_t.
-// A stage (16 steps) of the block's u, delta, z and dout rows and its batch row's B and C is copied
+// A stage (kLanesStage, 16 steps) of the block's u, delta, z and dout rows and its batch row's B and C is copied
 // into shared memory by cp.async while the one after it (in time) is worked on, then three passes:
 //   1. softplus, dt u, the ungated dy and B, C as floats [t][n];
 //   2. the scan above, into the sums over states (S1 = sum dh A a h_{t-1}, S2 = sum dh B, S3 = y);
