@@ -41,17 +41,22 @@ __host__ __device__ inline int chunk_size(int len) {
 #ifndef MAMBAPEFT_SCAN_LANES_STATES
 #define MAMBAPEFT_SCAN_LANES_STATES 4  // 8 took 1.5x as long in the forward at N = 16
 #endif
+#ifndef MAMBAPEFT_SCAN_LANES_BWD_STATES
+#define MAMBAPEFT_SCAN_LANES_BWD_STATES 4  // the backward's; 2 (8 threads a channel at N = 16) took 1.23x as long
+#endif
 constexpr int kLanesStage = 16, kLanesHalf = 8;  // the lanes backward's steps per stage, and between kept states
 
-inline int lanes_threads_per_channel(int dstate) {
-  constexpr int S = MAMBAPEFT_SCAN_LANES_STATES;
+inline int lanes_states(bool forward) { return forward ? MAMBAPEFT_SCAN_LANES_STATES : MAMBAPEFT_SCAN_LANES_BWD_STATES; }
+
+inline int lanes_threads_per_channel(int dstate, bool forward) {
+  const int S = lanes_states(forward);
   return dstate <= S ? 1 : dstate <= 2 * S ? 2 : dstate <= 4 * S ? 4 : 8;
 }
 
 inline bool lanes(const Params &p, bool forward, int batch) {
   const int choice = forward ? p.forward_kernel : p.backward_kernel;
   const int64_t least = forward ? MAMBAPEFT_SCAN_LANES_MIN : MAMBAPEFT_SCAN_LANES_BWD_MIN;
-  return p.dstate <= 8 * MAMBAPEFT_SCAN_LANES_STATES && (choice == 2 || (choice == 0 && int64_t(batch) * p.dim >= least));
+  return p.dstate <= 8 * lanes_states(forward) && (choice == 2 || (choice == 0 && int64_t(batch) * p.dim >= least));
 }
 
 // The lanes backward keeps each thread's states before every kLanesHalf steps: floats, 0 where it does not run.
@@ -59,7 +64,7 @@ inline int64_t lanes_backward_scratch(const Params &p, int batch) {
   if (!lanes(p, false, batch)) return 0;
   const int64_t blocks = int64_t(batch) * ((p.dim + 31) / 32), kept = (p.len + kLanesStage - 1) / kLanesStage *
                                                                         (kLanesStage / kLanesHalf);
-  return blocks * kept * 32 * lanes_threads_per_channel(p.dstate) * MAMBAPEFT_SCAN_LANES_STATES;
+  return blocks * kept * 32 * lanes_threads_per_channel(p.dstate, false) * lanes_states(false);
 }
 
 // The forward (y, when not null, and the chunks' end states) or the backward kernel, on `stream`.

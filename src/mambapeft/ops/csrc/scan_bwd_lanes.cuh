@@ -66,10 +66,11 @@ struct BwdLanesSmem {
   float sbias[kCh], sD[kCh];
 };
 
-// at most 128 registers where a channel has 4 or 8 threads: 512 threads an SM, all of the training shapes' blocks
-// at once (187 registers at 4 threads a channel left half of them waiting: 1.39x the time)
+// at most 128 registers where a channel has 4 or 8 threads of 4 states: 512 threads an SM, all of the training
+// shapes' blocks at once (187 registers at 4 threads a channel left half of them waiting: 1.39x the time); 85
+// at 8 threads of 2 states, whose 3 blocks an SM hold the 130m shape's 384
 template <int NS, int TPC, typename T>
-__global__ void __launch_bounds__(32 * TPC, TPC >= 4 ? 16 / TPC : 1) bwd_lanes_kernel(Params p) {
+__global__ void __launch_bounds__(32 * TPC, TPC == 8 && NS <= 2 ? 3 : TPC >= 4 ? 16 / TPC : 1) bwd_lanes_kernel(Params p) {
   using S = BwdLanesSmem<NS, TPC, T>;
   constexpr int kCh = S::kCh, kThreads = kCh * TPC, NT = S::NT, kWCh = S::kWCh, kS = S::kS, kG = S::kG;
   constexpr int kVec = S::kVec, kH = kLanesHalf, kHalves = kS / kH, kItems = kCh * kS / kThreads;
