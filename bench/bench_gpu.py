@@ -132,6 +132,7 @@ def hf_model(lora=True, dtype=torch.float32, device="cuda"):
 
 DEFAULT_INNER = os.environ.get("MAMBAPEFT_INNER", "ours")
 DEFAULT_AFFIX_SCAN = os.environ.get("MAMBAPEFT_AFFIX_SCAN")   # None: mixer_cuda's default
+DEFAULT_INNER_SCAN = os.environ.get("MAMBAPEFT_INNER_SCAN")   # None: mamba_inner.inner_scan's default
 AFFIX_SUFFIXES = {"_triton_scan": "triton", "_carry_scan": "carry", "_extra_positions": "mamba_ssm"}
 # _masked: an all-ones attention mask, which sends every mixer down the unfused route (what language
 # training paid before its right-padded batches left the mask out)
@@ -153,7 +154,7 @@ class inner_env:
         found = run_suffixes(name)
         self.value = "mamba_ssm" if "_mamba_inner" in found else DEFAULT_INNER
         self.affix_scan = next((v for k, v in AFFIX_SUFFIXES.items() if k in found), DEFAULT_AFFIX_SCAN)
-        self.inner_scan = "mamba_ssm" if "_mamba_ssm_scan" in found else os.environ.get("MAMBAPEFT_INNER_SCAN")
+        self.inner_scan = "mamba_ssm" if "_mamba_ssm_scan" in found else DEFAULT_INNER_SCAN
 
     def __enter__(self):
         names = ("MAMBAPEFT_INNER", "MAMBAPEFT_AFFIX_SCAN", "MAMBAPEFT_INNER_SCAN")

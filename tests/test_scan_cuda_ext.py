@@ -115,15 +115,20 @@ def test_matches_mamba_ssm(L, kernels):
     check_against_mamba_ssm(scan_cuda_ext.selective_scan_cuda_ext, L)
 
 
+def wide_inputs(N, dtype):
+    """The kernels' inputs (scan_cuda_ext.prepare) at a shape where "auto" picks the kernels along channels
+    and states: 8 x 1536 channels, 3 chunks of 2048 steps and a ragged tail, an initial state."""
+    x, g = make_inputs(8, 1536, N, 4100, True, True, dtype, "cuda")
+    return scan_cuda_ext.prepare(*(x[k].detach() for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias",
+                                                            "initial_state"))), g
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("N", [3, 8, 16, 22])
 def test_forward_kernels_agree(N, dtype, monkeypatch):
     """Threads along channels = the block scan at a shape where "auto" picks them (8 x 1536 channels), with
     an initial state, 3 chunks of 2048 steps and a ragged tail: y and every chunk's end state."""
-    b, E, L = 8, 1536, 4100
-    x, _ = make_inputs(b, E, N, L, True, True, dtype, "cuda")
-    x = scan_cuda_ext.prepare(*(x[k].detach() for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias",
-                                                         "initial_state")))
+    x, _ = wide_inputs(N, dtype)
     out = {}
     for kernel in ("block", "lanes", "auto"):
         monkeypatch.setattr(scan_cuda_ext, "forward_kernel", kernel)
@@ -139,10 +144,8 @@ def test_forward_kernels_agree(N, dtype, monkeypatch):
 def test_backward_kernels_agree(N, dtype, monkeypatch):
     """The backward along channels and states = the block scan's at a shape where "auto" picks it (8 x 1536
     channels, 4100 steps), with an initial state and a last state in the loss: every gradient."""
-    b, E, L = 8, 1536, 4100
-    x, g = make_inputs(b, E, N, L, True, True, dtype, "cuda")
-    x = scan_cuda_ext.prepare(*(x[k].detach() for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias",
-                                                         "initial_state")))
+    x, g = wide_inputs(N, dtype)
+    b, E, L = x[0].shape
     _, states = scan_cuda_ext.scan_fwd(*x[:8], True, x[8], want_y=False)
     dout = torch.randn(b, E, L, generator=g).cuda().to(dtype)
     dlast = torch.randn(b, E, N, generator=g).cuda()
