@@ -100,13 +100,14 @@ def test_inner_equals_readable_path(flat_layout, frozen, scan, monkeypatch):
 
 
 def test_inner_scan_auto_picks_ours_where_its_lanes_kernels_run(monkeypatch):
-    """auto: our CUDA scan at training shapes (13 <= N <= 16, batch * channels >= 8192), mamba_ssm's
+    """auto: our CUDA scan at training shapes (13 <= N <= 24, batch * channels >= 8192), mamba_ssm's
     elsewhere and wherever ours did not build; a misspelt MAMBAPEFT_INNER_SCAN is refused."""
     install_scan_ext(monkeypatch)
     monkeypatch.delenv("MAMBAPEFT_INNER_SCAN", raising=False)
     u = torch.empty(8, 1536, 1)
     assert mamba_inner.inner_scan(u, 16) is mamba_inner.EXT_SCAN
-    assert mamba_inner.inner_scan(u, 22) is mamba_inner.SCAN   # Additional-scan's 16 + 6 states
+    assert mamba_inner.inner_scan(u, 22) is mamba_inner.EXT_SCAN   # Additional-scan's 16 + 6 states
+    assert mamba_inner.inner_scan(u, 25) is mamba_inner.SCAN
     assert mamba_inner.inner_scan(u, 8) is mamba_inner.SCAN
     assert mamba_inner.inner_scan(u[:2], 16) is mamba_inner.SCAN
     from mambapeft.ops import scan_cuda_ext

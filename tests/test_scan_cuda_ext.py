@@ -26,7 +26,7 @@ def built():
 def kernels(request, monkeypatch):
     """Each layout of the kernels, forward and backward (the block scan; threads along channels and states),
     whichever "auto" would pick here. The lanes kernels take 1, 2, 4 or 8 threads a channel for N <= 4, 8,
-    16, 32: CASES has each."""
+    16, 32, and 4 threads of 6 states for 17 to 24 (lanes_wide in csrc/scan.h): CASES has each."""
     monkeypatch.setattr(scan_cuda_ext, "forward_kernel", request.param)
     monkeypatch.setattr(scan_cuda_ext, "backward_kernel", request.param)
     return request.param
@@ -40,7 +40,7 @@ def check(*a, **kw):
 # 1024 chunk (vector loads); several 2048-step chunks, ragged and full; E and N not powers of two; for
 # the lanes kernels, partial blocks of channels, ragged stages and lengths that are not whole 4-step groups
 CASES = [(8, 4, 1), (8, 16, 3), (16, 16, 63), (16, 8, 256), (12, 5, 300), (24, 16, 1000), (32, 16, 1024), (8, 6, 2085),
-         (16, 16, 4096), (40, 22, 300)]
+         (16, 16, 4096), (40, 17, 300), (40, 22, 300), (40, 27, 300)]
 
 
 @pytest.mark.parametrize("E,N,L", CASES, ids=[f"E{e}N{n}L{t}" for e, n, t in CASES])
@@ -124,7 +124,7 @@ def wide_inputs(N, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("N", [3, 8, 16, 22])
+@pytest.mark.parametrize("N", [3, 8, 16, 22, 32])
 def test_forward_kernels_agree(N, dtype, monkeypatch):
     """Threads along channels = the block scan at a shape where "auto" picks them (8 x 1536 channels), with
     an initial state, 3 chunks of 2048 steps and a ragged tail: y and every chunk's end state."""
@@ -140,7 +140,7 @@ def test_forward_kernels_agree(N, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("N", [3, 8, 16, 22])
+@pytest.mark.parametrize("N", [3, 8, 16, 22, 32])
 def test_backward_kernels_agree(N, dtype, monkeypatch):
     """The backward along channels and states = the block scan's at a shape where "auto" picks it (8 x 1536
     channels, 4100 steps), with an initial state and a last state in the loss: every gradient."""

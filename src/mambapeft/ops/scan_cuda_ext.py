@@ -31,10 +31,12 @@ log = logging.getLogger(__name__)
 
 def build(name="mambapeft_scan", defines=()):
     """Build (or load torch's cached build of) the extension; `defines` ("NAME=value") set the kernels'
-    tuning knobs (csrc/scan_kernels.cuh; bench/sweep_scan_ext.py), each set under its own name."""
+    tuning knobs (csrc/scan.h; bench/sweep_scan_ext.py), each set under its own name. The binding gets them
+    too: it sizes the backward's scratch by them."""
     from torch.utils.cpp_extension import load
-    return load(name=name, sources=[str(CSRC / s) for s in SOURCES], extra_cflags=["-O3"],
-                extra_cuda_cflags=["-O3", "--use_fast_math"] + [f"-D{d}" for d in defines],
+    flags = [f"-D{d}" for d in defines]
+    return load(name=name, sources=[str(CSRC / s) for s in SOURCES], extra_cflags=["-O3"] + flags,
+                extra_cuda_cflags=["-O3", "--use_fast_math"] + flags,
                 verbose=os.environ.get("MAMBAPEFT_BUILD_VERBOSE") == "1")
 
 

@@ -44,13 +44,49 @@ __host__ __device__ inline int chunk_size(int len) {
 #ifndef MAMBAPEFT_SCAN_LANES_BWD_STATES
 #define MAMBAPEFT_SCAN_LANES_BWD_STATES 4  // the backward's; 2 (8 threads a channel at N = 16) took 1.23x as long
 #endif
+#ifndef MAMBAPEFT_SCAN_LANES_WIDE
+#define MAMBAPEFT_SCAN_LANES_WIDE 1  // 0: no lanes_wide
+#endif
+#ifndef MAMBAPEFT_SCAN_LANES_WIDE_BLOCKS
+#define MAMBAPEFT_SCAN_LANES_WIDE_BLOCKS 3  // the wide backward's blocks an SM (lanes_backward_blocks)
+#endif
 constexpr int kLanesStage = 16, kLanesHalf = 8;  // the lanes backward's steps per stage, and between kept states
 
 inline int lanes_states(bool forward) { return forward ? MAMBAPEFT_SCAN_LANES_STATES : MAMBAPEFT_SCAN_LANES_BWD_STATES; }
 
-inline int lanes_threads_per_channel(int dstate, bool forward) {
+inline int sm_count() {
+  int device = 0, n = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device);
+  return n;
+}
+
+// Whether a channel's 4 threads hold 1.5x lanes_states each rather than 8 threads lanes_states: 17 to 24 states
+// (Additional-scan's 22) then take as many threads as 16, and the state slots are 24, not 32 (8 threads of 3
+// states were no faster than 8 of 4: threads add work of their own, a channel's loads, sums and shuffles). The
+// backward only where its blocks fit the GPU at once (WIDE_BLOCKS an SM): at 8 x 1536 channels and 22 states it
+// took 1.05 ms to 8 threads' 1.42, at 4 x 4096 (a second, partial wave) 3.41 to 3.01 (bench/results/issue13/s8).
+inline bool lanes_wide(const Params &p, bool forward, int batch) {
   const int S = lanes_states(forward);
-  return dstate <= S ? 1 : dstate <= 2 * S ? 2 : dstate <= 4 * S ? 4 : 8;
+  if (!MAMBAPEFT_SCAN_LANES_WIDE || S % 2 || p.dstate <= 4 * S || p.dstate > 6 * S) return false;
+  return forward || int64_t(batch) * ((p.dim + 31) / 32) <= int64_t(MAMBAPEFT_SCAN_LANES_WIDE_BLOCKS) * sm_count();
+}
+
+inline int lanes_threads_per_channel(const Params &p, bool forward, int batch) {
+  const int S = lanes_states(forward), N = p.dstate;
+  return N <= S ? 1 : N <= 2 * S ? 2 : N <= 4 * S || lanes_wide(p, forward, batch) ? 4 : 8;
+}
+
+inline int lanes_states_per_thread(const Params &p, bool forward, int batch) {
+  return lanes_wide(p, forward, batch) ? lanes_states(forward) * 3 / 2 : lanes_states(forward);
+}
+
+// The lanes backward's blocks an SM, which cap its registers: 128 where a channel has 4 or 8 threads of 4 states
+// (512 threads an SM, all of the training shapes' blocks at once; 187 registers at 4 threads a channel left half
+// of them waiting: 1.39x the time); 168 at 4 threads of 6 (3 blocks an SM still hold the 130m shape's 384); 85 at
+// 8 threads of 2.
+constexpr int lanes_backward_blocks(int NS, int TPC) {
+  return TPC == 8 && NS <= 2 ? 3 : TPC == 4 && NS > 4 ? MAMBAPEFT_SCAN_LANES_WIDE_BLOCKS : TPC >= 4 ? 16 / TPC : 1;
 }
 
 inline bool lanes(const Params &p, bool forward, int batch) {
@@ -64,7 +100,7 @@ inline int64_t lanes_backward_scratch(const Params &p, int batch) {
   if (!lanes(p, false, batch)) return 0;
   const int64_t blocks = int64_t(batch) * ((p.dim + 31) / 32), kept = (p.len + kLanesStage - 1) / kLanesStage *
                                                                         (kLanesStage / kLanesHalf);
-  return blocks * kept * 32 * lanes_threads_per_channel(p.dstate, false) * lanes_states(false);
+  return blocks * kept * 32 * lanes_threads_per_channel(p, false, batch) * lanes_states_per_thread(p, false, batch);
 }
 
 // The forward (y, when not null, and the chunks' end states) or the backward kernel, on `stream`.

@@ -24,20 +24,6 @@
 
 namespace mambapeft_scan {
 
-template <int NS>
-__device__ __forceinline__ void load_states(const float *p, float (&v)[NS]) {
-  if constexpr (NS % 4 == 0) {
-#pragma unroll
-    for (int q = 0; q < NS / 4; ++q) {
-      const float4 x = reinterpret_cast<const float4 *>(p)[q];
-      v[4 * q] = x.x, v[4 * q + 1] = x.y, v[4 * q + 2] = x.z, v[4 * q + 3] = x.w;
-    }
-  } else {
-#pragma unroll
-    for (int j = 0; j < NS; ++j) v[j] = p[j];
-  }
-}
-
 // Adds 4 consecutive steps' sums at p (t of them inside the row; p 16-byte aligned when `vec`).
 __device__ __forceinline__ void add4(float *p, int t, bool vec, const float (&v)[4]) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -66,11 +52,9 @@ struct BwdLanesSmem {
   float sbias[kCh], sD[kCh];
 };
 
-// at most 128 registers where a channel has 4 or 8 threads of 4 states: 512 threads an SM, all of the training
-// shapes' blocks at once (187 registers at 4 threads a channel left half of them waiting: 1.39x the time); 85
-// at 8 threads of 2 states, whose 3 blocks an SM hold the 130m shape's 384
+// scan.h: lanes_backward_blocks caps its registers
 template <int NS, int TPC, typename T>
-__global__ void __launch_bounds__(32 * TPC, TPC == 8 && NS <= 2 ? 3 : TPC >= 4 ? 16 / TPC : 1) bwd_lanes_kernel(Params p) {
+__global__ void __launch_bounds__(32 * TPC, lanes_backward_blocks(NS, TPC)) bwd_lanes_kernel(Params p) {
   using S = BwdLanesSmem<NS, TPC, T>;
   constexpr int kCh = S::kCh, kThreads = kCh * TPC, NT = S::NT, kWCh = S::kWCh, kS = S::kS, kG = S::kG;
   constexpr int kVec = S::kVec, kH = kLanesHalf, kHalves = kS / kH, kItems = kCh * kS / kThreads;

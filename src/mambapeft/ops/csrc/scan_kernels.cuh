@@ -255,6 +255,27 @@ __global__ void __launch_bounds__(kNThreads) fwd_kernel(Params p) {
   }
 }
 
+// A thread's NS states' values from shared memory (16- or 8-byte reads where NS allows).
+template <int NS>
+__device__ __forceinline__ void load_states(const float *p, float (&v)[NS]) {
+  if constexpr (NS % 4 == 0) {
+#pragma unroll
+    for (int q = 0; q < NS / 4; ++q) {
+      const float4 x = reinterpret_cast<const float4 *>(p)[q];
+      v[4 * q] = x.x, v[4 * q + 1] = x.y, v[4 * q + 2] = x.z, v[4 * q + 3] = x.w;
+    }
+  } else if constexpr (NS % 2 == 0) {
+#pragma unroll
+    for (int q = 0; q < NS / 2; ++q) {
+      const float2 x = reinterpret_cast<const float2 *>(p)[q];
+      v[2 * q] = x.x, v[2 * q + 1] = x.y;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < NS; ++j) v[j] = p[j];
+  }
+}
+
 // The forward with time walked in order by TPC threads per channel, each holding NS of its states in
 // registers: no block scan. Per state and step: one exp2 and four multiply-adds; the TPC threads' sums
 // over their states meet by warp shuffles. Few threads are in flight (batch * channels * TPC), so nothing
@@ -344,17 +365,13 @@ __global__ void __launch_bounds__(32 * TPC) fwd_lanes_kernel(Params p) {
     __syncthreads();
     for (int t0 = 0; t0 < steps; t0 += kGroup) {  // 2.
       // a group's loads and exp2s are issued before its updates: step after step, each waited on its own
-      float dt[kGroup], dtu[kGroup], a[kGroup][NS], sum[kGroup];
-      float4 Bq[kGroup][NS / 4], Cq[kGroup][NS / 4];
+      float dt[kGroup], dtu[kGroup], a[kGroup][NS], Bv[kGroup][NS], Cv[kGroup][NS], sum[kGroup];
 #pragma unroll
       for (int g = 0; g < kGroup; ++g) {
         dt[g] = sdt[c][t0 + g];
         dtu[g] = sdtu[c][t0 + g];
-#pragma unroll
-        for (int q = 0; q < NS / 4; ++q) {
-          Bq[g][q] = reinterpret_cast<const float4 *>(&sB[t0 + g][r * NS])[q];
-          Cq[g][q] = reinterpret_cast<const float4 *>(&sC[t0 + g][r * NS])[q];
-        }
+        load_states<NS>(&sB[t0 + g][r * NS], Bv[g]);
+        load_states<NS>(&sC[t0 + g][r * NS], Cv[g]);
       }
 #pragma unroll
       for (int g = 0; g < kGroup; ++g)
@@ -362,17 +379,11 @@ __global__ void __launch_bounds__(32 * TPC) fwd_lanes_kernel(Params p) {
         for (int j = 0; j < NS; ++j) a[g][j] = exp2f(dt[g] * A2[j]);
 #pragma unroll
       for (int g = 0; g < kGroup; ++g) {
-        float acc[2] = {0.f, 0.f};
+        float acc[2] = {0.f, 0.f};  // two chains of multiply-adds: states 0, 1 of each 4, and 2, 3
 #pragma unroll
-        for (int q = 0; q < NS / 4; ++q) {
-          const float4 B4 = Bq[g][q], C4 = Cq[g][q];
-          float *hq = h + 4 * q, *aq = a[g] + 4 * q;
-          hq[0] = fmaf(aq[0], hq[0], dtu[g] * B4.x);
-          hq[1] = fmaf(aq[1], hq[1], dtu[g] * B4.y);
-          hq[2] = fmaf(aq[2], hq[2], dtu[g] * B4.z);
-          hq[3] = fmaf(aq[3], hq[3], dtu[g] * B4.w);
-          acc[0] = fmaf(C4.y, hq[1], fmaf(C4.x, hq[0], acc[0]));
-          acc[1] = fmaf(C4.w, hq[3], fmaf(C4.z, hq[2], acc[1]));
+        for (int j = 0; j < NS; ++j) {
+          h[j] = fmaf(a[g][j], h[j], dtu[g] * Bv[g][j]);
+          acc[j % 4 / 2] = fmaf(Cv[g][j], h[j], acc[j % 4 / 2]);
         }
         sum[g] = acc[0] + acc[1];
       }

@@ -4,14 +4,16 @@
 
 namespace mambapeft_scan {
 
-// The kernels along channels and states (scan.h: lanes() says where), the block scan's otherwise.
-template <typename T, int TPC>
+// The kernels along channels and states (scan.h: lanes() says where), the block scan's otherwise; `Wide`: 1.5x
+// scan.h's states a thread (lanes_wide).
+template <typename T, int TPC, bool Wide>
 cudaError_t launch_lanes(const Params &p, bool forward, int batch, cudaStream_t stream) {
   const dim3 grid(batch, (p.dim + 31) / 32);
   if (forward) {
-    fwd_lanes_kernel<MAMBAPEFT_SCAN_LANES_STATES, TPC, T><<<grid, 32 * TPC, 0, stream>>>(p);
+    constexpr int NS = Wide ? MAMBAPEFT_SCAN_LANES_STATES * 3 / 2 : MAMBAPEFT_SCAN_LANES_STATES;
+    fwd_lanes_kernel<NS, TPC, T><<<grid, 32 * TPC, 0, stream>>>(p);
   } else {
-    constexpr int NS = MAMBAPEFT_SCAN_LANES_BWD_STATES;
+    constexpr int NS = Wide ? MAMBAPEFT_SCAN_LANES_BWD_STATES * 3 / 2 : MAMBAPEFT_SCAN_LANES_BWD_STATES;
     // over the 48 KB of static shared memory: asked for at each launch (cheap, and right on any device)
     constexpr size_t smem = sizeof(BwdLanesSmem<NS, TPC, T>);
     const cudaError_t err = cudaFuncSetAttribute(bwd_lanes_kernel<NS, TPC, T>,
@@ -25,11 +27,13 @@ cudaError_t launch_lanes(const Params &p, bool forward, int batch, cudaStream_t 
 template <typename T>
 cudaError_t launch(const Params &p, bool forward, int batch, cudaStream_t stream) {
   if (lanes(p, forward, batch)) {
-    switch (lanes_threads_per_channel(p.dstate, forward)) {
-      case 1: return launch_lanes<T, 1>(p, forward, batch, stream);
-      case 2: return launch_lanes<T, 2>(p, forward, batch, stream);
-      case 4: return launch_lanes<T, 4>(p, forward, batch, stream);
-      default: return launch_lanes<T, 8>(p, forward, batch, stream);
+    switch (lanes_threads_per_channel(p, forward, batch)) {
+      case 1: return launch_lanes<T, 1, false>(p, forward, batch, stream);
+      case 2: return launch_lanes<T, 2, false>(p, forward, batch, stream);
+      case 4:
+        return lanes_wide(p, forward, batch) ? launch_lanes<T, 4, true>(p, forward, batch, stream)
+                                             : launch_lanes<T, 4, false>(p, forward, batch, stream);
+      default: return launch_lanes<T, 8, false>(p, forward, batch, stream);
     }
   }
   auto go = [&](auto kernel, int threads) {
