@@ -57,7 +57,7 @@ template <int NS, int TPC, typename T>
 __global__ void __launch_bounds__(32 * TPC, lanes_backward_blocks(NS, TPC)) bwd_lanes_kernel(Params p) {
   using S = BwdLanesSmem<NS, TPC, T>;
   constexpr int kCh = S::kCh, kThreads = kCh * TPC, NT = S::NT, kWCh = S::kWCh, kS = S::kS, kG = S::kG;
-  constexpr int kVec = S::kVec, kH = kLanesHalf, kHalves = kS / kH, kItems = kCh * kS / kThreads;
+  constexpr int kH = kLanesHalf, kHalves = kS / kH, kItems = kCh * kS / kThreads;
   constexpr float kLn2 = 0.6931471805599453f;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   S &sm = *reinterpret_cast<S *>(smem_raw);
@@ -81,29 +81,7 @@ __global__ void __launch_bounds__(32 * TPC, lanes_backward_blocks(NS, TPC)) bwd_
 
   // Starts copying the stage from step s0 into buffer k: u, delta and B, and with `all` z, dout and C.
   auto fill = [&](int k, int s0, bool all) {
-    const int n_rows = all ? 4 : 2, n_bc = all ? 2 : 1;
-    if (p.vec && s0 + kS <= p.len) {
-      for (int q = r; q < n_rows * (kS / kVec); q += TPC) {
-        const int w = q / (kS / kVec), j = q % (kS / kVec) * kVec;
-        if (rows[w]) __pipeline_memcpy_async(&sm.own[k][w][c][j], rows[w] + s0 + j, 16);
-      }
-      for (int i = tid; i < n_bc * NT * (kS / kVec); i += kThreads) {
-        const int w = i / (NT * (kS / kVec)), n = i / (kS / kVec) % NT, j = i % (kS / kVec) * kVec;
-        if (n < N) __pipeline_memcpy_async(&sm.bc[k][w][n][j], (w ? Cp + n * p.C_n : Bp + n * p.B_n) + s0 + j, 16);
-        else *reinterpret_cast<uint4 *>(&sm.bc[k][w][n][j]) = make_uint4(0, 0, 0, 0);
-      }
-    } else {
-      for (int q = r; q < n_rows * kS; q += TPC) {
-        const int w = q / kS, j = q % kS;
-        if (rows[w]) sm.own[k][w][c][j] = s0 + j < p.len ? rows[w][s0 + j] : from_f<T>(0.f);
-      }
-      for (int i = tid; i < n_bc * NT * kS; i += kThreads) {
-        const int w = i / (NT * kS), n = i / kS % NT, j = i % kS;
-        const T *src = w ? Cp + n * p.C_n : Bp + n * p.B_n;
-        sm.bc[k][w][n][j] = n < N && s0 + j < p.len ? src[s0 + j] : from_f<T>(0.f);
-      }
-    }
-    __pipeline_commit();
+    lanes_stage_copy<TPC>(sm.own[k], sm.bc[k], rows, all ? 4 : 2, all ? 2 : 1, Bp, Cp, p, s0, c, r);
   };
   // 1.: past the sequence's end dt = 0 (a = 1, x = 0) and dy = 0; a channel past the last one gets dt u = 0
   // and dy = 0, so that its state and gradient stay 0

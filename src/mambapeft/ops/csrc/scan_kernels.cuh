@@ -276,6 +276,40 @@ __device__ __forceinline__ void load_states(const float *p, float (&v)[NS]) {
   }
 }
 
+// Starts copying the lanes kernels' stage of kSteps steps from s0 into shared memory: the first n_rows of the
+// rows of thread (c, r)'s channel into own[w][c] (its channel's TPC threads share them out), and B, then C (the
+// first n_bc) of the block's batch row into bc[w], zeros for states past N. By cp.async where the stage is whole
+// and the rows aligned, else by scalar loads with zeros past the sequence's end.
+template <int TPC, typename T, int R, int kCh, int kPad, int NT, int kSteps>
+__device__ __forceinline__ void lanes_stage_copy(T (&own)[R][kCh][kPad], T (&bc)[2][NT][kSteps], const T *const *rows,
+                                                 int n_rows, int n_bc, const T *Bp, const T *Cp, const Params &p,
+                                                 int s0, int c, int r) {
+  constexpr int kVec = 16 / sizeof(T), kThreads = kCh * TPC;
+  const int tid = threadIdx.x, N = p.dstate;
+  if (p.vec && s0 + kSteps <= p.len) {
+    for (int q = r; q < n_rows * (kSteps / kVec); q += TPC) {
+      const int w = q / (kSteps / kVec), j = q % (kSteps / kVec) * kVec;
+      if (rows[w]) __pipeline_memcpy_async(&own[w][c][j], rows[w] + s0 + j, 16);
+    }
+    for (int i = tid; i < n_bc * NT * (kSteps / kVec); i += kThreads) {
+      const int w = i / (NT * (kSteps / kVec)), n = i / (kSteps / kVec) % NT, j = i % (kSteps / kVec) * kVec;
+      if (n < N) __pipeline_memcpy_async(&bc[w][n][j], (w ? Cp + n * p.C_n : Bp + n * p.B_n) + s0 + j, 16);
+      else *reinterpret_cast<uint4 *>(&bc[w][n][j]) = make_uint4(0, 0, 0, 0);
+    }
+  } else {
+    for (int q = r; q < n_rows * kSteps; q += TPC) {
+      const int w = q / kSteps, j = q % kSteps;
+      if (rows[w]) own[w][c][j] = s0 + j < p.len ? rows[w][s0 + j] : from_f<T>(0.f);
+    }
+    for (int i = tid; i < n_bc * NT * kSteps; i += kThreads) {
+      const int w = i / (NT * kSteps), n = i / kSteps % NT, j = i % kSteps;
+      const T *src = w ? Cp + n * p.C_n : Bp + n * p.B_n;
+      bc[w][n][j] = n < N && s0 + j < p.len ? src[s0 + j] : from_f<T>(0.f);
+    }
+  }
+  __pipeline_commit();
+}
+
 // The forward with time walked in order by TPC threads per channel, each holding NS of its states in
 // registers: no block scan. Per state and step: one exp2 and four multiply-adds; the TPC threads' sums
 // over their states meet by warp shuffles. Few threads are in flight (batch * channels * TPC), so nothing
@@ -311,31 +345,7 @@ __global__ void __launch_bounds__(32 * TPC) fwd_lanes_kernel(Params p) {
     sD[tid] = p.D ? p.D[e] : 0.f;
   }
 
-  // Starts copying the stage from step s0 into buffer k (scalar loads and zeros for a ragged or unaligned one).
-  auto fill = [&](int k, int s0) {
-    if (p.vec && s0 + kStage <= p.len) {
-      for (int q = r; q < 3 * (kStage / kVec); q += TPC) {
-        const int w = q / (kStage / kVec), j = q % (kStage / kVec) * kVec;
-        if (rows[w]) __pipeline_memcpy_async(&own[k][w][c][j], rows[w] + s0 + j, 16);
-      }
-      for (int i = tid; i < 2 * NT * (kStage / kVec); i += kThreads) {
-        const int w = i / (NT * (kStage / kVec)), n = i / (kStage / kVec) % NT, j = i % (kStage / kVec) * kVec;
-        if (n < N) __pipeline_memcpy_async(&bc[k][w][n][j], (w ? Cp + n * p.C_n : Bp + n * p.B_n) + s0 + j, 16);
-        else *reinterpret_cast<uint4 *>(&bc[k][w][n][j]) = make_uint4(0, 0, 0, 0);
-      }
-    } else {
-      for (int q = r; q < 3 * kStage; q += TPC) {
-        const int w = q / kStage, j = q % kStage;
-        if (rows[w]) own[k][w][c][j] = s0 + j < p.len ? rows[w][s0 + j] : from_f<T>(0.f);
-      }
-      for (int i = tid; i < 2 * NT * kStage; i += kThreads) {
-        const int w = i / (NT * kStage), n = i / kStage % NT, j = i % kStage;
-        const T *src = w ? Cp + n * p.C_n : Bp + n * p.B_n;
-        bc[k][w][n][j] = n < N && s0 + j < p.len ? src[s0 + j] : from_f<T>(0.f);
-      }
-    }
-    __pipeline_commit();
-  };
+  auto fill = [&](int k, int s0) { lanes_stage_copy<TPC>(own[k], bc[k], rows, 3, 2, Bp, Cp, p, s0, c, r); };
 
   float h[NS], A2[NS];
 #pragma unroll
