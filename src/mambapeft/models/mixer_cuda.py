@@ -196,15 +196,13 @@ def _token_grads(cols, dtypes):
 
 def _prefix_room(m, c, affix, rows):
     """(tokens' x half, z half, p) when the fused route will put prefix affix tokens in front of xz on
-    our inner function (p: the tokens behind zero columns that align the sequence, see _prefix_flat),
+    our inner function (p: the tokens behind zero columns that align the sequence, see _prefix_width),
     else None (also when an adapter's in_proj rows, `rows`, cannot be laid out). Unidirectional models
     only: Vim's backward direction flips xz, tokens and all."""
     s = c.dirs[0]
     if m.bidirectional or affix[0] is None or s.affix_infix or not _ours() or any(r is None for r in rows):
         return None
-    n = affix[0][0].shape[1]
-    align = 8 if affix_scan(c.in_proj.device) != "mamba_ssm" else 1
-    return affix[0][0], affix[0][1], -(-n // align) * align
+    return affix[0][0], affix[0][1], _prefix_width(affix[0][0].shape[1], affix_scan(c.in_proj.device))
 
 
 def _ours():
@@ -281,17 +279,15 @@ def _fused(m, c, xz, affix, taps, remake_z=None, prefix=None):
     for d, s in enumerate(c.dirs):
         xz_d = xz if d == 0 else xz.flip(-1)
         drop, prefill = None, None
-        if prefix is not None:   # the tokens are in xz already (d == 0: unidirectional)
-            mode, p = affix_scan(xz.device), prefix[2]
-            pad, T = p - prefix[0].shape[1], xz.shape[-1] - p
-            drop = lambda y, p=p, T=T: y.narrow(-1, p, T)  # noqa: E731
+        if affix[d] is not None and ours and not s.affix_infix:   # p columns in front: zeros, then the tokens
+            mode, n = affix_scan(xz.device), affix[d][0].shape[1]
+            p = _prefix_width(n, mode)
+            if prefix is None:   # else they are in xz already (_prefix_room: d == 0, unidirectional)
+                xz_d = _prefix_flat(xz_d, affix[d], p)
             if mode != "mamba_ssm":   # a prefill: the inner function returns only the sequence
-                prefill, drop = (mode, pad, p), None
-        elif affix[d] is not None and ours and not s.affix_infix:   # one copy, straight into the flat layout
-            mode = affix_scan(xz.device)
-            xz_d, drop, pad = _prefix_flat(xz_d, affix[d], align=8 if mode != "mamba_ssm" else 1)
-            if mode != "mamba_ssm":   # a prefill: the inner function returns only the sequence
-                prefill, drop = (mode, pad, xz_d.shape[-1] - xz.shape[-1]), None
+                prefill = (mode, p - n, p)
+            else:
+                drop = lambda y, p=p, T=xz_d.shape[-1] - p: y.narrow(-1, p, T)  # noqa: E731
         elif affix[d] is not None:  # x and z halves of the tokens become extra xz columns
             x, z = xz_d.chunk(2, dim=1)
             x, z, _, drop = m.insert_affix(x, z, s, affix[d], None)
@@ -321,16 +317,19 @@ def _fused(m, c, xz, affix, taps, remake_z=None, prefix=None):
     return res
 
 
-def _prefix_flat(xz, affix, align=1):
-    """Affix tokens (x half, z half), each (E, n), in front of every sequence of xz (b, 2E, T), built
-    in one copy in the layout ops/mamba_inner.py takes ((2E, b*(p+T)) memory). With align > 1, zero
-    columns go in front of the tokens so that p is a multiple of align: the sequence then starts on a
-    16-byte boundary for bf16 (align 8), which mamba_ssm's vectorised loads of an even-length
-    sequence need. Zeros there equal the conv's own left padding. Returns it, `drop` (takes the
-    prefix's rows out of the (b, p+T, D) output) and the number of zero columns."""
-    T, n = xz.shape[-1], affix[0].shape[1]
-    p = -(-n // align) * align
-    return _Prefixed.apply(xz, affix[0], affix[1], p), lambda y: y.narrow(-1, p, T), p - n
+def _prefix_width(n, mode):
+    """Columns in front of every sequence for n affix tokens scanned by `mode` (affix_scan): with a
+    prefill, zero columns go in front of the tokens so that the sequence starts on a 16-byte boundary
+    for bf16 (a multiple of 8), which mamba_ssm's vectorised loads of an even-length sequence need;
+    zeros there equal the conv's own left padding. As extra positions, the tokens alone."""
+    align = 8 if mode != "mamba_ssm" else 1
+    return -(-n // align) * align
+
+
+def _prefix_flat(xz, affix, p):
+    """Affix tokens (x half, z half), each (E, n), behind p - n zero columns in front of every sequence
+    of xz (b, 2E, T), built in one copy in the layout ops/mamba_inner.py takes ((2E, b*(p+T)) memory)."""
+    return _Prefixed.apply(xz, affix[0], affix[1], p)
 
 
 class _Prefixed(torch.autograd.Function):

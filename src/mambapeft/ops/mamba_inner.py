@@ -197,7 +197,7 @@ PREFILL_MODES = ("cuda", "carry", "triton")
 
 def _split(pre, u, delta, B, C, z):
     """pre = (pad, n): columns pad..n-1 are the tokens (the prefill), n.. the sequence; the first `pad`
-    columns are zeros that only align the sequence's start (see mixer_cuda._prefix_flat) and are not
+    columns are zeros that only align the sequence's start (see mixer_cuda._prefix_width) and are not
     scanned. -> the prefill's and the sequence's (b, E|N, L) views."""
     pad, n = pre
     B3, C3 = B[:, 0], C[:, 0]
