@@ -5,7 +5,7 @@
 // (affine maps composed, shuffled, passed through shared memory) and one global atomic per channel, state
 // and step for dB and dC. Here a step costs a thread two exp2s and a dozen multiply-adds per state, and
 // dB, dC meet over the warp's channels in shared memory first: one 16-byte atomic per warp, state and 4
-// steps.
+// steps (two 8-byte ones where two lanes share a state's steps).
 //
 // A thread's walk: first forward over the whole sequence from the initial state, keeping its state
 // before every kLanesHalf (8) steps in p.scratch (the forward kept only the chunks' ends); then stage by
@@ -24,24 +24,28 @@
 
 namespace mambapeft_scan {
 
-// Adds 4 consecutive steps' sums at p (t of them inside the row; p 16-byte aligned when `vec`).
-__device__ __forceinline__ void add4(float *p, int t, bool vec, const float (&v)[4]) {
+// Adds K (4 or 2) consecutive steps' sums at p (t of them inside the row; p 4K-byte aligned when `vec`).
+template <int K>
+__device__ __forceinline__ void add_steps(float *p, int t, bool vec, const float (&v)[K]) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (vec && t >= 4) {
-    atomicAdd(reinterpret_cast<float4 *>(p), make_float4(v[0], v[1], v[2], v[3]));
+  if (vec && t >= K) {
+    if constexpr (K == 4) atomicAdd(reinterpret_cast<float4 *>(p), make_float4(v[0], v[1], v[2], v[3]));
+    else atomicAdd(reinterpret_cast<float2 *>(p), make_float2(v[0], v[1]));
     return;
   }
 #endif
 #pragma unroll
-  for (int g = 0; g < 4; ++g)
+  for (int g = 0; g < K; ++g)
     if (g < t) atomicAdd(p + g, v[g]);
 }
 
 template <int NS, int TPC, typename T>
 struct BwdLanesSmem {
   static constexpr int kCh = 32, NT = NS * TPC, kWarps = TPC, kWCh = 32 / TPC, kS = kLanesStage, kG = 4;
-  // rows of red: the channels of a warp and a pad that spreads its thread ranks' stores over the 32 banks
-  static constexpr int kVec = 16 / sizeof(T), kPad = kS + kVec, kRow = kS + 4, kTile = TPC == 8 ? 5 : kWCh + 2;
+  // rows of red: the channels of a warp and a pad that spreads its thread ranks' stores over the 32 banks; 12
+  // for 4 threads of 6 states also lets the sums read a row's channels 4 at a time without bank conflicts
+  static constexpr int kVec = 16 / sizeof(T), kPad = kS + kVec, kRow = kS + 4;
+  static constexpr int kTile = TPC == 8 ? 5 : TPC == 4 && NS == 6 ? 12 : kWCh + 2;
   __align__(16) T own[2][4][kCh][kPad];  // [buffer][u, delta, z, dout][channel][step]
   __align__(16) T bc[2][2][NT][kS];      // [buffer][B, C][state][step]
   __align__(16) float sB[kS][NT], sC[kS][NT];
@@ -52,13 +56,44 @@ struct BwdLanesSmem {
   float sbias[kCh], sD[kCh];
 };
 
+// v[g] = item i's term of step g0 + g, summed over the warp's channels (a row of red)
+template <typename S, int K>
+__device__ __forceinline__ void channel_sums(const float (&red)[S::kG][2][S::NT][S::kTile], int i, int g0,
+                                             float (&v)[K]) {
+#pragma unroll
+  for (int g = 0; g < K; ++g) {
+    const float *row = red[g0 + g][i / S::NT][i % S::NT];
+    float acc = 0.f;
+    if constexpr (S::kTile % 4 == 0) {
+#pragma unroll
+      for (int q = 0; q < S::kWCh / 4; ++q) {
+        const float4 x = reinterpret_cast<const float4 *>(row)[q];
+        acc += (x.x + x.y) + (x.z + x.w);
+      }
+    } else if constexpr (S::kTile % 2 == 0) {
+#pragma unroll
+      for (int q = 0; q < S::kWCh / 2; ++q) {
+        const float2 x = reinterpret_cast<const float2 *>(row)[q];
+        acc += x.x + x.y;
+      }
+    } else {
+#pragma unroll
+      for (int q = 0; q < S::kWCh; ++q) acc += row[q];
+    }
+    v[g] = acc;
+  }
+}
+
 // scan.h: lanes_backward_blocks caps its registers
 template <int NS, int TPC, typename T>
 __global__ void __launch_bounds__(32 * TPC, lanes_backward_blocks(NS, TPC)) bwd_lanes_kernel(Params p) {
   using S = BwdLanesSmem<NS, TPC, T>;
-  constexpr int kCh = S::kCh, kThreads = kCh * TPC, NT = S::NT, kWCh = S::kWCh, kS = S::kS, kG = S::kG;
+  constexpr int kCh = S::kCh, kThreads = kCh * TPC, NT = S::NT, kS = S::kS, kG = S::kG;
   constexpr int kH = kLanesHalf, kHalves = kS / kH, kItems = kCh * kS / kThreads;
   constexpr float kLn2 = 0.6931471805599453f;
+  // A warp's 2 NT dB and dC items of a group: kWhole of them a lane each, then up to 16 left over (16 of 48 at
+  // 24 states) shared by two lanes, 2 steps each, rather than a second round with half its lanes idle
+  constexpr int kTail = 2 * NT % 32 <= 16 ? 2 * NT % 32 : 0, kWhole = 2 * NT - kTail;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   S &sm = *reinterpret_cast<S *>(smem_raw);
   const int b = blockIdx.x, N = p.dstate, tid = threadIdx.x, c = tid / TPC, r = tid % TPC, d0 = blockIdx.y * kCh;
@@ -235,27 +270,18 @@ __global__ void __launch_bounds__(32 * TPC, lanes_backward_blocks(NS, TPC)) bwd_
         __syncwarp();
         // item i: dB (i < NT) or dC (NT <= i < 2 NT) of state i % NT, summed over the warp's channels
 #pragma unroll
-        for (int i = lane; i < 2 * NT; i += 32) {
-          const int w = i / NT, n = i % NT;
-          if (n >= N) continue;
+        for (int i = lane; i < kWhole; i += 32) {
           float v[kG];
-#pragma unroll
-          for (int g = 0; g < kG; ++g) {
-            const float *row = sm.red[warp][g][w][n];
-            float acc = 0.f;
-            if constexpr (S::kTile % 2 == 0) {
-#pragma unroll
-              for (int q = 0; q < kWCh / 2; ++q) {
-                const float2 x = reinterpret_cast<const float2 *>(row)[q];
-                acc += x.x + x.y;
-              }
-            } else {
-#pragma unroll
-              for (int q = 0; q < kWCh; ++q) acc += row[q];
-            }
-            v[g] = acc;
+          channel_sums<S>(sm.red[warp], i, 0, v);
+          if (i % NT < N) add_steps((i / NT ? dC : dB) + int64_t(i % NT) * p.len + s0 + tg, steps - tg, vec4, v);
+        }
+        if constexpr (kTail > 0) {
+          const int i = kWhole + lane / 2, g0 = lane % 2 * 2;
+          if (lane < 2 * kTail && i % NT < N) {
+            float v[2];
+            channel_sums<S>(sm.red[warp], i, g0, v);
+            add_steps((i / NT ? dC : dB) + int64_t(i % NT) * p.len + s0 + tg + g0, steps - tg - g0, vec4, v);
           }
-          add4((w ? dC : dB) + int64_t(n) * p.len + s0 + tg, steps - tg, vec4, v);
         }
         __syncwarp();
       }
