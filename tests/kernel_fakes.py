@@ -7,10 +7,16 @@ They follow the kernels' calling conventions as read from causal_conv1d 1.7.0 an
 buffers passed in, dB / dC returned in B's dtype. The math is the reference scan's and conv's, with
 gradients from torch autograd. The GPU tests hold the real kernels against the reference path.
 """
+import pathlib
+import re
+
 import torch
 import torch.nn.functional as F
 
+from mambapeft.ops import scan_cuda_ext
 from mambapeft.ops.scan_ref import selective_scan_ref
+
+SCAN_H = pathlib.Path(scan_cuda_ext.__file__).parent / "csrc" / "scan.h"
 
 
 def _check_time_contiguous(*ts):
@@ -150,8 +156,11 @@ class FakeScanExt:
                                   None if z is None else z.float(), bias, softplus, h0, return_last_state=True)
 
     @staticmethod
-    def lanes(batch, dim, dstate):   # the thresholds of csrc/scan.h
-        return dstate <= 32 and batch * dim >= 8192
+    def lanes(batch, dim, dstate):
+        """scan.h's lanes() for both directions, from the header's default knobs."""
+        knob = {k: int(v) for k, v in re.findall(r"#define MAMBAPEFT_SCAN_(\w+) (\d+)", SCAN_H.read_text())}
+        states = min(knob["LANES_STATES"], knob["LANES_BWD_STATES"])
+        return dstate <= 8 * states and batch * dim >= max(knob["LANES_MIN"], knob["LANES_BWD_MIN"])
 
     def fwd(self, u, delta, A, B, C, D, z, bias, h0, softplus, y, states, kernel):
         assert kernel in (0, 1, 2)
