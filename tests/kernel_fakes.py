@@ -17,6 +17,8 @@ from mambapeft.ops import scan_cuda_ext
 from mambapeft.ops.scan_ref import selective_scan_ref
 
 SCAN_H = pathlib.Path(scan_cuda_ext.__file__).parent / "csrc" / "scan.h"
+# its default knobs: MAMBAPEFT_SCAN_LANES_MIN as "LANES_MIN", ...
+SCAN_KNOBS = {k: int(v) for k, v in re.findall(r"#define MAMBAPEFT_SCAN_(\w+) (\d+)", SCAN_H.read_text())}
 
 
 def _check_time_contiguous(*ts):
@@ -158,9 +160,9 @@ class FakeScanExt:
     @staticmethod
     def lanes(batch, dim, dstate):
         """scan.h's lanes() for both directions, from the header's default knobs."""
-        knob = {k: int(v) for k, v in re.findall(r"#define MAMBAPEFT_SCAN_(\w+) (\d+)", SCAN_H.read_text())}
-        states = min(knob["LANES_STATES"], knob["LANES_BWD_STATES"])
-        return dstate <= 8 * states and batch * dim >= max(knob["LANES_MIN"], knob["LANES_BWD_MIN"])
+        k = SCAN_KNOBS
+        return dstate <= 8 * min(k["LANES_STATES"], k["LANES_BWD_STATES"]) and \
+            batch * dim >= max(k["LANES_MIN"], k["LANES_BWD_MIN"])
 
     def fwd(self, u, delta, A, B, C, D, z, bias, h0, softplus, y, states, kernel):
         assert kernel in (0, 1, 2)
