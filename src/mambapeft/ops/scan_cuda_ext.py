@@ -29,13 +29,13 @@ SOURCES = ("scan_binding.cpp", "scan_f32.cu", "scan_bf16.cu", "scan_f16.cu")
 log = logging.getLogger(__name__)
 
 
-def build(name="mambapeft_scan", defines=()):
+def build(name="mambapeft_scan", defines=(), csrc=CSRC):
     """Build (or load torch's cached build of) the extension; `defines` ("NAME=value") set the kernels'
     tuning knobs (csrc/scan.h; bench/sweep_scan_ext.py), each set under its own name. The binding gets them
-    too: it sizes the backward's scratch by them."""
+    too: it sizes the backward's scratch by them. `csrc`: another version's sources, for benchmarks."""
     from torch.utils.cpp_extension import load
     flags = [f"-D{d}" for d in defines]
-    return load(name=name, sources=[str(CSRC / s) for s in SOURCES], extra_cflags=["-O3"] + flags,
+    return load(name=name, sources=[str(Path(csrc) / s) for s in SOURCES], extra_cflags=["-O3"] + flags,
                 extra_cuda_cflags=["-O3", "--use_fast_math"] + flags,
                 verbose=os.environ.get("MAMBAPEFT_BUILD_VERBOSE") == "1")
 

@@ -18,8 +18,11 @@
 // into shared memory by cp.async while the one after it (in time) is worked on, then three passes:
 //   1. softplus, dt u, the ungated dy and B, C as floats [t][n];
 //   2. the scan above, into the sums over states (S1 = sum dh A a h_{t-1}, S2 = sum dh B, S3 = y);
-//   3. du, ddelta, dz and the gated output from those, coalesced; D's and delta_bias' sums.
+//   3. du, ddelta, dz and the gated output from those, a thread's 16 / TPC steps of a channel stored at once; D's
+//      and delta_bias' sums.
 #pragma once
+#include <type_traits>
+
 #include "scan_kernels.cuh"
 
 namespace mambapeft_scan {
@@ -39,18 +42,53 @@ __device__ __forceinline__ void add_steps(float *p, int t, bool vec, const float
     if (g < t) atomicAdd(p + g, v[g]);
 }
 
+// Writes K consecutive steps' values to dst (n of them inside the row): 16, 8 or 4 bytes at a time where dst
+// is aligned to that.
+template <typename T, int K>
+__device__ __forceinline__ void store_steps(T *dst, const float (&v)[K], int n) {
+  constexpr int kBytes = K * sizeof(T), kChunk = kBytes < 16 ? kBytes : 16;
+  using V = std::conditional_t<kChunk == 16, uint4, std::conditional_t<kChunk == 8, uint2, uint32_t>>;
+  if (n >= K && reinterpret_cast<uintptr_t>(dst) % kChunk == 0) {
+    __align__(16) T tmp[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) tmp[k] = from_f<T>(v[k]);
+#pragma unroll
+    for (int q = 0; q < kBytes / kChunk; ++q) reinterpret_cast<V *>(dst)[q] = reinterpret_cast<const V *>(tmp)[q];
+  } else {
+#pragma unroll
+    for (int k = 0; k < K; ++k)
+      if (k < n) dst[k] = from_f<T>(v[k]);
+  }
+}
+
+// v = K consecutive values of T from shared memory at p (aligned to K values or to 16 bytes)
+template <typename T, int K>
+__device__ __forceinline__ void load_steps(const T *p, float (&v)[K]) {
+  constexpr int kBytes = K * sizeof(T), kChunk = kBytes < 16 ? kBytes : 16;
+  using V = std::conditional_t<kChunk == 16, uint4, std::conditional_t<kChunk == 8, uint2, uint32_t>>;
+  __align__(16) T tmp[K];
+#pragma unroll
+  for (int q = 0; q < kBytes / kChunk; ++q) reinterpret_cast<V *>(tmp)[q] = reinterpret_cast<const V *>(p)[q];
+#pragma unroll
+  for (int k = 0; k < K; ++k) v[k] = to_f(tmp[k]);
+}
+
 template <int NS, int TPC, typename T>
 struct BwdLanesSmem {
   static constexpr int kCh = 32, NT = NS * TPC, kWarps = TPC, kWCh = 32 / TPC, kS = kLanesStage, kG = 4;
   // rows of red: the channels of a warp and a pad that spreads its thread ranks' stores over the 32 banks; 12
   // for 4 threads of 6 states also lets the sums read a row's channels 4 at a time without bank conflicts
   static constexpr int kVec = 16 / sizeof(T), kPad = kS + kVec, kRow = kS + 4;
+  // rows of sB, sC: 36 = 4 mod 32 floats, so that pass 1 writes 8 steps of 4 states, and reads their 16-step
+  // rows of bc, without bank conflicts (at 24 states a row of 24 gave 6-way conflicts)
+  static constexpr int kRs = 36;
   static constexpr int kTile = TPC == 8 ? 5 : TPC == 4 && NS == 6 ? 12 : kWCh + 2;
   __align__(16) T own[2][4][kCh][kPad];  // [buffer][u, delta, z, dout][channel][step]
   __align__(16) T bc[2][2][NT][kS];      // [buffer][B, C][state][step]
-  __align__(16) float sB[kS][NT], sC[kS][NT];
+  __align__(16) float sB[kS][kRs], sC[kS][kRs];  // n < NT <= 32
   __align__(16) float sdt[kCh][kRow], sdtu[kCh][kRow], sdy[kCh][kRow];
-  __align__(16) float s1[kCh][kRow], s2[kCh][kRow], s3[kCh][kRow];
+  // rows of kS: pass 3 reads 4 steps of each of 8 channels a warp, two channels a quarter-warp, conflict-free
+  __align__(16) float s1[kCh][kS], s2[kCh][kS], s3[kCh][kS];
   // each warp's dB, dC terms of a group of kG steps: [warp][step][dB, dC][state][channel of the warp]
   __align__(16) float red[kWarps][kG][2][NT][kTile];
   float sbias[kCh], sD[kCh];
@@ -92,7 +130,9 @@ __global__ void __launch_bounds__(32 * TPC, lanes_backward_blocks(NS, TPC)) bwd_
   constexpr int kH = kLanesHalf, kHalves = kS / kH, kItems = kCh * kS / kThreads;
   constexpr float kLn2 = 0.6931471805599453f;
   // A warp's 2 NT dB and dC items of a group: kWhole of them a lane each, then up to 16 left over (16 of 48 at
-  // 24 states) shared by two lanes, 2 steps each, rather than a second round with half its lanes idle
+  // 24 states) shared by two lanes, 2 steps each, rather than a second round with half its lanes idle. The two
+  // are lanes l and l + kTail: a quarter-warp's lanes then read rows of one step, without bank conflicts (an
+  // item's two steps are 2 x 2 NT kTile floats apart, the same banks: 2l and 2l + 1 conflicted)
   constexpr int kTail = 2 * NT % 32 <= 16 ? 2 * NT % 32 : 0, kWhole = 2 * NT - kTail;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   S &sm = *reinterpret_cast<S *>(smem_raw);
@@ -139,7 +179,8 @@ __global__ void __launch_bounds__(32 * TPC, lanes_backward_blocks(NS, TPC)) bwd_
       }
     }
     for (int i = tid; i < kS * NT; i += kThreads) {
-      const int t = i / NT, n = i % NT;
+      // a warp takes 8 steps of 4 states (kRs above)
+      const int blk = i / 32, l = i % 32, t = blk % (kS / 8) * 8 + l % 8, n = blk / (kS / 8) * 4 + l / 8;
       sm.sB[t][n] = to_f(sm.bc[k][0][n][t]);
       if (all) sm.sC[t][n] = to_f(sm.bc[k][1][n][t]);
     }
@@ -194,27 +235,31 @@ __global__ void __launch_bounds__(32 * TPC, lanes_backward_blocks(NS, TPC)) bwd_
     cr[j] = live && n < N && p.dlast ? p.dlast[bd * N + n] : 0.f;
     dA[j] = 0.f;
   }
-  float dD_acc[kItems], dbias_acc[kItems];
-#pragma unroll
-  for (int m = 0; m < kItems; ++m) dD_acc[m] = dbias_acc[m] = 0.f;
+  float dD_sum = 0.f, dbias_sum = 0.f;
   const bool vec4 = p.len % 4 == 0;
   float *dB = p.dB + int64_t(b) * N * p.len, *dC = p.dC + int64_t(b) * N * p.len;
   __syncthreads();  // every thread is done with the forward walk's buffers
   fill(0, (n_st - 1) * kS, true);
   for (int s = n_st - 1, k = 0; s >= 0; --s, k ^= 1) {
     const int s0 = s * kS, steps = min(kS, p.len - s0);
-    float hk[kHalves][NS];  // the kept states, loaded before the barrier so that their latency is hidden
+    float hk[NS];  // the last half's kept state, loaded before the barrier so that its latency is hidden
 #pragma unroll
-    for (int hf = 0; hf < kHalves; ++hf)
-#pragma unroll
-      for (int j = 0; j < NS; ++j) hk[hf][j] = ck[((s * kHalves + hf) * NS + j) * kThreads];
+    for (int j = 0; j < NS; ++j) hk[j] = ck[((s * kHalves + kHalves - 1) * NS + j) * kThreads];
     __pipeline_wait_prior(0);
     __syncthreads();
     if (s > 0) fill(k ^ 1, s0 - kS, true);
     prep(k, s0, true);
     __syncthreads();
+    // 2., one half-stage at a time: the stage's loop fits the instruction cache better rolled (a stalled
+    // instruction fetch cost 0.77 cycles an issued instruction at 24 state slots unrolled, 0.20 rolled; 11% of
+    // the backward's time, bench/results/issue13/s10)
+#pragma unroll 1
+    for (int hf = kHalves - 1; hf >= 0; --hf) {
+      float hn[NS];  // the next half's kept state, in flight during this one
+      if (hf > 0) {
 #pragma unroll
-    for (int hf = kHalves - 1; hf >= 0; --hf) {  // 2.
+        for (int j = 0; j < NS; ++j) hn[j] = ck[((s * kHalves + hf - 1) * NS + j) * kThreads];
+      }
       float hs[kH][NS];  // the state after each of the half's steps
 #pragma unroll
       for (int t = 0; t < kH; ++t) {
@@ -223,7 +268,7 @@ __global__ void __launch_bounds__(32 * TPC, lanes_backward_blocks(NS, TPC)) bwd_
         float Bv[NS];
         load_states<NS>(&sm.sB[tt][r * NS], Bv);
 #pragma unroll
-        for (int j = 0; j < NS; ++j) hs[t][j] = fmaf(exp2f(dt * A2[j]), t ? hs[t - 1][j] : hk[hf][j], dtu * Bv[j]);
+        for (int j = 0; j < NS; ++j) hs[t][j] = fmaf(exp2f(dt * A2[j]), t ? hs[t - 1][j] : hk[j], dtu * Bv[j]);
       }
 #pragma unroll
       for (int t0 = kH - kG; t0 >= 0; t0 -= kG) {
@@ -239,7 +284,7 @@ __global__ void __launch_bounds__(32 * TPC, lanes_backward_blocks(NS, TPC)) bwd_
           float a1 = 0.f, a2 = 0.f, a3 = 0.f;
 #pragma unroll
           for (int j = 0; j < NS; ++j) {
-            const float a = exp2f(dt * A2[j]), prev = t ? hs[t - 1][j] : hk[hf][j];
+            const float a = exp2f(dt * A2[j]), prev = t ? hs[t - 1][j] : hk[j];
             const float dh = fmaf(Cv[j], dy, cr[j]);
             const float q = dh * (a * prev);  // dh a_t h_{t-1}
             a1 = fmaf(q, A2[j], a1);
@@ -276,7 +321,7 @@ __global__ void __launch_bounds__(32 * TPC, lanes_backward_blocks(NS, TPC)) bwd_
           if (i % NT < N) add_steps((i / NT ? dC : dB) + int64_t(i % NT) * p.len + s0 + tg, steps - tg, vec4, v);
         }
         if constexpr (kTail > 0) {
-          const int i = kWhole + lane / 2, g0 = lane % 2 * 2;
+          const int i = kWhole + lane % kTail, g0 = lane / kTail * 2;
           if (lane < 2 * kTail && i % NT < N) {
             float v[2];
             channel_sums<S>(sm.red[warp], i, g0, v);
@@ -285,31 +330,49 @@ __global__ void __launch_bounds__(32 * TPC, lanes_backward_blocks(NS, TPC)) bwd_
         }
         __syncwarp();
       }
+      if (hf > 0) {
+#pragma unroll
+        for (int j = 0; j < NS; ++j) hk[j] = hn[j];
+      }
     }
     __syncthreads();
+    {  // 3., a thread's kItems consecutive steps of one channel
+      const int cc = tid * kItems / kS, t0 = tid * kItems % kS, e = d0 + cc, n = min(kItems, steps - t0);
+      if (n > 0 && e < p.dim) {
+        float s1v[kItems], s2v[kItems], s3v[kItems], dtv[kItems], dyv[kItems];
+        load_states<kItems>(&sm.s1[cc][t0], s1v);
+        load_states<kItems>(&sm.s2[cc][t0], s2v);
+        load_states<kItems>(&sm.s3[cc][t0], s3v);
+        load_states<kItems>(&sm.sdt[cc][t0], dtv);
+        load_states<kItems>(&sm.sdy[cc][t0], dyv);
+        float uv[kItems], raw[kItems], zv[kItems], dout[kItems];
+        load_steps<T>(&sm.own[k][0][cc][t0], uv);
+        load_steps<T>(&sm.own[k][1][cc][t0], raw);
+        if (rows[2]) load_steps<T>(&sm.own[k][2][cc][t0], zv);
+        if (rows[3]) load_steps<T>(&sm.own[k][3][cc][t0], dout);
+        float du[kItems], ddt[kItems], dz[kItems], oz[kItems];
 #pragma unroll
-    for (int m = 0; m < kItems; ++m) {  // 3.
-      const int i = tid + m * kThreads, cc = i / kS, t = i % kS, e = d0 + cc;
-      if (t >= steps || e >= p.dim) continue;
-      const float uv = to_f(sm.own[k][0][cc][t]), raw = to_f(sm.own[k][1][cc][t]) + sm.sbias[cc];
-      const float dt = sm.sdt[cc][t], dy = sm.sdy[cc][t], S2 = sm.s2[cc][t];
-      float ddt = fmaf(uv, S2, sm.s1[cc][t]);
-      if (p.softplus) ddt *= sigmoid(raw);
-      const float y = fmaf(sm.sD[cc], uv, sm.s3[cc][t]);
-      const int64_t at = s0 + t;
-      dD_acc[m] = fmaf(dy, uv, dD_acc[m]);
-      dbias_acc[m] += ddt;
-      static_cast<T *>(p.du)[b * p.du_b + e * p.du_d + at] = from_f<T>(fmaf(dt, S2, sm.sD[cc] * dy));
-      static_cast<T *>(p.ddelta)[b * p.ddt_b + e * p.ddt_d + at] = from_f<T>(ddt);
-      if (rows[2]) {
-        const float zv = to_f(sm.own[k][2][cc][t]), sz = sigmoid(zv);
-        if (p.dz) {
-          const float dout = rows[3] ? to_f(sm.own[k][3][cc][t]) : 0.f;
-          static_cast<T *>(p.dz)[b * p.dz_b + e * p.dz_d + at] = from_f<T>(dout * y * sz * (1.f + zv * (1.f - sz)));
+        for (int m = 0; m < kItems; ++m) {
+          ddt[m] = fmaf(uv[m], s2v[m], s1v[m]);
+          if (p.softplus) ddt[m] *= sigmoid(raw[m] + sm.sbias[cc]);
+          du[m] = fmaf(dtv[m], s2v[m], sm.sD[cc] * dyv[m]);
+          const float y = fmaf(sm.sD[cc], uv[m], s3v[m]);
+          if (m < n) {
+            dD_sum = fmaf(dyv[m], uv[m], dD_sum);
+            dbias_sum += ddt[m];
+          }
+          oz[m] = y;
+          if (rows[2]) {
+            const float sz = sigmoid(zv[m]), gz = rows[3] ? dout[m] : 0.f;
+            dz[m] = gz * y * sz * (1.f + zv[m] * (1.f - sz));
+            oz[m] = y * zv[m] * sz;
+          }
         }
-        if (p.out_z) static_cast<T *>(p.out_z)[b * p.oz_b + e * p.oz_d + at] = from_f<T>(y * zv * sz);
-      } else if (p.out_z) {
-        static_cast<T *>(p.out_z)[b * p.oz_b + e * p.oz_d + at] = from_f<T>(y);
+        const int64_t at = s0 + t0;
+        store_steps<T>(static_cast<T *>(p.du) + b * p.du_b + e * p.du_d + at, du, n);
+        store_steps<T>(static_cast<T *>(p.ddelta) + b * p.ddt_b + e * p.ddt_d + at, ddt, n);
+        if (rows[2] && p.dz) store_steps<T>(static_cast<T *>(p.dz) + b * p.dz_b + e * p.dz_d + at, dz, n);
+        if (p.out_z) store_steps<T>(static_cast<T *>(p.out_z) + b * p.oz_b + e * p.oz_d + at, oz, n);
       }
     }
   }
@@ -323,19 +386,16 @@ __global__ void __launch_bounds__(32 * TPC, lanes_backward_blocks(NS, TPC)) bwd_
       atomicAdd(p.dA + dd * N + n, dA[j]);
     }
   }
-  // a channel's kS steps of pass 3 are kS consecutive threads
+  // a channel's kS steps of pass 3 are kS / kItems consecutive threads
 #pragma unroll
-  for (int m = 0; m < kItems; ++m) {
-#pragma unroll
-    for (int o = 1; o < kS; o *= 2) {
-      dD_acc[m] += __shfl_xor_sync(0xffffffffu, dD_acc[m], o);
-      dbias_acc[m] += __shfl_xor_sync(0xffffffffu, dbias_acc[m], o);
-    }
-    const int e = d0 + (tid + m * kThreads) / kS;
-    if (tid % kS == 0 && e < p.dim) {
-      if (p.dD) atomicAdd(p.dD + e, dD_acc[m]);
-      if (p.dbias) atomicAdd(p.dbias + e, dbias_acc[m]);
-    }
+  for (int o = 1; o < kS / kItems; o *= 2) {
+    dD_sum += __shfl_xor_sync(0xffffffffu, dD_sum, o);
+    dbias_sum += __shfl_xor_sync(0xffffffffu, dbias_sum, o);
+  }
+  const int e = d0 + tid * kItems / kS;
+  if (tid % (kS / kItems) == 0 && e < p.dim) {
+    if (p.dD) atomicAdd(p.dD + e, dD_sum);
+    if (p.dbias) atomicAdd(p.dbias + e, dbias_sum);
   }
 }
 
