@@ -79,13 +79,10 @@ struct BwdLanesSmem {
   // rows of red: the channels of a warp and a pad that spreads its thread ranks' stores over the 32 banks; 12
   // for 4 threads of 6 states also lets the sums read a row's channels 4 at a time without bank conflicts
   static constexpr int kVec = 16 / sizeof(T), kPad = kS + kVec, kRow = kS + 4;
-  // rows of sB, sC: 36 = 4 mod 32 floats, so that pass 1 writes 8 steps of 4 states, and reads their 16-step
-  // rows of bc, without bank conflicts (at 24 states a row of 24 gave 6-way conflicts)
-  static constexpr int kRs = 36;
   static constexpr int kTile = TPC == 8 ? 5 : TPC == 4 && NS == 6 ? 12 : kWCh + 2;
   __align__(16) T own[2][4][kCh][kPad];  // [buffer][u, delta, z, dout][channel][step]
   __align__(16) T bc[2][2][NT][kS];      // [buffer][B, C][state][step]
-  __align__(16) float sB[kS][kRs], sC[kS][kRs];  // n < NT <= 32
+  __align__(16) float sB[kS][kLanesRow], sC[kS][kLanesRow];  // lanes_bc_floats
   __align__(16) float sdt[kCh][kRow], sdtu[kCh][kRow], sdy[kCh][kRow];
   // rows of kS: pass 3 reads 4 steps of each of 8 channels a warp, two channels a quarter-warp, conflict-free
   __align__(16) float s1[kCh][kS], s2[kCh][kS], s3[kCh][kS];
@@ -178,12 +175,7 @@ __global__ void __launch_bounds__(32 * TPC, lanes_backward_blocks(NS, TPC)) bwd_
         sm.sdy[cc][t] = dy;
       }
     }
-    for (int i = tid; i < kS * NT; i += kThreads) {
-      // a warp takes 8 steps of 4 states (kRs above)
-      const int blk = i / 32, l = i % 32, t = blk % (kS / 8) * 8 + l % 8, n = blk / (kS / 8) * 4 + l / 8;
-      sm.sB[t][n] = to_f(sm.bc[k][0][n][t]);
-      if (all) sm.sC[t][n] = to_f(sm.bc[k][1][n][t]);
-    }
+    lanes_bc_floats<NT, kS, kThreads>(sm.bc[k], sm.sB, sm.sC, all);
   };
 
   float A2[NS], h[NS];

@@ -310,6 +310,21 @@ __device__ __forceinline__ void lanes_stage_copy(T (&own)[R][kCh][kPad], T (&bc)
   __pipeline_commit();
 }
 
+// The lanes kernels' B (and with `with_c` C) rows of a stage as floats [t][n], in rows of kLanesRow floats
+// (n < NT <= 32): a warp takes 8 steps of 4 states, so that its reads of bc's rows and its writes meet few bank
+// conflicts (none or 2-way; a warp along the states of a step met 6-way ones at 24 states, 12-way at 32-step rows).
+constexpr int kLanesRow = 36;
+template <int NT, int kSteps, int kThreads, typename T>
+__device__ __forceinline__ void lanes_bc_floats(const T (&bc)[2][NT][kSteps], float (&sB)[kSteps][kLanesRow],
+                                                float (&sC)[kSteps][kLanesRow], bool with_c) {
+  static_assert(NT % 4 == 0 && NT <= kLanesRow && kSteps % 8 == 0 && kThreads % 32 == 0, "8 steps of 4 states");
+  for (int i = threadIdx.x; i < kSteps * NT; i += kThreads) {
+    const int blk = i / 32, l = i % 32, t = blk % (kSteps / 8) * 8 + l % 8, n = blk / (kSteps / 8) * 4 + l / 8;
+    sB[t][n] = to_f(bc[0][n][t]);
+    if (with_c) sC[t][n] = to_f(bc[1][n][t]);
+  }
+}
+
 // The forward with time walked in order by TPC threads per channel, each holding NS of its states in
 // registers: no block scan. Per state and step: one exp2 and four multiply-adds; the TPC threads' sums
 // over their states meet by warp shuffles. Few threads are in flight (batch * channels * TPC), so nothing
@@ -328,7 +343,7 @@ __global__ void __launch_bounds__(32 * TPC) fwd_lanes_kernel(Params p) {
   static_assert(32 % kStage == 0, "every chunk (scan.h) but the last must be whole stages");
   __shared__ __align__(16) T own[2][3][kCh][kPad];  // [stage buffer][u, delta, z][channel][step]: padded rows
   __shared__ __align__(16) T bc[2][2][NT][kStage];   // [stage buffer][B, C][state][step]
-  __shared__ __align__(16) float sB[kStage][NT], sC[kStage][NT];
+  __shared__ __align__(16) float sB[kStage][kLanesRow], sC[kStage][kLanesRow];
   __shared__ __align__(16) float sdt[kCh][kRow], sdtu[kCh][kRow], sy[kCh][kRow];
   __shared__ float sbias[kCh], sD[kCh];
   const int b = blockIdx.x, N = p.dstate, tid = threadIdx.x, c = tid / TPC, r = tid % TPC, d0 = blockIdx.y * kCh;
@@ -367,11 +382,7 @@ __global__ void __launch_bounds__(32 * TPC) fwd_lanes_kernel(Params p) {
       sdt[cc][t] = dt;  // past the sequence's end: a = 1, x = 0 (the scan runs whole groups of kGroup steps)
       sdtu[cc][t] = dt * to_f(own[k][0][cc][t]);
     }
-    for (int i = tid; i < kStage * NT; i += kThreads) {
-      const int t = i / NT, n = i % NT;
-      sB[t][n] = to_f(bc[k][0][n][t]);
-      sC[t][n] = to_f(bc[k][1][n][t]);
-    }
+    lanes_bc_floats<NT, kStage, kThreads>(bc[k], sB, sC, true);
     __syncthreads();
     for (int t0 = 0; t0 < steps; t0 += kGroup) {  // 2.
       // a group's loads and exp2s are issued before its updates: step after step, each waited on its own
