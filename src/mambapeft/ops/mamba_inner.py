@@ -130,10 +130,10 @@ def inner_scan(u, N):
     """The scan of a call without prefill, from MAMBAPEFT_INNER_SCAN (read at each call, so that one process
     can compare them): "mamba_ssm" (SCAN), "cuda" (our CUDA scan, ops/scan_cuda_ext.py) or "auto" (the
     default): ours where its kernels along channels and states run both ways with 13 to 24 states (batch *
-    channels >= 8192: forward + backward 1.24x mamba_ssm's speed at the 130m training shape, 1.40x at
-    1.4b's; 1.17-1.26x at 22 states, Additional-scan's 16 + 6, where a channel's 4 threads hold 6 states each),
+    channels >= 8192: forward + backward 1.36x mamba_ssm's speed at the 130m training shape, 1.52x at
+    1.4b's; 1.35x at 22 states, Additional-scan's 16 + 6, where a channel's 4 threads hold 6 states each),
     mamba_ssm's elsewhere. Ours pays for 16 state slots from 9 states up, so at 8 states it took 1.00 ms to
-    mamba_ssm's 0.69; below the threshold ours runs its block scans (bench/results/issue13/s7, s8, s9)."""
+    mamba_ssm's 0.69; below the threshold ours runs its block scans (bench/results/issue13/s7 to s10)."""
     name = os.environ.get("MAMBAPEFT_INNER_SCAN", "auto")
     if name not in INNER_SCANS:
         raise ValueError(f"MAMBAPEFT_INNER_SCAN={name!r}: expected one of {', '.join(INNER_SCANS)}")
