@@ -6,7 +6,8 @@ no autograd, forward and backward timed apart with CUDA events in one run.
 
 Each variant "label:NAME=value,NAME=value" is built under its own name (in parallel, one process each),
 checked against the first variant's results and timed; "label@DIR:..." builds another version's sources
-(DIR: its ops/csrc), for a before-and-after in one process. --interleave times them call by call in turn. Appends to --out/scan_ext_sweep.jsonl.
+(DIR: its ops/csrc), for a before-and-after in one process. --interleave times them call by call in turn.
+Appends to --out/scan_ext_sweep.jsonl.
 The two layouts: "block:MAMBAPEFT_SCAN_LANES_MIN=1000000000;lanes:MAMBAPEFT_SCAN_LANES_MIN=0" times the
 block scan's forward against the one along channels and states at every shape (the default picks by shape);
 MAMBAPEFT_SCAN_LANES_BWD_MIN does the same for the backward.

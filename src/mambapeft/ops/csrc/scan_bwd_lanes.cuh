@@ -42,18 +42,24 @@ __device__ __forceinline__ void add_steps(float *p, int t, bool vec, const float
     if (g < t) atomicAdd(p + g, v[g]);
 }
 
-// Writes K consecutive steps' values to dst (n of them inside the row): 16, 8 or 4 bytes at a time where dst
-// is aligned to that.
+// K consecutive values of T, moved in kCount chunks V of 16, 8 or 4 bytes
+template <typename T, int K>
+struct StepChunks {
+  static constexpr int kBytes = K * sizeof(T), kChunk = kBytes < 16 ? kBytes : 16, kCount = kBytes / kChunk;
+  using V = std::conditional_t<kChunk == 16, uint4, std::conditional_t<kChunk == 8, uint2, uint32_t>>;
+};
+
+// Writes K consecutive steps' values to dst (n of them inside the row), a chunk at a time where dst is aligned.
 template <typename T, int K>
 __device__ __forceinline__ void store_steps(T *dst, const float (&v)[K], int n) {
-  constexpr int kBytes = K * sizeof(T), kChunk = kBytes < 16 ? kBytes : 16;
-  using V = std::conditional_t<kChunk == 16, uint4, std::conditional_t<kChunk == 8, uint2, uint32_t>>;
-  if (n >= K && reinterpret_cast<uintptr_t>(dst) % kChunk == 0) {
+  using W = StepChunks<T, K>;
+  if (n >= K && reinterpret_cast<uintptr_t>(dst) % W::kChunk == 0) {
     __align__(16) T tmp[K];
 #pragma unroll
     for (int k = 0; k < K; ++k) tmp[k] = from_f<T>(v[k]);
 #pragma unroll
-    for (int q = 0; q < kBytes / kChunk; ++q) reinterpret_cast<V *>(dst)[q] = reinterpret_cast<const V *>(tmp)[q];
+    for (int q = 0; q < W::kCount; ++q)
+      reinterpret_cast<typename W::V *>(dst)[q] = reinterpret_cast<const typename W::V *>(tmp)[q];
   } else {
 #pragma unroll
     for (int k = 0; k < K; ++k)
@@ -61,14 +67,14 @@ __device__ __forceinline__ void store_steps(T *dst, const float (&v)[K], int n) 
   }
 }
 
-// v = K consecutive values of T from shared memory at p (aligned to K values or to 16 bytes)
+// v = K consecutive values of T from shared memory at p, a chunk at a time (p aligned to a chunk)
 template <typename T, int K>
 __device__ __forceinline__ void load_steps(const T *p, float (&v)[K]) {
-  constexpr int kBytes = K * sizeof(T), kChunk = kBytes < 16 ? kBytes : 16;
-  using V = std::conditional_t<kChunk == 16, uint4, std::conditional_t<kChunk == 8, uint2, uint32_t>>;
+  using W = StepChunks<T, K>;
   __align__(16) T tmp[K];
 #pragma unroll
-  for (int q = 0; q < kBytes / kChunk; ++q) reinterpret_cast<V *>(tmp)[q] = reinterpret_cast<const V *>(p)[q];
+  for (int q = 0; q < W::kCount; ++q)
+    reinterpret_cast<typename W::V *>(tmp)[q] = reinterpret_cast<const typename W::V *>(p)[q];
 #pragma unroll
   for (int k = 0; k < K; ++k) v[k] = to_f(tmp[k]);
 }
@@ -242,9 +248,9 @@ __global__ void __launch_bounds__(32 * TPC, lanes_backward_blocks(NS, TPC)) bwd_
     if (s > 0) fill(k ^ 1, s0 - kS, true);
     prep(k, s0, true);
     __syncthreads();
-    // 2., one half-stage at a time: the stage's loop fits the instruction cache better rolled (a stalled
-    // instruction fetch cost 0.77 cycles an issued instruction at 24 state slots unrolled, 0.20 rolled; 11% of
-    // the backward's time, bench/results/issue13/s10)
+    // 2., one half-stage at a time: rolled, the stage's loop fits the instruction cache better (unrolled, at 24
+    // state slots, warps waited 0.77 cycles an issued instruction on fetches; rolled, the backward took 5-7% less
+    // time, bench/results/issue13/s10)
 #pragma unroll 1
     for (int hf = kHalves - 1; hf >= 0; --hf) {
       float hn[NS];  // the next half's kept state, in flight during this one
