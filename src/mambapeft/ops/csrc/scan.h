@@ -77,8 +77,12 @@ inline int lanes_threads_per_channel(const Params &p, bool forward, int batch) {
   return N <= S ? 1 : N <= 2 * S ? 2 : N <= 4 * S || lanes_wide(p, forward, batch) ? 4 : 8;
 }
 
+// A thread's states: the knob's `states`, 1.5x that in the wide layout (lanes_wide); the launcher's
+// compile-time count and the binding's run-time one (the scratch's size) both come from here.
+constexpr int lanes_ns(int states, bool wide) { return wide ? states * 3 / 2 : states; }
+
 inline int lanes_states_per_thread(const Params &p, bool forward, int batch) {
-  return lanes_wide(p, forward, batch) ? lanes_states(forward) * 3 / 2 : lanes_states(forward);
+  return lanes_ns(lanes_states(forward), lanes_wide(p, forward, batch));
 }
 
 // The lanes backward's blocks an SM, which cap its registers: 128 where a channel has 4 or 8 threads of 4 states

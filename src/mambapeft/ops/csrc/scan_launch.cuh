@@ -10,10 +10,10 @@ template <typename T, int TPC, bool Wide>
 cudaError_t launch_lanes(const Params &p, bool forward, int batch, cudaStream_t stream) {
   const dim3 grid(batch, (p.dim + 31) / 32);
   if (forward) {
-    constexpr int NS = Wide ? MAMBAPEFT_SCAN_LANES_STATES * 3 / 2 : MAMBAPEFT_SCAN_LANES_STATES;
+    constexpr int NS = lanes_ns(MAMBAPEFT_SCAN_LANES_STATES, Wide);
     fwd_lanes_kernel<NS, TPC, T><<<grid, 32 * TPC, 0, stream>>>(p);
   } else {
-    constexpr int NS = Wide ? MAMBAPEFT_SCAN_LANES_BWD_STATES * 3 / 2 : MAMBAPEFT_SCAN_LANES_BWD_STATES;
+    constexpr int NS = lanes_ns(MAMBAPEFT_SCAN_LANES_BWD_STATES, Wide);
     // over the 48 KB of static shared memory: asked for at each launch (cheap, and right on any device)
     constexpr size_t smem = sizeof(BwdLanesSmem<NS, TPC, T>);
     const cudaError_t err = cudaFuncSetAttribute(bwd_lanes_kernel<NS, TPC, T>,
