@@ -1,5 +1,5 @@
 """Where a decoding step's time goes (GPU): kernels of one eager step, a captured step's replay
-time, and generate()'s time split into prefill, capture and loop.
+time, the host's share (issuing a replay, the kept steps' key), and generate()'s time.
 
     python3 bench/profile_decode.py [--batches 1,32] [--new-tokens 256]
 """
@@ -25,6 +25,17 @@ def timed(fn, n=1):
         out = fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - t0) / n * 1e3, out
+
+
+def issue_time(fn, n):
+    """The host's time to issue fn (its GPU work queued, not waited for), ms a call."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    ms = (time.perf_counter() - t0) / n * 1e3
+    torch.cuda.synchronize()
+    return ms
 
 
 @torch.no_grad()
@@ -54,11 +65,14 @@ def main():
         ms_eager, _ = timed(lambda: model(token, cache=cache), 20)
         ms_capture, g = timed(lambda: cuda_graph.GraphStep(model, cache, token))
         ms_replay, _ = timed(lambda: g(token), 200)
+        ms_issue = issue_time(lambda: g(token), 50)
+        ms_key, _ = timed(lambda: cuda_graph.fingerprint(model), 5)
         ms_gen, _ = timed(lambda: model.generate(ids, max_new_tokens=args.new_tokens, eos_token_id=-1))
         print(f"batch {b}: prefill {ms_prefill:.2f} ms, eager step {ms_eager:.3f} ms, capture {ms_capture:.1f} ms, "
               f"replay {ms_replay:.3f} ms/step, generate({args.new_tokens}) {ms_gen:.1f} ms "
               f"= {ms_gen / args.new_tokens:.3f} ms/token; eager step: {len(kernels)} kernels, "
-              f"{gpu_us / 1e3:.3f} ms of kernel time")
+              f"{gpu_us / 1e3:.3f} ms of kernel time; host: {ms_issue:.3f} ms to issue a replay, "
+              f"{ms_key:.2f} ms for the kept steps' key (once a generate() call)")
         for name, n in by.most_common(25):
             print(f"   {n:5d}  {name}")
         if args.cprofile:   # the host side of an eager step, by Python function

@@ -31,7 +31,7 @@ class MambaBlock(nn.Module):
 
     def forward(self, h, mask=None, state=None):
         residual = h.float() if self.residual_in_fp32 else h
-        out = self.mixer(self.norm(h.to(self.norm.weight.dtype)), mask, state)
+        out = self.mixer(self.norm(h, self.norm.weight.dtype), mask, state)
         return residual + self.drop_path(out)
 
 

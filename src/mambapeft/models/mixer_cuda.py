@@ -28,9 +28,10 @@ no method is skipped. Three routes:
   `causal_conv1d_fn` + `selective_scan_fn` return g, then out_proj and the output adapters.
   Masks act as in `MambaMixer.scan_direction`: x zeroed before the conv and u after it at pads,
   affix tokens inserted after the left pads.
-- decoding (state already filled): `causal_conv1d_update` + `selective_state_update`, one token at a
-  time, in place on the cache's tensors (conv (b, E, k-1) in the input dtype, ssm (b, E, N') fp32);
-  they hold exactly what `scan_direction` would store, so CPU and CUDA steps can alternate.
+- decoding (state already filled): `causal_conv1d_update` + our one-kernel state update
+  (ops/decode_triton.py, which reads dt_proj, A_log and D as composed), one token at a time, in
+  place on the cache's tensors (conv (b, E, k-1) in the input dtype, ssm (b, E, N') fp32); they hold
+  exactly what `scan_direction` would store, so CPU and CUDA steps can alternate.
 """
 import os
 
@@ -44,7 +45,6 @@ from .mixer import ssm_inputs
 try:
     from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
     from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn, selective_scan_fn
-    from mamba_ssm.ops.triton.selective_state_update import selective_state_update
 except Exception:  # noqa: BLE001
     mamba_inner_fn = None
 
@@ -383,20 +383,19 @@ def _scan(m, x, z, s, affix, mask, state, d):
 
 def _decode_step(m, x, z, s, mask, state, d):
     """One token (x, z (b, E, 1)) from a filled state; updates state.conv[d] and state.ssm[d] in place."""
+    from ..ops import decode_triton   # triton is there whenever mamba_ssm is
     conv, ssm = state.conv[d], state.ssm[d]
     if conv.dtype != x.dtype or not conv.is_contiguous():
         conv = conv.to(x.dtype).contiguous()
     if ssm.dtype != torch.float32 or not ssm.is_contiguous():
         ssm = ssm.float().contiguous()
-    xt = x[..., 0]
+    xt = x[..., 0]                    # channel stride b (xz is W_in @ h^T): both kernels take strides
     if mask is not None:
         xt = xt * mask.to(xt.dtype)
-    u = causal_conv1d_update(xt.contiguous(), conv, s.conv_w, s.conv_b, activation="silu")
+    u = causal_conv1d_update(xt, conv, s.conv_w, s.conv_b, activation="silu")
     if mask is not None:
         u = u * mask.to(u.dtype)
     dt, B, C = ssm_inputs(s, F.linear(u, s.x_proj))
-    dt = F.linear(dt, s.dt_w)
-    y = selective_state_update(ssm, u, dt, s.A, B, C, s.D.float(), z=z[..., 0], dt_bias=s.dt_b.float(),
-                               dt_softplus=True)
+    y = decode_triton.state_step(ssm, u, dt, s.dt_w.contiguous(), s.dt_b, s.A_log.contiguous(), B, C, s.D, z[..., 0])
     state.conv[d], state.ssm[d] = conv, ssm
     return y[..., None].to(x.dtype)

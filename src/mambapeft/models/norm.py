@@ -9,12 +9,17 @@ returns the very values the consumers' autocast cast would have made, already in
 forward is bit-identical: their cast becomes a no-op), and keeps for its backward only that output,
 which the consumers keep anyway, plus the per-row rstd: x_hat is recovered as y / w. The gradient
 then differs from the default one by the rounding of y (relative 2^-9 on x_hat) and by the summing
-of the consumers' gradients in the output dtype."""
+of the consumers' gradients in the output dtype.
+
+Where no gradient is wanted (decoding, evaluation) on CUDA, the default forward runs as one Triton
+kernel (ops/rms_norm_triton.py) instead of five small ones."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import cuda_triton
+
+HALF_AND_FLOAT = {torch.float32, torch.bfloat16, torch.float16}
 
 
 class RMSNorm(nn.Module):
@@ -25,7 +30,12 @@ class RMSNorm(nn.Module):
         self.output_dtype = None   # memory_efficient_norm: the autocast dtype the output is handed on in
         self._zero_check = None    # (weight key, whether the weight has an exact zero)
 
-    def forward(self, x):
+    def forward(self, x, input_dtype=None):
+        """input_dtype: round x to it first (the cast a block makes before its norm)."""
+        input_dtype = input_dtype or x.dtype
+        if (kernel := self._inference_kernel(x, input_dtype)) is not None:
+            return kernel.rms_norm(x, self.weight, self.eps, input_dtype)
+        x = x.to(input_dtype)
         dtype = self._lean_dtype(x)
         y = self._default(x) if dtype is None or self._weight_has_zero() else None
         if y is not None:
@@ -35,6 +45,15 @@ class RMSNorm(nn.Module):
     def _default(self, x):
         # normalised in fp32 and cast back before the weight, as transformers' MambaRMSNorm
         return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
+
+    def _inference_kernel(self, x, input_dtype):
+        """ops/rms_norm_triton.py where no gradient is wanted (decoding, evaluation) on CUDA: the cast, norm and
+        product in one kernel, the same values as _default up to the order of the sum of squares."""
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return None
+        if torch.compiler.is_compiling() or not {x.dtype, input_dtype, self.weight.dtype} <= HALF_AND_FLOAT:
+            return None
+        return cuda_triton("rms_norm_triton", x)
 
     def _lean_dtype(self, x):
         """output_dtype where the lean path applies: a gradient is wanted, and the consumers can take

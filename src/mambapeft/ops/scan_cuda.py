@@ -2,7 +2,7 @@
 
 Same call as every backend (see scan_ref.py). The kernel wants u, delta, B, C and z in one dtype
 (u's), A, D and the delta bias in fp32, and keeps its state in fp32. It cannot start from an
-initial state: decoding uses `selective_state_update` instead (models/mixer_cuda.py). Its last
+initial state: decoding uses ops/decode_triton.py instead (models/mixer_cuda.py). Its last
 state is an output without gradient (the kernel has no backward for it); the mixer only reads it
 to fill a decoding cache, which is detached anyway.
 """
