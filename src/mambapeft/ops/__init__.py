@@ -1,4 +1,7 @@
+import contextlib
 import importlib
+
+import torch
 
 
 def cuda_triton(module, t):
@@ -10,3 +13,9 @@ def cuda_triton(module, t):
         return importlib.import_module(f"{__name__}.{module}")
     except ImportError:
         return None
+
+
+def device_of(t):
+    """Triton launches on the current CUDA device: make it t's for the launch (a model on cuda:1 in a
+    process whose current device is cuda:0)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import device_of
+
 BLOCK_V = 4096
 
 
@@ -53,6 +55,7 @@ def chunk_loss_and_grad(logits, labels, inv_count, want_grad):
     want_grad, the logits are overwritten with the gradient of sum(losses) * inv_count."""
     assert logits.stride(1) == 1, "the vocabulary must be contiguous"
     loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-    _ce_kernel[(logits.shape[0],)](logits, labels, loss, inv_count, logits.shape[1], logits.stride(0),
-                                   WRITE_GRAD=want_grad, BLOCK_V=BLOCK_V, num_warps=8)
+    with device_of(logits):
+        _ce_kernel[(logits.shape[0],)](logits, labels, loss, inv_count, logits.shape[1], logits.stride(0),
+                                       WRITE_GRAD=want_grad, BLOCK_V=BLOCK_V, num_warps=8)
     return loss

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import device_of
+
 
 @triton.jit
 def _step_kernel(h_ptr, u_ptr, dtin_ptr, dtw_ptr, dtb_ptr, alog_ptr, b_ptr, c_ptr, d_ptr, z_ptr, y_ptr,
@@ -55,8 +57,9 @@ def state_step(ssm, u, dt_in, dt_w, dt_b, A_log, B, C, D, z=None):
     block_n = triton.next_power_of_2(N)
     block_e = 32 if block_n <= 16 else 16 if block_n <= 32 else 8   # as selective_state_update's
     zz = z if z is not None else u   # a pointer the kernel never reads (HAS_Z false)
-    _step_kernel[(triton.cdiv(E, block_e), bsz)](
-        ssm, u, dt_in, dt_w, dt_b, A_log, B, C, D, zz, y, E, N, R, u.stride(0), u.stride(1), dt_in.stride(0),
-        B.stride(0), C.stride(0), zz.stride(0), zz.stride(1), BLOCK_E=block_e, BLOCK_N=block_n,
-        BLOCK_R=triton.next_power_of_2(R), HAS_Z=z is not None, num_warps=4)
+    with device_of(u):
+        _step_kernel[(triton.cdiv(E, block_e), bsz)](
+            ssm, u, dt_in, dt_w, dt_b, A_log, B, C, D, zz, y, E, N, R, u.stride(0), u.stride(1), dt_in.stride(0),
+            B.stride(0), C.stride(0), zz.stride(0), zz.stride(1), BLOCK_E=block_e, BLOCK_N=block_n,
+            BLOCK_R=triton.next_power_of_2(R), HAS_Z=z is not None, num_warps=4)
     return y

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import device_of
+
 
 @triton.jit
 def _dx_kernel(y_ptr, dy_ptr, w_ptr, rstd_ptr, dx_ptr, D, BLOCK_D: tl.constexpr):
@@ -30,8 +32,9 @@ def rms_norm_dx(y, dy, weight, rstd, dtype):
     y, dy = y.contiguous(), dy.contiguous()
     dx = torch.empty(y.shape, dtype=dtype, device=y.device)
     block = triton.next_power_of_2(D)
-    _dx_kernel[(y.numel() // D,)](y, dy, weight.contiguous(), rstd.contiguous(), dx, D, BLOCK_D=block,
-                                  num_warps=min(16, max(1, block // 256)))
+    with device_of(y):
+        _dx_kernel[(y.numel() // D,)](y, dy, weight.contiguous(), rstd.contiguous(), dx, D, BLOCK_D=block,
+                                      num_warps=min(16, max(1, block // 256)))
     return dx
 
 
@@ -59,6 +62,8 @@ def rms_norm(x, weight, eps, input_dtype):
     x = x.contiguous()
     y = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, input_dtype), device=x.device)
     block = triton.next_power_of_2(D)
-    _forward_kernel[(x.numel() // D,)](x, weight.contiguous(), y, D, eps, BLOCK_D=block, IN_DTYPE=_TL[input_dtype],
-                                       num_warps=min(16, max(1, block // 256)))
+    with device_of(x):
+        _forward_kernel[(x.numel() // D,)](x, weight.contiguous(), y, D, eps, BLOCK_D=block,
+                                           IN_DTYPE=_TL[input_dtype], num_warps=min(16, max(1, block // 256)))
     return y
+
