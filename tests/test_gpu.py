@@ -12,6 +12,8 @@ mamba_inner_fn (MAMBAPEFT_INNER=mamba_ssm) and the reference for the main method
 and skips the weight-gradient GEMMs of frozen weights. Skipped without CUDA or the kernels (CI); run by
 hand on a GPU machine.
 """
+import copy
+
 import pytest
 import torch
 from helpers import check_linear_cross_entropy, decode_stepwise
@@ -458,3 +460,44 @@ def test_recompute_z_on_kernels_matches_keeping_it_and_reference(kind, methods, 
     assert remade.keys() == kept.keys() == truth.keys()
     assert_as_close_as([(f"grad of {n}", remade[n], kept[n], truth[n]) for n in truth], autocast, "recompute_z",
                        "keeping z")
+
+
+def _run_on(model, x, device):
+    """A copy of `model` on `device`: its training loss (bf16 autocast) and gradients, its evaluation
+    logits (the norms' kernel for no gradient) and greedy generate() (the captured decoding step)."""
+    m = copy.deepcopy(model).to(device).train()
+    ids = x.to(device)
+    with torch.autocast("cuda", torch.bfloat16):
+        loss = m(ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad.float().cpu() for n, p in m.named_parameters() if p.requires_grad}
+    m.eval()
+    with torch.no_grad():
+        logits = m(ids).logits.float().cpu()
+    tokens = m.generate(ids[:, :4], max_new_tokens=12, eos_token_id=-1).cpu()
+    return loss.item(), grads, logits, tokens
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("affix_scan", ["cuda", "carry", "triton"])
+def test_a_model_on_the_second_gpu_equals_one_on_the_first(affix_scan, monkeypatch):
+    """A model moved to cuda:1 in a process whose current device stays cuda:0 (as in a notebook): every
+    kernel must run on its tensors' device (Triton launches on the current one unless told: ops.device_of;
+    a captured decoding step belongs to the device it was captured on). Training loss and gradients, the
+    evaluation forward and generate() equal the same model's on cuda:0; the current device is untouched."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("MAMBAPEFT_AFFIX_SCAN", affix_scan)
+    torch.cuda.set_device(0)
+    model, x = build("lm", {"lora_X": {}, "additional_scan": {}, "affix": {}})
+    x = torch.randint(0, 97, (2, 64), generator=torch.Generator().manual_seed(0))
+    first = _run_on(model, x, "cuda:0")
+    second = _run_on(model, x, "cuda:1")
+    assert torch.cuda.current_device() == 0
+    assert abs(first[0] - second[0]) <= 1e-4 * abs(first[0])
+    assert first[1].keys() == second[1].keys()
+    for n, g in first[1].items():   # the backward's atomics sum in any order: bf16 roundings may differ
+        assert (second[1][n] - g).norm() <= 1e-2 * g.norm() + 1e-7, f"grad of {n}"
+    torch.testing.assert_close(second[2], first[2], rtol=0, atol=1e-4)
+    assert torch.equal(second[3], first[3])

@@ -32,6 +32,14 @@ class GraphStep:
     def __init__(self, model, cache, token):
         self.cache = cache
         self.token = token.clone()
+        # streams, the capture and replays belong to the current device: the model's here (it may be on
+        # cuda:1 in a process whose current device is cuda:0)
+        self.device = token.device
+        with torch.cuda.device(self.device):
+            self._capture(model)
+
+    def _capture(self, model):
+        cache = self.cache
         tensors = _state_tensors(cache)
         saved, offset = [t.clone() for t in tensors], cache.seqlen_offset
         side = torch.cuda.Stream()
@@ -56,7 +64,8 @@ class GraphStep:
 
     def __call__(self, token):
         self.token.copy_(token)
-        self.graph.replay()
+        with torch.cuda.device(self.device):
+            self.graph.replay()
         self.cache.seqlen_offset += token.shape[1]
         return self.logits
 

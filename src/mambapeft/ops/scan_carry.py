@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import device_of
 from .scan_triton import LOG2E, softplus
 
 BLOCK_E, BLOCK_T, WARPS = 8, 64, 1   # the fastest of those measured on the H200 (bench_carry_gpu.py)
@@ -187,8 +188,9 @@ def carry_starts(delta, delta_bias):
     b, E, L = delta.shape
     grid = _grid(delta)
     starts = torch.empty(b, E, grid[1], dtype=torch.float32, device=delta.device)
-    _starts_kernel[(triton.cdiv(E, 8), b)](delta, delta_bias, starts, E, L, grid[1], delta.stride(0),
-                                           delta.stride(1), BLOCK_E=8, BLOCK_T=BLOCK_T, WALK=4, num_warps=2)
+    with device_of(delta):
+        _starts_kernel[(triton.cdiv(E, 8), b)](delta, delta_bias, starts, E, L, grid[1], delta.stride(0),
+                                               delta.stride(1), BLOCK_E=8, BLOCK_T=BLOCK_T, WALK=4, num_warps=2)
     return starts
 
 
@@ -202,10 +204,11 @@ def carry_fwd(y0, z, delta, delta_bias, A, C, h0, out=None, starts=None):
     b, E, L = y0.shape
     out = torch.empty_like(y0) if out is None else out
     starts = carry_starts(delta, delta_bias) if starts is None else starts
-    _fwd_kernel[_grid(y0)](
-        y0, z, delta, delta_bias, starts, A, C, h0, out, E, A.shape[1], L,
-        y0.stride(0), y0.stride(1), z.stride(0), z.stride(1), delta.stride(0), delta.stride(1),
-        C.stride(0), C.stride(1), out.stride(0), out.stride(1), BLOCK_E=BLOCK_E, BLOCK_T=BLOCK_T, num_warps=WARPS)
+    with device_of(y0):
+        _fwd_kernel[_grid(y0)](
+            y0, z, delta, delta_bias, starts, A, C, h0, out, E, A.shape[1], L,
+            y0.stride(0), y0.stride(1), z.stride(0), z.stride(1), delta.stride(0), delta.stride(1),
+            C.stride(0), C.stride(1), out.stride(0), out.stride(1), BLOCK_E=BLOCK_E, BLOCK_T=BLOCK_T, num_warps=WARPS)
     return out
 
 
@@ -235,12 +238,13 @@ def carry_bwd_tiles(dout, y0, z, delta, delta_bias, A, C, h0, dz, g=None, want_o
     totals = torch.empty(b, E, grid[1], **f32)
     out = torch.empty_like(g) if want_out else g
     starts = carry_starts(delta, delta_bias) if starts is None else starts
-    _bwd_kernel[grid](
-        dout, y0, z, delta, delta_bias, starts, A, C, h0, g, dz, part, dC_part,
-        dA_part, dh0_part, totals, out, E, N, L, dout.stride(0), dout.stride(1), y0.stride(0), y0.stride(1),
-        z.stride(0), z.stride(1), delta.stride(0), delta.stride(1), C.stride(0), C.stride(1),
-        g.stride(0), g.stride(1), dz.stride(0), dz.stride(1),
-        WRITE_OUT=want_out, BLOCK_E=BLOCK_E, BLOCK_T=BLOCK_T, num_warps=WARPS)
+    with device_of(y0):
+        _bwd_kernel[grid](
+            dout, y0, z, delta, delta_bias, starts, A, C, h0, g, dz, part, dC_part,
+            dA_part, dh0_part, totals, out, E, N, L, dout.stride(0), dout.stride(1), y0.stride(0), y0.stride(1),
+            z.stride(0), z.stride(1), delta.stride(0), delta.stride(1), C.stride(0), C.stride(1),
+            g.stride(0), g.stride(1), dz.stride(0), dz.stride(1),
+            WRITE_OUT=want_out, BLOCK_E=BLOCK_E, BLOCK_T=BLOCK_T, num_warps=WARPS)
     rest = (delta, delta_bias, totals, part, grid)
     return g, rest, dA_part.sum((0, 1)), dC_part.sum(1), dh0_part.sum(1), out if want_out else None
 
@@ -254,7 +258,8 @@ def carry_bwd_finish(rest, add=None, out=None):
     _check(out, *(() if add is None else (add,)))
     a = part if add is None else add
     dbias_part = torch.empty(b, grid[1], E, dtype=torch.float32, device=part.device)
-    _later_kernel[grid](delta, delta_bias, totals, part, a, out, dbias_part, E, L, delta.stride(0), delta.stride(1),
-                        a.stride(0), a.stride(1), out.stride(0), out.stride(1), HAS_ADD=add is not None,
-                        BLOCK_E=BLOCK_E, BLOCK_T=BLOCK_T, TILES=triton.next_power_of_2(grid[1]), num_warps=WARPS)
+    with device_of(part):
+        _later_kernel[grid](delta, delta_bias, totals, part, a, out, dbias_part, E, L, delta.stride(0), delta.stride(1),
+                            a.stride(0), a.stride(1), out.stride(0), out.stride(1), HAS_ADD=add is not None,
+                            BLOCK_E=BLOCK_E, BLOCK_T=BLOCK_T, TILES=triton.next_power_of_2(grid[1]), num_warps=WARPS)
     return out, dbias_part.sum((0, 1))

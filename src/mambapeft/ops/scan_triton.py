@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import device_of
 from .scan_common import input_grads, keep_dtypes
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e)): A is scaled once
@@ -353,14 +354,15 @@ def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, h0, cfg, write_y=True, s
     states = torch.empty(b, triton.cdiv(L, cfg.t), E, N, **f32) if store_states else hlast
     zz = z if z is not None else u
     grid = (triton.cdiv(E, cfg.fwd_e), b)
-    _fwd_kernel[grid](
-        u, delta, A, B, C, D if D is not None else A, zz, delta_bias if delta_bias is not None else A,
-        h0 if h0 is not None else A, y, hlast, states, E, N, L, triton.cdiv(L, cfg.t),
-        u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), B.stride(0), B.stride(1),
-        C.stride(0), C.stride(1), zz.stride(0), zz.stride(1), y.stride(0), y.stride(1),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
-        HAS_H0=h0 is not None, WRITE_Y=write_y, STORE_STATES=store_states,
-        BLOCK_E=cfg.fwd_e, BLOCK_N=triton.next_power_of_2(N), BLOCK_T=cfg.t, num_warps=cfg.fwd_warps)
+    with device_of(u):
+        _fwd_kernel[grid](
+            u, delta, A, B, C, D if D is not None else A, zz, delta_bias if delta_bias is not None else A,
+            h0 if h0 is not None else A, y, hlast, states, E, N, L, triton.cdiv(L, cfg.t),
+            u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), B.stride(0), B.stride(1),
+            C.stride(0), C.stride(1), zz.stride(0), zz.stride(1), y.stride(0), y.stride(1),
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
+            HAS_H0=h0 is not None, WRITE_Y=write_y, STORE_STATES=store_states,
+            BLOCK_E=cfg.fwd_e, BLOCK_N=triton.next_power_of_2(N), BLOCK_T=cfg.t, num_warps=cfg.fwd_warps)
     return y, hlast, states
 
 
@@ -405,16 +407,17 @@ def scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
     dD_part, dbias_part = torch.empty(2, b, E, **f32)
     do = dout if dout is not None else u
     zz = z if z is not None else u
-    _bwd_kernel[(n_eb, b)](
-        u, delta, A, B, C, D if D is not None else A, zz, delta_bias if delta_bias is not None else A,
-        states, do, dlast if dlast is not None else A,
-        du, ddelta, dz if dz is not None else du, dB_part, dC_part, dA_part, dD_part, dbias_part, dh0,
-        E, N, L, triton.cdiv(L, cfg.t),
-        u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), B.stride(0), B.stride(1),
-        C.stride(0), C.stride(1), zz.stride(0), zz.stride(1), do.stride(0), do.stride(1),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-        HAS_DOUT=dout is not None, HAS_DLAST=dlast is not None,
-        BLOCK_E=cfg.bwd_e, BLOCK_N=triton.next_power_of_2(N), BLOCK_T=cfg.t, num_warps=cfg.bwd_warps)
+    with device_of(u):
+        _bwd_kernel[(n_eb, b)](
+            u, delta, A, B, C, D if D is not None else A, zz, delta_bias if delta_bias is not None else A,
+            states, do, dlast if dlast is not None else A,
+            du, ddelta, dz if dz is not None else du, dB_part, dC_part, dA_part, dD_part, dbias_part, dh0,
+            E, N, L, triton.cdiv(L, cfg.t),
+            u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), B.stride(0), B.stride(1),
+            C.stride(0), C.stride(1), zz.stride(0), zz.stride(1), do.stride(0), do.stride(1),
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
+            HAS_DOUT=dout is not None, HAS_DLAST=dlast is not None,
+            BLOCK_E=cfg.bwd_e, BLOCK_N=triton.next_power_of_2(N), BLOCK_T=cfg.t, num_warps=cfg.bwd_warps)
     return (du, ddelta, dA_part.sum(0), dB_part.sum(1), dC_part.sum(1),
             dD_part.sum(0) if D is not None else None, dz,
             dbias_part.sum(0) if delta_bias is not None else None, dh0)
