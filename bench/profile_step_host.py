@@ -1,6 +1,7 @@
 """The host side of an eager training step (GPU): cProfile of LoRA_p(X) r64 steps at the mamba-130m
-shape, bf16 frozen weights and memory-efficient norms, backward in the calling thread; and the step's
-time with the backward on autograd's device thread (torch's default) and in the calling thread.
+shape, bf16 frozen weights and memory-efficient norms, backward in the calling thread; the step's
+time with the backward on autograd's device thread (torch's default) and in the calling thread; the
+host's time to issue a step, and a torch profile of one (launches counted, ops by host time).
 
     python3 bench/profile_step_host.py [--steps 5]
 """
@@ -46,7 +47,29 @@ def main():
             print(f"round {rnd}: eager step {1e3 * (time.perf_counter() - t0) / args.steps:.1f} ms, backward "
                   f"{'on the device thread' if threads else 'in the calling thread'}")
     torch.autograd.set_multithreading_enabled(False)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    step()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    print(f"host issue {1e3 * (t1 - t0):.1f} ms a step, then the GPU's drain {1e3 * (time.perf_counter() - t1):.1f} ms")
+    launch_profile(step)
     host_profile(step, args.steps)
+
+
+LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
+
+
+def launch_profile(fn, rows=45):
+    """torch.profiler of one call of fn: kernel launches and memsets counted, then ops by host time of their own."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    ka = prof.key_averages()
+    print("launches a step:", sum(e.count for e in ka if e.key in LAUNCHES),
+          "memcpy/memset:", sum(e.count for e in ka if e.key.startswith(("cudaMemcpy", "cudaMemset"))))
+    print(ka.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=55))
 
 
 def host_profile(fn, n, top=(35, 45)):
