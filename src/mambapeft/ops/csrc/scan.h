@@ -54,10 +54,15 @@ constexpr int kLanesStage = 16, kLanesHalf = 8;  // the lanes backward's steps p
 
 inline int lanes_states(bool forward) { return forward ? MAMBAPEFT_SCAN_LANES_STATES : MAMBAPEFT_SCAN_LANES_BWD_STATES; }
 
+// the current device's SMs, asked of the driver once a device (a launch asks several times)
 inline int sm_count() {
+  constexpr int kDevices = 64;
+  static int counts[kDevices] = {};
   int device = 0, n = 0;
   cudaGetDevice(&device);
+  if (device >= 0 && device < kDevices && counts[device]) return counts[device];
   cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device);
+  if (device >= 0 && device < kDevices) counts[device] = n;
   return n;
 }
 

@@ -5,7 +5,8 @@
 // (affine maps composed, shuffled, passed through shared memory) and one global atomic per channel, state
 // and step for dB and dC. Here a step costs a thread two exp2s and a dozen multiply-adds per state, and
 // dB, dC meet over the warp's channels in shared memory first: one 16-byte atomic per warp, state and 4
-// steps (two 8-byte ones where two lanes share a state's steps).
+// steps (two 8-byte ones where two lanes share a state's steps); with 4 threads of 6 states, over the
+// block's channels: one 16-byte atomic per block, state and 4 steps (kBlockSums).
 //
 // A thread's walk: first forward over the whole sequence from the initial state, keeping its state
 // before every kLanesHalf (8) steps in p.scratch (the forward kept only the chunks' ends); then stage by
@@ -137,8 +138,20 @@ __global__ void __launch_bounds__(32 * TPC, lanes_backward_blocks(NS, TPC)) bwd_
   // are lanes l and l + kTail: a quarter-warp's lanes then read rows of one step, without bank conflicts (an
   // item's two steps are 2 x 2 NT kTile floats apart, the same banks: 2l and 2l + 1 conflicted)
   constexpr int kTail = 2 * NT % 32 <= 16 ? 2 * NT % 32 : 0, kWhole = 2 * NT - kTail;
+  // 4 threads of 6 states (lanes_wide): the warps' sums of an item and group meet over the block's channels
+  // first, for one 16-byte atomic a block rather than one a warp (the atomics took 17% of this backward's
+  // time; elsewhere the barrier cost more than they did, bench/results/issue13/s12). A warp's sums go to
+  // the 4 unused floats at the end of its rows of red (kTile 12 for 8 channels), in two buffers taken by
+  // turns, so that one barrier a group suffices: a buffer is written again only after the next barrier.
+  constexpr bool kBlockSums = TPC == 4 && NS > 4;
+  static_assert(!kBlockSums || (S::kTile - S::kWCh >= 4 && S::kTile % 4 == 0 && 4 * NT <= kG * 2 * NT &&
+                                kLanesHalf / kG % 2 == 0), "the block's sums: rows, room and turns");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   S &sm = *reinterpret_cast<S *>(smem_raw);
+  // item i's slot of warp w in buffer `buf`: row buf * 2 NT + i of the warp's red, past its channels
+  auto sum_slot = [&](int w, int buf, int i) {
+    return reinterpret_cast<float4 *>(&sm.red[w][0][0][0][0] + (buf * 2 * NT + i) * S::kTile + S::kWCh);
+  };
   const int b = blockIdx.x, N = p.dstate, tid = threadIdx.x, c = tid / TPC, r = tid % TPC, d0 = blockIdx.y * kCh;
   const int lane = tid % 32, warp = tid / 32, cl = lane / TPC;
   const bool live = d0 + c < p.dim;
@@ -312,21 +325,50 @@ __global__ void __launch_bounds__(32 * TPC, lanes_backward_blocks(NS, TPC)) bwd_
         }
         __syncwarp();
         // item i: dB (i < NT) or dC (NT <= i < 2 NT) of state i % NT, summed over the warp's channels
+        if constexpr (kBlockSums) {
+          const int buf = t0 / kG % 2;
 #pragma unroll
-        for (int i = lane; i < kWhole; i += 32) {
-          float v[kG];
-          channel_sums<S>(sm.red[warp], i, 0, v);
-          if (i % NT < N) add_steps((i / NT ? dC : dB) + int64_t(i % NT) * p.len + s0 + tg, steps - tg, vec4, v);
-        }
-        if constexpr (kTail > 0) {
-          const int i = kWhole + lane % kTail, g0 = lane / kTail * 2;
-          if (lane < 2 * kTail && i % NT < N) {
-            float v[2];
-            channel_sums<S>(sm.red[warp], i, g0, v);
-            add_steps((i / NT ? dC : dB) + int64_t(i % NT) * p.len + s0 + tg + g0, steps - tg - g0, vec4, v);
+          for (int i = lane; i < kWhole; i += 32) {
+            float v[kG];
+            channel_sums<S>(sm.red[warp], i, 0, v);
+            *sum_slot(warp, buf, i) = make_float4(v[0], v[1], v[2], v[3]);
           }
+          if constexpr (kTail > 0) {
+            const int i = kWhole + lane % kTail, g0 = lane / kTail * 2;
+            if (lane < 2 * kTail) {
+              float v[2];
+              channel_sums<S>(sm.red[warp], i, g0, v);
+              reinterpret_cast<float2 *>(sum_slot(warp, buf, i))[g0 / 2] = make_float2(v[0], v[1]);
+            }
+          }
+          __syncthreads();
+          if (const int i = lane * S::kWarps + warp; i < 2 * NT && i % NT < N) {
+            float4 acc = *sum_slot(0, buf, i);
+#pragma unroll
+            for (int w = 1; w < S::kWarps; ++w) {
+              const float4 x = *sum_slot(w, buf, i);
+              acc.x += x.x, acc.y += x.y, acc.z += x.z, acc.w += x.w;
+            }
+            const float v[kG] = {acc.x, acc.y, acc.z, acc.w};
+            add_steps((i / NT ? dC : dB) + int64_t(i % NT) * p.len + s0 + tg, steps - tg, vec4, v);
+          }
+        } else {
+#pragma unroll
+          for (int i = lane; i < kWhole; i += 32) {
+            float v[kG];
+            channel_sums<S>(sm.red[warp], i, 0, v);
+            if (i % NT < N) add_steps((i / NT ? dC : dB) + int64_t(i % NT) * p.len + s0 + tg, steps - tg, vec4, v);
+          }
+          if constexpr (kTail > 0) {
+            const int i = kWhole + lane % kTail, g0 = lane / kTail * 2;
+            if (lane < 2 * kTail && i % NT < N) {
+              float v[2];
+              channel_sums<S>(sm.red[warp], i, g0, v);
+              add_steps((i / NT ? dC : dB) + int64_t(i % NT) * p.len + s0 + tg + g0, steps - tg - g0, vec4, v);
+            }
+          }
+          __syncwarp();
         }
-        __syncwarp();
       }
       if (hf > 0) {
 #pragma unroll
