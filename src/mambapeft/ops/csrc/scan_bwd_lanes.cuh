@@ -140,7 +140,8 @@ __global__ void __launch_bounds__(32 * TPC, lanes_backward_blocks(NS, TPC)) bwd_
   constexpr int kTail = 2 * NT % 32 <= 16 ? 2 * NT % 32 : 0, kWhole = 2 * NT - kTail;
   // 4 threads of 6 states (lanes_wide): the warps' sums of an item and group meet over the block's channels
   // first, for one 16-byte atomic a block rather than one a warp (the atomics took 17% of this backward's
-  // time; elsewhere the barrier cost more than they did, bench/results/issue13/s12). A warp's sums go to
+  // time; elsewhere the barrier cost more than they did, also with one barrier a group at 8 threads of 4
+  // states: bench/results/issue13/s12). A warp's sums go to
   // the 4 unused floats at the end of its rows of red (kTile 12 for 8 channels), in two buffers taken by
   // turns, so that one barrier a group suffices: a buffer is written again only after the next barrier.
   constexpr bool kBlockSums = TPC == 4 && NS > 4;
