@@ -325,23 +325,32 @@ __global__ void __launch_bounds__(32 * TPC, lanes_backward_blocks(NS, TPC)) bwd_
           *reinterpret_cast<float4 *>(&sm.s3[c][tg]) = make_float4(s3[0], s3[1], s3[2], s3[3]);
         }
         __syncwarp();
-        // item i: dB (i < NT) or dC (NT <= i < 2 NT) of state i % NT, summed over the warp's channels
-        if constexpr (kBlockSums) {
-          const int buf = t0 / kG % 2;
-#pragma unroll
-          for (int i = lane; i < kWhole; i += 32) {
-            float v[kG];
-            channel_sums<S>(sm.red[warp], i, 0, v);
+        // item i: dB (i < NT) or dC (NT <= i < 2 NT) of state i % NT, summed over the warp's channels; its K
+        // steps from g0 go to the block's slots (kBlockSums) or straight to the atomics
+        const int buf = t0 / kG % 2;
+        auto emit = [&](int i, int g0, const auto &v) {
+          if constexpr (!kBlockSums)
+            add_steps((i / NT ? dC : dB) + int64_t(i % NT) * p.len + s0 + tg + g0, steps - tg - g0, vec4, v);
+          else if constexpr (sizeof(v) == kG * sizeof(float))
             *sum_slot(warp, buf, i) = make_float4(v[0], v[1], v[2], v[3]);
+          else
+            reinterpret_cast<float2 *>(sum_slot(warp, buf, i))[g0 / 2] = make_float2(v[0], v[1]);
+        };
+#pragma unroll
+        for (int i = lane; i < kWhole; i += 32) {
+          float v[kG];
+          channel_sums<S>(sm.red[warp], i, 0, v);
+          if (kBlockSums || i % NT < N) emit(i, 0, v);   // (the block's sums skip padded states when summing)
+        }
+        if constexpr (kTail > 0) {
+          const int i = kWhole + lane % kTail, g0 = lane / kTail * 2;
+          if (lane < 2 * kTail && (kBlockSums || i % NT < N)) {
+            float v[2];
+            channel_sums<S>(sm.red[warp], i, g0, v);
+            emit(i, g0, v);
           }
-          if constexpr (kTail > 0) {
-            const int i = kWhole + lane % kTail, g0 = lane / kTail * 2;
-            if (lane < 2 * kTail) {
-              float v[2];
-              channel_sums<S>(sm.red[warp], i, g0, v);
-              reinterpret_cast<float2 *>(sum_slot(warp, buf, i))[g0 / 2] = make_float2(v[0], v[1]);
-            }
-          }
+        }
+        if constexpr (kBlockSums) {
           __syncthreads();
           if (const int i = lane * S::kWarps + warp; i < 2 * NT && i % NT < N) {
             float4 acc = *sum_slot(0, buf, i);
@@ -354,20 +363,6 @@ __global__ void __launch_bounds__(32 * TPC, lanes_backward_blocks(NS, TPC)) bwd_
             add_steps((i / NT ? dC : dB) + int64_t(i % NT) * p.len + s0 + tg, steps - tg, vec4, v);
           }
         } else {
-#pragma unroll
-          for (int i = lane; i < kWhole; i += 32) {
-            float v[kG];
-            channel_sums<S>(sm.red[warp], i, 0, v);
-            if (i % NT < N) add_steps((i / NT ? dC : dB) + int64_t(i % NT) * p.len + s0 + tg, steps - tg, vec4, v);
-          }
-          if constexpr (kTail > 0) {
-            const int i = kWhole + lane % kTail, g0 = lane / kTail * 2;
-            if (lane < 2 * kTail && i % NT < N) {
-              float v[2];
-              channel_sums<S>(sm.red[warp], i, g0, v);
-              add_steps((i / NT ? dC : dB) + int64_t(i % NT) * p.len + s0 + tg + g0, steps - tg - g0, vec4, v);
-            }
-          }
           __syncwarp();
         }
       }
