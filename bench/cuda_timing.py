@@ -6,17 +6,7 @@ import torch
 
 def median_ms(fn, iters, warmup=1):
     """The median over `iters` calls of fn's GPU time in ms (CUDA events around each call)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return interleaved_ms({"fn": fn}, iters, warmup)["fn"]
 
 
 def interleaved_ms(fns, iters, warmup=1):

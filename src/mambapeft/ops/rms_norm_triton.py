@@ -13,6 +13,11 @@ import triton.language as tl
 from . import device_of
 
 
+def _warps(block):
+    """Warps for a row of `block` values (both kernels: a row a program)."""
+    return min(16, max(1, block // 256))
+
+
 @triton.jit
 def _dx_kernel(y_ptr, dy_ptr, w_ptr, rstd_ptr, dx_ptr, D, BLOCK_D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -34,7 +39,7 @@ def rms_norm_dx(y, dy, weight, rstd, dtype):
     block = triton.next_power_of_2(D)
     with device_of(y):
         _dx_kernel[(y.numel() // D,)](y, dy, weight.contiguous(), rstd.contiguous(), dx, D, BLOCK_D=block,
-                                      num_warps=min(16, max(1, block // 256)))
+                                      num_warps=_warps(block))
     return dx
 
 
@@ -64,6 +69,6 @@ def rms_norm(x, weight, eps, input_dtype):
     block = triton.next_power_of_2(D)
     with device_of(x):
         _forward_kernel[(x.numel() // D,)](x, weight.contiguous(), y, D, eps, BLOCK_D=block,
-                                           IN_DTYPE=_TL[input_dtype], num_warps=min(16, max(1, block // 256)))
+                                           IN_DTYPE=_TL[input_dtype], num_warps=_warps(block))
     return y
 
