@@ -50,7 +50,9 @@ class GraphStep:
         if [id(t) for t in _state_tensors(cache)] != [id(t) for t in tensors]:
             raise RuntimeError("the decoding step replaced its cache tensors; it cannot be captured")
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # captured on this device's stream: torch's default capture stream belongs to the device that was
+        # current when it was first made, and a capture there records none of this device's kernels
+        with torch.cuda.graph(self.graph, stream=side):
             self.logits = model(self.token, cache=cache).logits
         for t, s in zip(tensors, saved):
             t.copy_(s)
