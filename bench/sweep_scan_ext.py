@@ -43,7 +43,11 @@ def build_all(variants):
              for label, defs, csrc in variants]
     if any(p.wait() for p in procs):
         raise SystemExit("a variant failed to build")
-    return {label: scan_cuda_ext.build(f"mambapeft_scan_{label}", defs, csrc) for label, defs, csrc in variants}
+    mods = {label: scan_cuda_ext.build(f"mambapeft_scan_{label}", defs, csrc) for label, defs, csrc in variants}
+    for m in mods.values():
+        if not hasattr(m, "n_states"):   # sources from before the backward's pieces of time: a state a chunk
+            m.n_states = lambda b, E, N, L, fk, bk, pieces, m=m: -(-L // m.chunk_size(L))
+    return mods
 
 
 def inputs(b, E, N, L, n_init):

@@ -158,3 +158,48 @@ def test_backward_kernels_agree(N, dtype, monkeypatch):
     for kernel in ("lanes", "auto"):
         for name, got, want in zip(names, out[kernel], out["block"]):
             assert_close(got, want, f"{name} ({kernel})", tol)
+
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("N", [17, 22, 24])
+@pytest.mark.parametrize("L,pieces", [(63, 2), (300, 3), (1024, 4)])
+def test_backward_in_pieces(L, pieces, N, dtype, monkeypatch):
+    """The lanes backward in pieces of time (csrc/scan.h: lanes_pieces; 4 threads of 6 states): every item
+    starts from the forward's state before its piece and the gradient carried from the next piece's item;
+    against the reference, with ragged last pieces, an initial state and a last state in the loss."""
+    monkeypatch.setattr(scan_cuda_ext, "forward_kernel", "lanes")
+    monkeypatch.setattr(scan_cuda_ext, "backward_kernel", "lanes")
+    monkeypatch.setattr(scan_cuda_ext, "backward_pieces", pieces)
+    x, _ = make_inputs(2, 40, N, L, True, True, dtype, "cuda")
+    states = scan_cuda_ext.scan_fwd(*scan_cuda_ext.prepare(*(x[k].detach() for k in (
+        "u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")))[:8], True, None)[1]
+    assert states.shape[2] == pieces, "the forward keeps a state a piece"
+    check(2, 40, N, L, True, True, True, dtype=dtype, tol=2e-5 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("N", [16, 22])
+def test_backward_where_blocks_overflow(N, monkeypatch):
+    """At the mamba-1.4b training shape (4 x 4096 channels: more blocks of 4 threads of 6 states than the GPU holds
+    at once) "auto" runs the 22-state backward in pieces, the 16-state one (4 blocks an SM) whole; both, and the
+    22 states whole in two waves (backward_pieces = 1), give the block scan's gradients."""
+    b, E, L = 4, 4096, 512
+    x, g = make_inputs(b, E, N, L, True, True, torch.bfloat16, "cuda")
+    x = scan_cuda_ext.prepare(*(x[k].detach() for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias",
+                                                        "initial_state")))
+    dout = torch.randn(b, E, L, generator=g).cuda().to(torch.bfloat16)
+    dlast = torch.randn(b, E, N, generator=g).cuda()
+    out, kept = {}, {}
+    for pieces, kernel in ((0, "auto"), (1, "auto"), (0, "block")):
+        monkeypatch.setattr(scan_cuda_ext, "backward_pieces", pieces)
+        monkeypatch.setattr(scan_cuda_ext, "backward_kernel", kernel)
+        _, kept[pieces, kernel] = scan_cuda_ext.scan_fwd(*x[:8], True, x[8], want_y=False)
+        out[pieces, kernel] = scan_cuda_ext.scan_bwd(*x[:8], True, x[8], kept[pieces, kernel], dout, dlast,
+                                                     want_out_z=True)
+    places = 3 * torch.cuda.get_device_properties(0).multi_processor_count
+    assert kept[0, "auto"].shape[2] == (2 if N == 22 and b * E // 32 > places else 1), "pieces where they help"
+    assert kept[1, "auto"].shape[2] == kept[0, "block"].shape[2] == 1
+    names = ("du", "ddelta", "dA", "dB", "dC", "dD", "ddelta_bias", "dinitial_state", "dz", "out_z")
+    for run in ((0, "auto"), (1, "auto")):
+        for name, got, want in zip(names, out[run], out[0, "block"]):
+            assert_close(got, want, f"{name} {run}", 2e-2)

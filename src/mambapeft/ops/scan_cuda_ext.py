@@ -96,14 +96,19 @@ def prepare(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=No
 KERNELS = {"auto": 0, "block": 1, "lanes": 2}
 forward_kernel = "auto"
 backward_kernel = "auto"
+# The lanes backward's pieces of time (csrc/scan.h: lanes_pieces), where its blocks overflow what the GPU holds
+# at once: 0 the launcher's choice, 1 none, k that many (tests). The forward keeps a state a piece for it.
+backward_pieces = 0
 
 
 def scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, want_y=True):
-    """-> y (b, E, L) in u's dtype, gated (or None without want_y), and the states at the chunks' ends
-    (b, E, chunks, N) fp32, the last of which is the last state; inputs as prepare() returns them."""
+    """-> y (b, E, L) in u's dtype, gated (or None without want_y), and the states at the chunks' (or the
+    backward's pieces') ends (b, E, chunks, N) fp32, the last of which is the last state; inputs as prepare()
+    returns them. scan_bwd reads the pieces, if any, from the states' shape."""
     b, E, L = u.shape
     ext = extension()
-    states = torch.empty(b, E, -(-L // ext.chunk_size(L)), A.shape[1], dtype=torch.float32, device=u.device)
+    n = ext.n_states(b, E, A.shape[1], L, KERNELS[forward_kernel], KERNELS[backward_kernel], backward_pieces)
+    states = torch.empty(b, E, n, A.shape[1], dtype=torch.float32, device=u.device)
     y = _flat_empty(b, E, L, u) if want_y else None
     ext.fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, y, states,
             KERNELS[forward_kernel])

@@ -39,6 +39,23 @@ float *f32(const Opt &t, const char *name, int64_t numel) {
   return t->data_ptr<float>();
 }
 
+// The forward's kept states (b, E, n, N): after each of the block scan's chunks, or where the lanes backward runs
+// in pieces of time (scan.h: lanes_pieces, n_states below) after each piece.
+void kept_states(Params &p, const at::Tensor &states, int64_t b) {
+  TORCH_CHECK(states.dim() == 4 && states.size(0) == b && states.size(1) == p.dim && states.size(3) == p.dstate,
+              "states: expected (b, E, chunks, N)");
+  p.n_states = static_cast<int>(states.size(2));
+  p.pieces = 1;
+  p.state_chunk = mambapeft_scan::chunk_size(p.len);
+  if (p.n_states != p.n_chunks) {
+    TORCH_CHECK(p.len <= 2048 && p.n_states > 1 && mambapeft_scan::pieces_of(p.len, p.n_states) == p.n_states,
+                "states: expected ", p.n_chunks, " a channel, or as many as n_states() gives");
+    p.pieces = p.n_states;
+    p.state_chunk = mambapeft_scan::piece_len(p.len, p.pieces);
+  }
+  p.states = f32(states, "states (b, E, chunks, N)", b * p.dim * p.n_states * p.dstate);
+}
+
 Params common(const at::Tensor &u, const at::Tensor &delta, const at::Tensor &A, const at::Tensor &B,
               const at::Tensor &C, const Opt &D, const Opt &z, const Opt &bias, const Opt &h0, const at::Tensor &states,
               bool softplus) {
@@ -61,7 +78,7 @@ Params common(const at::Tensor &u, const at::Tensor &delta, const at::Tensor &A,
   p.D = f32(D, "D", p.dim);
   p.bias = f32(bias, "delta_bias", p.dim);
   p.h0 = f32(h0, "initial_state", b * p.dim * p.dstate);
-  p.states = f32(states, "states (b, E, chunks, N)", b * p.dim * p.n_chunks * p.dstate);
+  kept_states(p, states, b);
   return p;
 }
 
@@ -86,6 +103,8 @@ void fwd(at::Tensor u, at::Tensor delta, at::Tensor A, at::Tensor B, at::Tensor 
   Params p = common(u, delta, A, B, C, D, z, bias, h0, states, softplus);
   TORCH_CHECK(kernel >= 0 && kernel <= 2, "kernel: expected 0 (auto), 1 (block scan) or 2 (threads along channels)");
   p.forward_kernel = static_cast<int>(kernel);
+  TORCH_CHECK(p.pieces == 1 || mambapeft_scan::lanes(p, true, u.size(0)),
+              "states: kept for pieces (n_states()), which only the forward along channels writes");
   rows(p, y, "y", u, p.y, p.y_b, p.y_d);
   dispatch(p, u, true);
 }
@@ -114,11 +133,17 @@ void bwd(at::Tensor u, at::Tensor delta, at::Tensor A, at::Tensor B, at::Tensor 
   p.dD = f32(dD, "dD", p.dim);
   p.dbias = f32(dbias, "ddelta_bias", p.dim);
   p.dh0 = f32(dh0, "dinitial_state", bEN);
-  const int64_t kept = mambapeft_scan::lanes_backward_scratch(p, b);
-  at::Tensor scratch;  // from torch's caching allocator (and a CUDA graph's pool while one is captured)
+  // the block scan reads no kept state in one chunk; the lanes kernels for 1 or 2 threads a channel walk it whole
+  if (!mambapeft_scan::lanes_pieces_ok(p, b)) p.pieces = 1;
+  const int64_t kept = mambapeft_scan::lanes_backward_scratch(p, b), n_sync = mambapeft_scan::lanes_backward_sync(p, b);
+  at::Tensor scratch, sync;  // from torch's caching allocator (and a CUDA graph's pool while one is captured)
   if (kept) {
     scratch = at::empty({kept}, u.options().dtype(at::kFloat));
     p.scratch = scratch.data_ptr<float>();
+  }
+  if (n_sync) {
+    sync = at::zeros({n_sync}, u.options().dtype(at::kInt));
+    p.sync = sync.data_ptr<int>();
   }
   dispatch(p, u, false);
 }
@@ -131,6 +156,22 @@ bool lanes(int64_t batch, int64_t dim, int64_t dstate) {
   return mambapeft_scan::lanes(p, true, static_cast<int>(batch)) && mambapeft_scan::lanes(p, false, static_cast<int>(batch));
 }
 
+// How many states a channel the forward keeps (the states tensor's third size) for this shape and these kernels:
+// one a piece where the lanes backward runs in pieces of time (pieces: 0 the launcher's choice, 1 none, else
+// that many), else one a chunk of the block scan.
+int64_t n_states(int64_t batch, int64_t dim, int64_t dstate, int64_t len, int64_t forward_kernel,
+                 int64_t backward_kernel, int64_t pieces) {
+  Params p{};
+  p.dim = static_cast<int>(dim);
+  p.dstate = static_cast<int>(dstate);
+  p.len = static_cast<int>(len);
+  p.forward_kernel = static_cast<int>(forward_kernel);
+  p.backward_kernel = static_cast<int>(backward_kernel);
+  const int k = mambapeft_scan::lanes_pieces(p, static_cast<int>(batch), static_cast<int>(pieces));
+  const int chunk = mambapeft_scan::chunk_size(p.len);
+  return k > 1 ? k : (len + chunk - 1) / chunk;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -138,4 +179,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bwd", &bwd, "selective scan backward, with the initial state's gradient");
   m.def("lanes", &lanes, "whether auto runs the kernels along channels and states, forward and backward");
   m.def("chunk_size", &mambapeft_scan::chunk_size, "steps per chunk for a length");
+  m.def("n_states", &n_states, "states a channel the forward keeps (batch, dim, dstate, len, kernels, pieces)");
 }

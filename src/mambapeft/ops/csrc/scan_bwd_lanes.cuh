@@ -8,6 +8,10 @@
 // steps (two 8-byte ones where two lanes share a state's steps); with 4 threads of 6 states, over the
 // block's channels: one 16-byte atomic per block, state and 4 steps (kBlockSums).
 //
+// With pieces of time (scan.h: lanes_pieces) a block is an item, a block of channels and a piece: its walk
+// starts from the forward's state before the piece, and its carried gradient from the one the item of the next
+// piece left in dh0 (the last piece: dlast).
+//
 // A thread's walk: first forward over the whole sequence from the initial state, keeping its state
 // before every kLanesHalf (8) steps in p.scratch (the forward kept only the chunks' ends); then stage by
 // stage from the last, each half-stage's 8 states again (registers), then its steps in reverse:
@@ -96,6 +100,7 @@ struct BwdLanesSmem {
   // each warp's dB, dC terms of a group of kG steps: [warp][step][dB, dC][state][channel of the warp]
   __align__(16) float red[kWarps][kG][2][NT][kTile];
   float sbias[kCh], sD[kCh];
+  int s_begin, item;  // the item's first stage; its flag (p.sync)
 };
 
 // v[g] = item i's term of step g0 + g, summed over the warp's channels (a row of red)
@@ -126,8 +131,9 @@ __device__ __forceinline__ void channel_sums(const float (&red)[S::kG][2][S::NT]
   }
 }
 
-// scan.h: lanes_backward_blocks caps its registers
-template <int NS, int TPC, typename T>
+// scan.h: lanes_backward_blocks caps its registers. kPieces: an item is a piece of time (a kernel of its own: in
+// the whole sequence's kernel, the pieces' code made the 16-state one spill)
+template <int NS, int TPC, typename T, bool kPieces>
 __global__ void __launch_bounds__(32 * TPC, lanes_backward_blocks(NS, TPC)) bwd_lanes_kernel(Params p) {
   using S = BwdLanesSmem<NS, TPC, T>;
   constexpr int kCh = S::kCh, kThreads = kCh * TPC, NT = S::NT, kS = S::kS, kG = S::kG;
@@ -153,8 +159,11 @@ __global__ void __launch_bounds__(32 * TPC, lanes_backward_blocks(NS, TPC)) bwd_
   auto sum_slot = [&](int w, int buf, int i) {
     return reinterpret_cast<float4 *>(&sm.red[w][0][0][0][0] + (buf * 2 * NT + i) * S::kTile + S::kWCh);
   };
+  // the item's piece: the latest first (blockIdx.z 0), so that the item of the piece after it, whose carry it waits
+  // for, was started before it (blocks start in the order of their index, as CUB's single-pass scans rely on)
   const int b = blockIdx.x, N = p.dstate, tid = threadIdx.x, c = tid / TPC, r = tid % TPC, d0 = blockIdx.y * kCh;
-  const int lane = tid % 32, warp = tid / 32, cl = lane / TPC;
+  const int lane = tid % 32, warp = tid / 32, cl = lane / TPC, piece = kPieces ? p.pieces - 1 - blockIdx.z : 0;
+  const int blk = b * gridDim.y + blockIdx.y;
   const bool live = d0 + c < p.dim;
   const int dd = min(d0 + c, p.dim - 1);  // a thread past the last channel reads a live row; its terms are zeroed
   const T *rows[4] = {static_cast<const T *>(p.u) + b * p.u_b + dd * p.u_d,
@@ -163,8 +172,14 @@ __global__ void __launch_bounds__(32 * TPC, lanes_backward_blocks(NS, TPC)) bwd_
                       p.dout ? static_cast<const T *>(p.dout) + b * p.do_b + dd * p.do_d : nullptr};
   const T *Bp = static_cast<const T *>(p.B) + b * p.B_b, *Cp = static_cast<const T *>(p.C) + b * p.C_b;
   const int64_t bd = int64_t(b) * p.dim + dd;
-  const int n_st = (p.len + kS - 1) / kS;
-  float *ck = p.scratch + (int64_t(b) * gridDim.y + blockIdx.y) * n_st * kHalves * NS * kThreads + tid;
+  // the sequence's stages; the item's: [s_begin, s_end)
+  const int n_st = (p.len + kS - 1) / kS, s_begin = piece * p.state_chunk / kS;
+  const int s_end = kPieces ? min(n_st, s_begin + p.state_chunk / kS) : n_st;
+  if (kPieces && tid == 0) {  // read again where needed: registers less through the reverse walk
+    sm.s_begin = s_begin;
+    sm.item = blk * p.pieces + piece;
+  }
+  float *ck = p.scratch + int64_t(blk) * n_st * kHalves * NS * kThreads + tid;
   if (tid < kCh) {
     const int e = min(d0 + tid, p.dim - 1);
     sm.sbias[tid] = p.bias ? p.bias[e] : 0.f;
@@ -199,19 +214,21 @@ __global__ void __launch_bounds__(32 * TPC, lanes_backward_blocks(NS, TPC)) bwd_
   };
 
   float A2[NS], h[NS];
+  const float *start = kPieces && piece ? p.states + (bd * p.n_states + piece - 1) * N  // the state before the piece
+                                        : p.h0 ? p.h0 + bd * N : nullptr;
 #pragma unroll
   for (int j = 0; j < NS; ++j) {
     const int n = r * NS + j;
     A2[j] = n < N ? p.A[dd * N + n] * kLog2e : 0.f;
-    h[j] = live && n < N && p.h0 ? p.h0[bd * N + n] : 0.f;
+    h[j] = live && n < N && start ? start[n] : 0.f;
   }
 
   // The forward walk, keeping the state before every kH steps.
-  fill(0, 0, false);
-  for (int s = 0, k = 0; s < n_st; ++s, k ^= 1) {
+  fill(0, s_begin * kS, false);
+  for (int s = s_begin, k = 0; s < s_end; ++s, k ^= 1) {
     __pipeline_wait_prior(0);
     __syncthreads();
-    if (s + 1 < n_st) fill(k ^ 1, (s + 1) * kS, false);
+    if (s + 1 < s_end) fill(k ^ 1, (s + 1) * kS, false);
     prep(k, s * kS, false);
     __syncthreads();
 #pragma unroll
@@ -239,27 +256,37 @@ __global__ void __launch_bounds__(32 * TPC, lanes_backward_blocks(NS, TPC)) bwd_
     }
   }
 
-  // The reverse walk.
+  // The reverse walk, once the next piece's item has left its carried gradient in dh0.
+  const bool last = !kPieces || piece == p.pieces - 1;
+  if (!last && tid == 0) {
+    const volatile int *flag = p.sync + sm.item + 1;  // the next piece's
+    while (!*flag) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
+      __nanosleep(256);
+#endif
+    }
+    __threadfence();
+  }
+  __syncthreads();  // every thread is done with the forward walk's buffers (and the carry has landed)
   float cr[NS], dA[NS];
 #pragma unroll
   for (int j = 0; j < NS; ++j) {
     const int n = r * NS + j;
-    cr[j] = live && n < N && p.dlast ? p.dlast[bd * N + n] : 0.f;
+    cr[j] = !live || n >= N ? 0.f : !last ? __ldcg(p.dh0 + bd * N + n) : p.dlast ? p.dlast[bd * N + n] : 0.f;
     dA[j] = 0.f;
   }
   float dD_sum = 0.f, dbias_sum = 0.f;
   const bool vec4 = p.len % 4 == 0;
   float *dB = p.dB + int64_t(b) * N * p.len, *dC = p.dC + int64_t(b) * N * p.len;
-  __syncthreads();  // every thread is done with the forward walk's buffers
-  fill(0, (n_st - 1) * kS, true);
-  for (int s = n_st - 1, k = 0; s >= 0; --s, k ^= 1) {
+  fill(0, (s_end - 1) * kS, true);
+  for (int s = s_end - 1, k = 0; s >= (kPieces ? sm.s_begin : 0); --s, k ^= 1) {
     const int s0 = s * kS, steps = min(kS, p.len - s0);
     float hk[NS];  // the last half's kept state, loaded before the barrier so that its latency is hidden
 #pragma unroll
     for (int j = 0; j < NS; ++j) hk[j] = ck[((s * kHalves + kHalves - 1) * NS + j) * kThreads];
     __pipeline_wait_prior(0);
     __syncthreads();
-    if (s > 0) fill(k ^ 1, s0 - kS, true);
+    if (s > (kPieces ? sm.s_begin : 0)) fill(k ^ 1, s0 - kS, true);
     prep(k, s0, true);
     __syncthreads();
     // 2., one half-stage at a time: rolled, the stage's loop fits the instruction cache better (unrolled, at 24
@@ -418,9 +445,14 @@ __global__ void __launch_bounds__(32 * TPC, lanes_backward_blocks(NS, TPC)) bwd_
     for (int j = 0; j < NS; ++j) {
       const int n = r * NS + j;
       if (n >= N) continue;
-      p.dh0[bd * N + n] = cr[j];
+      p.dh0[bd * N + n] = cr[j];  // the first piece's: the initial state's gradient; a later one's: the carry
       atomicAdd(p.dA + dd * N + n, dA[j]);
     }
+  }
+  if (kPieces && piece > 0) {  // the carry is in place: the previous piece's item may start its reverse walk
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) atomicExch(p.sync + sm.item, 1);
   }
   // a channel's kS steps of pass 3 are kS / kItems consecutive threads
 #pragma unroll

@@ -243,7 +243,7 @@ __global__ void __launch_bounds__(kNThreads) fwd_kernel(Params p) {
       // scan, which all threads pass together (a barrier, or the warp's shuffles and this __syncwarp)
       if constexpr (kWarps == 1) __syncwarp();
       h_run[n] = h_end;
-      if (threadIdx.x == 0) p.states[(bd * p.n_chunks + c) * N + n] = h_end;
+      if (threadIdx.x == 0) p.states[(bd * p.n_states + c) * N + n] = h_end;
     }
     if (z && y) {
       float zv[K];
@@ -353,7 +353,7 @@ __global__ void __launch_bounds__(32 * TPC) fwd_lanes_kernel(Params p) {
                       p.z ? static_cast<const T *>(p.z) + b * p.z_b + dd * p.z_d : nullptr};
   const T *Bp = static_cast<const T *>(p.B) + b * p.B_b, *Cp = static_cast<const T *>(p.C) + b * p.C_b;
   const int64_t bd = int64_t(b) * p.dim + dd;
-  const int chunk = chunk_size(p.len);
+  const int chunk = p.state_chunk;  // the block scan's chunk, or the lanes backward's piece
   if (tid < kCh) {
     const int e = min(d0 + tid, p.dim - 1);
     sbias[tid] = p.bias ? p.bias[e] : 0.f;
@@ -414,11 +414,11 @@ __global__ void __launch_bounds__(32 * TPC) fwd_lanes_kernel(Params p) {
         for (int g = 0; g < kGroup; ++g) sum[g] += __shfl_xor_sync(0xffffffffu, sum[g], o);
       if (r == 0) *reinterpret_cast<float4 *>(&sy[c][t0]) = make_float4(sum[0], sum[1], sum[2], sum[3]);
     }
-    // chunks (scan.h) are whole stages but for the sequence's last, ragged one; a branch per step here
+    // chunks and pieces (scan.h) are whole stages but for the sequence's last, ragged one; a branch per step here
     // would keep the compiler from overlapping consecutive steps
     if (s0 + steps == state_end) {
       if (d0 + c < p.dim) {
-        float *st = p.states + (bd * p.n_chunks + (state_end - 1) / chunk) * N + r * NS;
+        float *st = p.states + (bd * p.n_states + (state_end - 1) / chunk) * N + r * NS;
 #pragma unroll
         for (int j = 0; j < NS; ++j)
           if (r * NS + j < N) st[j] = h[j];
@@ -496,7 +496,7 @@ __global__ void __launch_bounds__(kNThreads, 65536 / (kNThreads * MAMBAPEFT_SCAN
   for (int c = p.n_chunks - 1; c >= 0; --c) {
     __syncthreads();  // the previous chunk's reads of h_start are done (and c_run, dA_acc are set)
     for (int n = threadIdx.x; n < N; n += kNThreads)
-      h_start[n] = c > 0 ? p.states[(bd * p.n_chunks + c - 1) * N + n] : (p.h0 ? p.h0[bd * N + n] : 0.f);
+      h_start[n] = c > 0 ? p.states[(bd * p.n_states + c - 1) * N + n] : (p.h0 ? p.h0[bd * N + n] : 0.f);
     __syncthreads();
     const int t0 = c * kChunk + threadIdx.x * K, valid = p.len - t0;
     // kept through the loop over states: u, dt, the ungated output's gradient dy, the output y (for

@@ -8,7 +8,9 @@ namespace mambapeft_scan {
 // scan.h's states a thread (lanes_wide).
 template <typename T, int TPC, bool Wide>
 cudaError_t launch_lanes(const Params &p, bool forward, int batch, cudaStream_t stream) {
-  const dim3 grid(batch, (p.dim + 31) / 32);
+  // the backward in pieces of time (scan.h: lanes_pieces), in the wide layout only: a block an item
+  const bool pieces = !forward && Wide && p.pieces > 1;
+  const dim3 grid(batch, (p.dim + 31) / 32, pieces ? p.pieces : 1);
   if (forward) {
     constexpr int NS = lanes_ns(MAMBAPEFT_SCAN_LANES_STATES, Wide);
     fwd_lanes_kernel<NS, TPC, T><<<grid, 32 * TPC, 0, stream>>>(p);
@@ -16,10 +18,13 @@ cudaError_t launch_lanes(const Params &p, bool forward, int batch, cudaStream_t 
     constexpr int NS = lanes_ns(MAMBAPEFT_SCAN_LANES_BWD_STATES, Wide);
     // over the 48 KB of static shared memory: asked for at each launch (cheap, and right on any device)
     constexpr size_t smem = sizeof(BwdLanesSmem<NS, TPC, T>);
-    const cudaError_t err = cudaFuncSetAttribute(bwd_lanes_kernel<NS, TPC, T>,
-                                                 cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    auto go = [&](auto kernel) {
+      const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+      if (err == cudaSuccess) kernel<<<grid, 32 * TPC, smem, stream>>>(p);
+      return err;
+    };
+    const cudaError_t err = pieces ? go(bwd_lanes_kernel<NS, TPC, T, Wide>) : go(bwd_lanes_kernel<NS, TPC, T, false>);
     if (err != cudaSuccess) return err;
-    bwd_lanes_kernel<NS, TPC, T><<<grid, 32 * TPC, smem, stream>>>(p);
   }
   return cudaGetLastError();
 }
