@@ -115,12 +115,17 @@ def test_matches_mamba_ssm(L, kernels):
     check_against_mamba_ssm(scan_cuda_ext.selective_scan_cuda_ext, L)
 
 
-def wide_inputs(N, dtype):
-    """The kernels' inputs (scan_cuda_ext.prepare) at a shape where "auto" picks the kernels along channels
-    and states: 8 x 1536 channels, 3 chunks of 2048 steps and a ragged tail, an initial state."""
-    x, g = make_inputs(8, 1536, N, 4100, True, True, dtype, "cuda")
+def kernel_inputs(b, E, N, L, dtype):
+    """The kernels' inputs (scan_cuda_ext.prepare) of make_inputs' values with an initial state, and its generator."""
+    x, g = make_inputs(b, E, N, L, True, True, dtype, "cuda")
     return scan_cuda_ext.prepare(*(x[k].detach() for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias",
                                                             "initial_state"))), g
+
+
+def wide_inputs(N, dtype):
+    """The kernels' inputs at a shape where "auto" picks the kernels along channels and states: 8 x 1536
+    channels, 3 chunks of 2048 steps and a ragged tail, an initial state."""
+    return kernel_inputs(8, 1536, N, 4100, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -171,9 +176,8 @@ def test_backward_in_pieces(L, pieces, N, dtype, monkeypatch):
     monkeypatch.setattr(scan_cuda_ext, "forward_kernel", "lanes")
     monkeypatch.setattr(scan_cuda_ext, "backward_kernel", "lanes")
     monkeypatch.setattr(scan_cuda_ext, "backward_pieces", pieces)
-    x, _ = make_inputs(2, 40, N, L, True, True, dtype, "cuda")
-    states = scan_cuda_ext.scan_fwd(*scan_cuda_ext.prepare(*(x[k].detach() for k in (
-        "u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")))[:8], True, None)[1]
+    x, _ = kernel_inputs(2, 40, N, L, dtype)
+    states = scan_cuda_ext.scan_fwd(*x[:8], True, x[8])[1]
     assert states.shape[2] == pieces, "the forward keeps a state a piece"
     check(2, 40, N, L, True, True, True, dtype=dtype, tol=2e-5 if dtype == torch.float32 else 2e-2)
 
@@ -184,9 +188,7 @@ def test_backward_where_blocks_overflow(N, monkeypatch):
     at once) "auto" runs the 22-state backward in pieces, the 16-state one (4 blocks an SM) whole; both, and the
     22 states whole in two waves (backward_pieces = 1), give the block scan's gradients."""
     b, E, L = 4, 4096, 512
-    x, g = make_inputs(b, E, N, L, True, True, torch.bfloat16, "cuda")
-    x = scan_cuda_ext.prepare(*(x[k].detach() for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias",
-                                                        "initial_state")))
+    x, g = kernel_inputs(b, E, N, L, torch.bfloat16)
     dout = torch.randn(b, E, L, generator=g).cuda().to(torch.bfloat16)
     dlast = torch.randn(b, E, N, generator=g).cuda()
     out, kept = {}, {}

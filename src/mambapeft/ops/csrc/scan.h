@@ -71,6 +71,9 @@ inline int sm_count() {
   return n;
 }
 
+// the lanes kernels' blocks: a batch row's 32 channels each
+inline int64_t lanes_blocks(const Params &p, int batch) { return int64_t(batch) * ((p.dim + 31) / 32); }
+
 // Whether a channel's 4 threads hold 1.5x lanes_states each rather than 8 threads lanes_states: 17 to 24 states
 // (Additional-scan's 22) then take as many threads as 16, and the state slots are 24, not 32 (8 threads of 3
 // states were no faster than 8 of 4: threads add work of their own, a channel's loads, sums and shuffles).
@@ -85,8 +88,7 @@ inline bool lanes_wide_states(const Params &p, bool forward) {
 // 8 x 3072 x 1024 (two full rounds) 1.67 ms to 2.35, 4 x 4096 x 2048 whole 2.58 to 3.06, in 3 pieces 2.30.
 inline bool lanes_wide(const Params &p, bool forward, int batch) {
   if (!lanes_wide_states(p, forward)) return false;
-  return forward || p.len <= 2048 ||
-         int64_t(batch) * ((p.dim + 31) / 32) <= int64_t(MAMBAPEFT_SCAN_LANES_WIDE_BLOCKS) * sm_count();
+  return forward || p.len <= 2048 || lanes_blocks(p, batch) <= int64_t(MAMBAPEFT_SCAN_LANES_WIDE_BLOCKS) * sm_count();
 }
 
 inline int lanes_threads_per_channel(const Params &p, bool forward, int batch) {
@@ -149,7 +151,7 @@ inline bool lanes_pieces_ok(const Params &p, int batch) {
 inline int lanes_pieces(const Params &p, int batch, int request) {
   if (!lanes(p, true, batch) || !lanes_pieces_ok(p, batch)) return 1;
   if (request > 0) return pieces_of(p.len, std::min(request, (p.len + 31) / 32));
-  const int64_t blocks = int64_t(batch) * ((p.dim + 31) / 32),
+  const int64_t blocks = lanes_blocks(p, batch),
                 places = int64_t(lanes_backward_blocks(lanes_ns(lanes_states(false), true), 4)) * sm_count();
   if (blocks <= places || blocks % places * 2 >= places) return 1;
   int best = 1;
@@ -160,15 +162,15 @@ inline int lanes_pieces(const Params &p, int batch, int request) {
 
 // The lanes backward's flags (an item's carry is in place): 0 without pieces.
 inline int64_t lanes_backward_sync(const Params &p, int batch) {
-  return p.pieces > 1 ? int64_t(batch) * ((p.dim + 31) / 32) * p.pieces : 0;
+  return p.pieces > 1 ? lanes_blocks(p, batch) * p.pieces : 0;
 }
 
 // The lanes backward keeps each thread's states before every kLanesHalf steps: floats, 0 where it does not run.
 inline int64_t lanes_backward_scratch(const Params &p, int batch) {
   if (!lanes(p, false, batch)) return 0;
-  const int64_t blocks = int64_t(batch) * ((p.dim + 31) / 32), kept = (p.len + kLanesStage - 1) / kLanesStage *
-                                                                        (kLanesStage / kLanesHalf);
-  return blocks * kept * 32 * lanes_threads_per_channel(p, false, batch) * lanes_states_per_thread(p, false, batch);
+  const int64_t kept = (p.len + kLanesStage - 1) / kLanesStage * (kLanesStage / kLanesHalf);
+  return lanes_blocks(p, batch) * kept * 32 * lanes_threads_per_channel(p, false, batch) *
+         lanes_states_per_thread(p, false, batch);
 }
 
 // The forward (y, when not null, and the chunks' end states) or the backward kernel, on `stream`.
