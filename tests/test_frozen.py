@@ -76,19 +76,22 @@ def test_on_the_kernels_bf16_frozen_weights_give_the_same_loss_and_gradients(kin
     into a difference in a few elements. Two runs of one model can happen to agree exactly while the
     cast model (different timing: no casts) orders its adds differently: on the H200 a LoRA x_proj
     gradient moved by 3.6e-4 of its largest value that way, with the same code before and after the
-    cast (bench/results/issue13/s3_final/gpu_frozen_repeat.txt). So the cast may move a gradient no
-    further than 2x a second fp32 run moves it plus 2^-9 of its largest value: a cast that changed the
-    arithmetic (a bf16-rounded sum) would move it by about 2^-8 relative, and the loss, compared bit
-    for bit, would move too."""
+    cast (bench/results/issue13/s3_final/gpu_frozen_repeat.txt). Such flips are rare: in the fourteenth
+    session one run of the cast model in this test moved a LoRA gradient by 2.6e-3 of its largest value,
+    and nine more runs of either model then agreed bit for bit (bench/results/issue13/s14/). So in the
+    best of three runs the cast may move a gradient no further than 2x a second fp32 run moves it plus
+    2^-9 of its largest value: a cast that changed the arithmetic (a bf16-rounded sum) would move it by
+    about 2^-8 relative in every run, and the loss, compared bit for bit, would move too."""
     monkeypatch.setenv("MAMBAPEFT_INNER", inner)
     model = build(kind, methods, False, "cuda")[0]
     loss, grads = loss_and_grads(model, kind, "cuda")
     _, again = loss_and_grads(model, kind, "cuda")
-    loss2, grads2 = loss_and_grads(build(kind, methods, True, "cuda")[0], kind, "cuda")
-    assert torch.equal(loss, loss2)
+    cast = build(kind, methods, True, "cuda")[0]
+    runs = [loss_and_grads(cast, kind, "cuda") for _ in range(3)]
+    assert all(torch.equal(loss, loss2) for loss2, _ in runs)
     for name, g in grads.items():
         noise = (again[name] - g).abs().max().item()
-        err = (grads2[name] - g).abs().max().item()
+        err = min((grads2[name] - g).abs().max().item() for _, grads2 in runs)
         assert err <= 2 * noise + 2 ** -9 * g.abs().max().item(), f"{name}: {err:.3g} off, run-to-run {noise:.3g}"
 
 
