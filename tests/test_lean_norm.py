@@ -6,9 +6,10 @@ bit; it keeps its output instead of the fp32 residual stream for its backward. I
 from the default ones by bf16 rounding only: x_hat is recovered from the bf16-rounded output
 (relative error up to 2^-9 a value) and the consumers' gradients arrive summed in bf16. Through the
 bf16 layers below a norm that becomes up to 1.4% of a tensor's largest gradient on these tiny models
-with torch 2.13's CPU kernels and 3.0% with torch 2.11's (the GPU machine's; the bound is 4%), while bf16 autocast itself moves the default gradients 0.4-47% from fp32; the
-lean gradients are no further from fp32 than the default bf16 ones (within 25%). With an fp32 output
-the formula is the default's up to fp32 rounding (2e-6 of a tensor's largest gradient)."""
+with torch 2.13's CPU kernels and 3.0% with torch 2.11's (the GPU machine's; the bound is 4%), while
+bf16 autocast itself moves the default gradients 0.4-47% from fp32; the lean gradients are no further
+from fp32 than the default bf16 ones (within 25%). With an fp32 output the formula is the default's up
+to fp32 rounding (2e-6 of a tensor's largest gradient)."""
 import pytest
 import torch
 import torch.nn.functional as F
