@@ -34,6 +34,9 @@ __host__ __device__ inline int chunk_size(int len) {
   return len <= 32 ? 32 : len <= 256 ? 256 : len <= 512 ? 512 : len <= 1024 ? 1024 : 2048;
 }
 
+// the block scan's chunks of a sequence (the last may be shorter)
+inline int chunks_of(int len) { return (len + chunk_size(len) - 1) / chunk_size(len); }
+
 // The kernels along channels and states (scan_kernels.cuh: fwd_lanes_kernel, scan_bwd_lanes.cuh) run where
 // batch * channels reach LANES_MIN (below it the block scan's forward was faster: 2 x 1536 channels, 0.09
 // against 0.16 ms) and N <= 8 * LANES_STATES (a channel takes 1, 2, 4 or 8 threads of LANES_STATES states).

@@ -66,7 +66,7 @@ Params common(const at::Tensor &u, const at::Tensor &delta, const at::Tensor &A,
   p.dim = u.size(1);
   p.len = u.size(2);
   p.dstate = A.size(1);
-  p.n_chunks = (p.len + mambapeft_scan::chunk_size(p.len) - 1) / mambapeft_scan::chunk_size(p.len);
+  p.n_chunks = mambapeft_scan::chunks_of(p.len);
   p.softplus = softplus;
   p.vec = true;
   rows(p, u, "u", u, p.u, p.u_b, p.u_d);
@@ -168,8 +168,7 @@ int64_t n_states(int64_t batch, int64_t dim, int64_t dstate, int64_t len, int64_
   p.forward_kernel = static_cast<int>(forward_kernel);
   p.backward_kernel = static_cast<int>(backward_kernel);
   const int k = mambapeft_scan::lanes_pieces(p, static_cast<int>(batch), static_cast<int>(pieces));
-  const int chunk = mambapeft_scan::chunk_size(p.len);
-  return k > 1 ? k : (len + chunk - 1) / chunk;
+  return k > 1 ? k : mambapeft_scan::chunks_of(p.len);
 }
 
 }  // namespace
