@@ -65,3 +65,20 @@ def test_forward_kernel_equals_the_default(x_dtype, input_dtype, w_dtype, monkey
             norm(x, input_dtype)
         norm(x, input_dtype)                                # the weight trains: autograd's path
         assert calls == [1]
+
+
+def test_other_dtypes_take_the_default_path(monkeypatch):
+    """The kernel takes fp32, bf16 and fp16; a norm in fp64 (or with an fp64 weight) computes without it."""
+    from mambapeft.ops import rms_norm_triton
+    assert rms_norm_triton.takes(torch.float32, torch.bfloat16, torch.float16)
+    assert not rms_norm_triton.takes(torch.float32, torch.float64)
+    calls = []
+    monkeypatch.setattr(rms_norm_triton, "rms_norm", lambda *a: calls.append(1))
+    for x_dtype, w_dtype in ((torch.float64, torch.float32), (torch.float32, torch.float64)):
+        norm = RMSNorm(100).to(DEV).to(w_dtype)
+        x = torch.randn(3, 7, 100, device=DEV, dtype=x_dtype)
+        with torch.no_grad():
+            torch.testing.assert_close(norm(x), norm._default(x))
+    with torch.no_grad():   # on CUDA the kernel's dtypes do take it (on the CPU nothing does)
+        RMSNorm(100).to(DEV)(torch.randn(3, 100, device=DEV))
+    assert calls == ([1] if DEV == "cuda" else [])

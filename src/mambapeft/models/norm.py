@@ -19,8 +19,6 @@ import torch.nn.functional as F
 
 from ..ops import cuda_triton
 
-HALF_AND_FLOAT = {torch.float32, torch.bfloat16, torch.float16}
-
 
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps=1e-5):
@@ -51,9 +49,10 @@ class RMSNorm(nn.Module):
         product in one kernel, the same values as _default up to the order of the sum of squares."""
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             return None
-        if torch.compiler.is_compiling() or not {x.dtype, input_dtype, self.weight.dtype} <= HALF_AND_FLOAT:
+        if torch.compiler.is_compiling():
             return None
-        return cuda_triton("rms_norm_triton", x)
+        kernel = cuda_triton("rms_norm_triton", x)
+        return kernel if kernel is not None and kernel.takes(x.dtype, input_dtype, self.weight.dtype) else None
 
     def _lean_dtype(self, x):
         """output_dtype where the lean path applies: a gradient is wanted, and the consumers can take

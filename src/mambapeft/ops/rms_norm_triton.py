@@ -58,6 +58,11 @@ def _forward_kernel(x_ptr, w_ptr, y_ptr, D, eps, BLOCK_D: tl.constexpr, IN_DTYPE
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
+def takes(*dtypes):
+    """Whether rms_norm takes tensors of these dtypes."""
+    return all(d in _TL for d in dtypes)
+
+
 def rms_norm(x, weight, eps, input_dtype):
     """RMSNorm's default forward (models/norm.py, RMSNorm._default) where no gradient is wanted, in one kernel
     instead of five (cast, cast, norm, cast, product): a decoding step is a string of tiny kernels.
