@@ -155,7 +155,8 @@ class FakeScanExt:
         _check_time_contiguous(u, delta, B, C, *(() if z is None else (z,)))
         for t in (A, D, bias, h0, states):
             assert t is None or (t.dtype == torch.float32 and t.is_contiguous()), "fp32 contiguous expected"
-        assert states.shape == (u.shape[0], u.shape[1], -(-u.shape[2] // self.chunk_size(u.shape[2])), A.shape[1])
+        b, E, L = u.shape
+        assert states.shape == (b, E, self.n_states(b, E, A.shape[1], L, 0, 0, 0), A.shape[1])
 
     @staticmethod
     def _math(u, delta, A, B, C, D, z, bias, h0, softplus):

@@ -165,7 +165,6 @@ def test_backward_kernels_agree(N, dtype, monkeypatch):
             assert_close(got, want, f"{name} ({kernel})", tol)
 
 
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("N", [17, 22, 24])
 @pytest.mark.parametrize("L,pieces", [(63, 2), (300, 3), (1024, 4)])
